@@ -1,1 +1,18 @@
-"""quantize"""
+"""quantize: pure tensor quantization (torch only; no transformers, no other compressor packages).
+
+formats   FORMATS, QuantSpec, packed_nbytes     the formats and their exact byte cost
+packing   pack_bits / unpack_bits / pack_trits   table-driven bit and trit packing
+grid      find_params, quantize_codes, ...       scales / zero points and the elementwise maps
+qweight   QuantizedWeight, pack, unpack          codes + fp16 params <-> checkpoint tensors
+rtn       quantize_rtn                           round to nearest, group-wise, batched
+ternary   quantize_ternary                       absmean ternary (MoTE / BitNet b1.58)
+gptq      gptq_quantize, hessian_error           GPTQ batched over experts
+dispatch  quantize                               GPTQ with a Hessian, RTN without
+"""
+from .dispatch import METHODS, quantize
+from .formats import FORMATS, QuantSpec, bits_per_weight, num_groups, packed_nbytes, packed_shapes
+from .gptq import GPTQResult, gptq_quantize, hessian_error
+from .packing import pack_bits, pack_trits, unpack_bits, unpack_trits
+from .qweight import QuantizedWeight, from_packed, pack, unpack
+from .rtn import quantize_rtn
+from .ternary import quantize_ternary

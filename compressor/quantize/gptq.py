@@ -1,0 +1,149 @@
+"""GPTQ (Frantar et al. 2022), batched over experts, following IST-DASLab's `fasterquant`.
+
+The Hessian H = sum x x^T of a matrix's inputs is accumulated elsewhere (the `add_batch` half,
+calibration/); this file is the pure `fasterquant` half, on 3D tensors [E, ...]:
+  dead inputs (diag(H) == 0) -> diag 1, weight column zeroed
+  damping damp * mean(diag H), x10 per try per expert until both Choleskys succeed
+  U = upper Cholesky factor of H^-1; column sweep with lazy block updates
+  group params computed when the sweep reaches each group (standard), or all up front on the
+  original column order ("static groups") with act_order and for ternary, so no g_idx is stored.
+Everything runs in float32.
+"""
+from dataclasses import dataclass
+import warnings
+
+import torch
+
+from .formats import QuantSpec, group_size_for, num_groups
+from .grid import dequantize_codes, find_params, group_params, quantize_codes
+from .qweight import QuantizedWeight
+from .rtn import check_finite, quantize_rtn
+
+
+@dataclass
+class GPTQResult:
+    qweight: QuantizedWeight  # same leading shape as the W given ([out, in] or [E, out, in])
+    damp_used: torch.Tensor   # [E] relative damping that made the Cholesky succeed; inf: gave up, RTN
+    error: torch.Tensor       # [E] hessian_error(W, qweight.dequantize(), H)
+
+
+def _as3d(x: torch.Tensor) -> torch.Tensor:
+    return x.unsqueeze(0) if x.dim() == 2 else x
+
+
+def hessian_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """tr((W - Wq) H (W - Wq)^T) per expert, the GPTQ objective. 2D inputs count as E = 1. -> [E]"""
+    D = _as3d(W).float() - _as3d(Wq).float()       # [E, out, in]
+    return ((D @ _as3d(H).float()) * D).sum((-2, -1))  # [E]
+
+
+def damp_schedule(damp: float, tries: int) -> list[float]:
+    """Relative dampings to try: damp, 10 damp, 100 damp, ... (damp = 0 continues from 1e-4)."""
+    if damp < 0 or tries < 1:
+        raise ValueError(f"need damp >= 0 and max_damp_tries >= 1, got {damp}, {tries}")
+    return [damp] + [(damp or 1e-5) * 10.0 ** t for t in range(1, tries)]
+
+
+def inverse_cholesky(H: torch.Tensor, damp: float, tries: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """H [E, n, n] -> U [E, n, n] upper Cholesky factor of (H + d mean(diag H) I)^-1, damp_used [E].
+    Each expert keeps the first d of the schedule that works; if none does it gets U = I (which
+    makes GPTQ exactly RTN) and damp_used = inf, with a warning."""
+    E, n, _ = H.shape
+    base = H.diagonal(dim1=-2, dim2=-1).abs().mean(-1)  # [E]
+    eye = torch.eye(n, dtype=H.dtype)
+    U, damp_used = eye.repeat(E, 1, 1), torch.full((E,), float("inf"), dtype=torch.float64)
+    todo = torch.arange(E)
+    for d in damp_schedule(damp, tries):
+        Hd = H[todo] + (d * base[todo])[:, None, None] * eye   # [e, n, n]
+        L, info = torch.linalg.cholesky_ex(Hd)
+        Ut, info_u = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+        ok = (info == 0) & (info_u == 0) & torch.isfinite(Ut).flatten(1).all(1)
+        U[todo[ok]], damp_used[todo[ok]] = Ut[ok], d
+        todo = todo[~ok]
+        if len(todo) == 0:
+            break
+    if len(todo):
+        warnings.warn(f"GPTQ: Cholesky failed for experts {todo.tolist()} up to damp "
+                      f"{damp_schedule(damp, tries)[-1]:g}; they fall back to RTN (damp_used = inf)")
+    return U, damp_used
+
+
+def _sweep(W, U, spec, S, Z, col_group, block_size):
+    """The GPTQ column sweep. W [E, out, n] (modified in place), U [E, n, n] upper.
+    Static groups: S, Z [E, out, G] given and col_group [E, n] maps each column to its group.
+    Otherwise (S is None) params are found as the sweep reaches each group. -> Q, S, Z"""
+    E, out, n = W.shape
+    gs = group_size_for(spec, n)
+    static = S is not None
+    if static:  # per-column params in sweep order [E, out, n]
+        idx = col_group[:, None, :].expand(E, out, n)
+        Sc, Zc = S.gather(2, idx), Z.gather(2, idx)
+    else:       # blocks hold whole groups, so a group's columns are up to date when it starts
+        S, Z = W.new_zeros(E, out, num_groups(spec, n)), W.new_zeros(E, out, num_groups(spec, n))
+        block_size = max(1, block_size // gs) * gs
+    Q = torch.zeros_like(W)                                   # [E, out, n] float codes
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        W1, U1 = W[:, :, i1:i2].clone(), U[:, i1:i2, i1:i2]   # [E, out, b], [E, b, b]
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            c = i1 + i
+            if static:
+                s, z = Sc[:, :, c], Zc[:, :, c]               # [E, out]
+            else:
+                if c % gs == 0:
+                    S[:, :, c // gs], Z[:, :, c // gs] = find_params(W1[:, :, i:i + gs], spec)
+                s, z = S[:, :, c // gs], Z[:, :, c // gs]
+            w = W1[:, :, i]                                   # [E, out]
+            q = quantize_codes(w, s, z, spec)
+            Q[:, :, c] = q
+            err = (w - dequantize_codes(q, s, z)) / U1[:, i, i][:, None]  # [E, out]
+            W1[:, :, i:] -= err[:, :, None] * U1[:, None, i, i:]         # [E, out, b - i]
+            Err1[:, :, i] = err
+        W[:, :, i2:] -= Err1 @ U[:, i1:i2, i2:]               # lazy update of later blocks
+    return Q, S, Z
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, damp: float = 0.01,
+                  block_size: int = 128, act_order: bool = False, max_damp_tries: int = 6) -> GPTQResult:
+    """W [E, out, in] or [out, in], H [E, in, in] or [in, in] (a 2D H is shared by all experts).
+    int formats and ternary use GPTQ; 'keep' returns the fp16 weight and 'drop' zeros (damp 0).
+    A block_size that is not a multiple of the group size is rounded to one (non-static groups)."""
+    W3, H3 = _as3d(W), _as3d(H)
+    if W3.dim() != 3 or H3.dim() != 3:
+        raise ValueError(f"W must be [E, out, in] or [out, in] and H [E, in, in] or [in, in]; "
+                         f"got {tuple(W.shape)}, {tuple(H.shape)}")
+    E, out, n = W3.shape
+    H3 = H3.expand(E, n, n) if H3.shape[0] == 1 else H3
+    if H3.shape != (E, n, n):
+        raise ValueError(f"H shape {tuple(H.shape)} does not match W shape {tuple(W.shape)}")
+    check_finite("W", W3)
+    check_finite("H", H3)
+    if not (spec.is_int or spec.format == "ternary"):
+        qw = quantize_rtn(W, spec)
+        return GPTQResult(qw, torch.zeros(E), hessian_error(W, qw.dequantize(), H3))
+
+    Wf, Hf = W3.float().clone(), H3.float().clone()          # [E, out, n], [E, n, n]
+    diag = Hf.diagonal(dim1=-2, dim2=-1)                      # [E, n] view
+    dead = diag == 0
+    diag[dead] = 1.0
+    Wf.masked_fill_(dead[:, None, :], 0.0)
+    static = act_order or spec.format == "ternary"
+    S = Z = col_group = None
+    if static:
+        S, Z = group_params(Wf, spec)                         # [E, out, G], original column order
+        col_group = (torch.arange(n) // group_size_for(spec, n)).expand(E, n)
+    if act_order:
+        perm = torch.argsort(diag, dim=-1, descending=True, stable=True)  # [E, n]
+        Wf = Wf.gather(2, perm[:, None, :].expand(E, out, n))
+        Hf = Hf.gather(1, perm[:, :, None].expand(E, n, n)).gather(2, perm[:, None, :].expand(E, n, n))
+        col_group = col_group.gather(1, perm)
+    U, damp_used = inverse_cholesky(Hf, damp, max_damp_tries)
+    Q, S, Z = _sweep(Wf, U, spec, S, Z, col_group, block_size)
+    if act_order:
+        Q = Q.gather(2, torch.argsort(perm, dim=-1)[:, None, :].expand(E, out, n))
+    codes = Q.to(torch.int8 if spec.format == "ternary" else torch.uint8)
+    qw = QuantizedWeight(spec, codes, S.half(), Z.half() if spec.has_zeros else None)
+    if W.dim() == 2:
+        qw = qw.select(0)
+    return GPTQResult(qw, damp_used, hessian_error(W, qw.dequantize(), H3))
