@@ -121,7 +121,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, damp: fl
     check_finite("H", H3)
     if not (spec.is_int or spec.format == "ternary"):
         qw = quantize_rtn(W, spec)
-        return GPTQResult(qw, torch.zeros(E), hessian_error(W, qw.dequantize(), H3))
+        return GPTQResult(qw, torch.zeros(E, dtype=torch.float64), hessian_error(W, qw.dequantize(), H3))
 
     Wf, Hf = W3.float().clone(), H3.float().clone()          # [E, out, n], [E, n, n]
     diag = Hf.diagonal(dim1=-2, dim2=-1)                      # [E, n] view
