@@ -29,6 +29,7 @@ import os
 import re
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -386,6 +387,10 @@ def _solve_highs(vi, item_pos, n_free, obj, rows_spec, rhs_scaled, time_limit, r
     if info.primal_solution_status != 2:  # kSolutionStatusFeasible
         return None, status, -np.inf
     x = np.asarray(h.getSolution().col_value)
+    if ms == highspy.HighsModelStatus.kOptimal and info.mip_gap <= 1e-9:
+        # proven optimal up to HiGHS's tolerances: report the bound as the objective itself
+        # rather than a dual bound carrying ~1e-12 of floating-point noise
+        return x, status, float(obj @ np.round(x))
     return x, status, float(info.mip_dual_bound)
 
 
@@ -398,7 +403,10 @@ def _solve_cbc(vi, item_pos, n_free, obj, rows_spec, rhs_scaled, time_limit, rel
 
     n_vars = vi.size
     prob = pulp.LpProblem("allocation", pulp.LpMinimize)
-    xs = [pulp.LpVariable(f"x{k}", cat=pulp.LpBinary) for k in range(n_vars)]
+    if hasattr(prob, "add_variable"):  # PuLP >= 3.3; LpVariable(...) is deprecated there
+        xs = [prob.add_variable(f"x{k}", 0, 1, cat=pulp.LpBinary) for k in range(n_vars)]
+    else:  # pragma: no cover - older PuLP
+        xs = [pulp.LpVariable(f"x{k}", 0, 1, cat=pulp.LpBinary) for k in range(n_vars)]
     prob += pulp.LpAffineExpression(zip(xs, obj.tolist()))
     starts = np.searchsorted(item_pos[vi], np.arange(n_free + 1))
     for j in range(n_free):
@@ -409,7 +417,9 @@ def _solve_cbc(vi, item_pos, n_free, obj, rows_spec, rhs_scaled, time_limit, rel
     fd, log_path = tempfile.mkstemp(suffix=".cbc.log")
     os.close(fd)
     try:
-        cmd = pulp.PULP_CBC_CMD(msg=False, timeLimit=float(time_limit), gapRel=float(rel_gap), gapAbs=0.0, threads=1, logPath=log_path)
+        with warnings.catch_warnings():  # PULP_CBC_CMD (the bundled CBC) is deprecated in PuLP 3.3
+            warnings.simplefilter("ignore", DeprecationWarning)
+            cmd = pulp.PULP_CBC_CMD(msg=False, timeLimit=float(time_limit), gapRel=float(rel_gap), gapAbs=0.0, threads=1, logPath=log_path)
         prob.solve(cmd)
         with open(log_path, errors="replace") as fh:
             log = fh.read()
