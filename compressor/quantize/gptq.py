@@ -37,11 +37,14 @@ def hessian_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> torch.T
     return ((D @ _as3d(H).float()) * D).sum((-2, -1))  # [E]
 
 
+DAMP_RESTART = 1e-5  # damp = 0 that fails continues with 1e-4, 1e-3, ...
+
+
 def damp_schedule(damp: float, tries: int) -> list[float]:
-    """Relative dampings to try: damp, 10 damp, 100 damp, ... (damp = 0 continues from 1e-4)."""
+    """Relative dampings to try: damp, 10 damp, 100 damp, ... (damp = 0: then 10 DAMP_RESTART, ...)."""
     if damp < 0 or tries < 1:
         raise ValueError(f"need damp >= 0 and max_damp_tries >= 1, got {damp}, {tries}")
-    return [damp] + [(damp or 1e-5) * 10.0 ** t for t in range(1, tries)]
+    return [damp] + [(damp or DAMP_RESTART) * 10.0 ** t for t in range(1, tries)]
 
 
 def inverse_cholesky(H: torch.Tensor, damp: float, tries: int) -> tuple[torch.Tensor, torch.Tensor]:
