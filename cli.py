@@ -1,0 +1,139 @@
+#!/usr/bin/env python
+"""moe-compressor command line: compress, eval, inspect. Thin: parse, build the recipe, call compressor.api.
+
+Every flag of `compress` maps onto one field of the recipe schema (compressor/config/schema.py), where
+its default lives; a flag overrides the recipe file given with --recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+# flag dest -> recipe field (dotted path)
+FLAG_FIELDS = {
+    "model": "model",
+    "output": "output",
+    "dtype": "dtype",
+    "method": "quantization.method",
+    "bits": "quantization.bits",
+    "group_size": "quantization.group_size",
+    "sym": "quantization.sym",
+    "act_order": "quantization.act_order",
+    "damp": "quantization.damp",
+    "dense_bits": "quantization.dense_bits",
+    "calib": "calibration.text",
+    "samples": "calibration.samples",
+    "seq_len": "calibration.seq_len",
+    "seed": "calibration.seed",
+    "calib_mode": "calibration.mode",
+    "min_tokens": "calibration.min_tokens",
+    "budget": "allocation.budget",
+    "budget_scope": "allocation.scope",
+    "formats": "allocation.formats",
+    "objective": "allocation.objective",
+    "solver": "allocation.solver",
+    "plan": "allocation.plan",
+    "dynamic_pruning": "pruning.target",
+}
+
+
+def _compress_parser(sub) -> None:
+    p = sub.add_parser("compress", help="compress a model (default: the shipped default model)",
+                       argument_default=argparse.SUPPRESS)
+    p.add_argument("model", nargs="?", help="model directory (default: the shipped default model)")
+    p.add_argument("--recipe", help="recipe YAML; flags override it")
+    p.add_argument("--output", "-o", help="output directory (default: named after the model and settings, in .)")
+    p.add_argument("--overwrite", action="store_true", default=False, help="replace an existing output directory")
+    p.add_argument("--method", choices=["gptq", "rtn", "ternary"])
+    p.add_argument("--bits", type=int, choices=[2, 3, 4, 8, 16], help="uniform expert bits (default 4)")
+    p.add_argument("--dense-bits", type=int, choices=[2, 3, 4, 8, 16], help="bits of shared experts / dense FFNs")
+    p.add_argument("--group-size", type=int)
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true")
+    sym.add_argument("--asym", dest="sym", action="store_false")
+    p.add_argument("--act-order", action="store_true")
+    p.add_argument("--damp", type=float)
+    p.add_argument("--calib", help="calibration text file (default: the shipped calibration corpus)")
+    p.add_argument("--samples", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--calib-mode", choices=["routed", "weighted"])
+    p.add_argument("--min-tokens", type=int)
+    p.add_argument("--budget", help="e.g. 3.4GB, 3.4GiB, 512MB, 2.5bits")
+    p.add_argument("--budget-scope", choices=["model", "experts"])
+    p.add_argument("--formats", type=lambda s: s.split(","), help="allowed formats, e.g. keep,int4,int3,int2")
+    p.add_argument("--objective", choices=["global", "per_layer", "frequency"])
+    p.add_argument("--solver", choices=["highs", "cbc", "auto"])
+    p.add_argument("--plan", help="reuse a plan.json")
+    p.add_argument("--dry-run", action="store_true", default=False, help="stop after the plan")
+    p.add_argument("--dynamic-pruning", type=float, help="target fraction of activated expert parameters to skip")
+    p.add_argument("--dtype", choices=["float16", "bfloat16"], help="dtype of unquantized tensors written")
+    p.add_argument("--trust-remote-code", action="store_true", default=False)
+
+
+def _eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity (and lm-eval tasks) of an original or compressed model")
+    p.add_argument("model", nargs="?", help="model directory (default: the shipped default model)")
+    p.add_argument("--ppl", help="text file: perplexity over non-overlapping windows")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--tasks", help="comma-separated lm-eval tasks (local task files)")
+    p.add_argument("--limit", type=int, help="examples per task")
+    p.add_argument("--output-path", help="write lm-eval results JSON here")
+
+
+def build_recipe(args: argparse.Namespace):
+    from compressor.config import Recipe, apply_overrides, load_recipe
+
+    recipe = load_recipe(args.recipe) if getattr(args, "recipe", None) else Recipe()
+    given = {FLAG_FIELDS[k]: v for k, v in vars(args).items() if k in FLAG_FIELDS and v is not None}
+    return apply_overrides(recipe, given) if given else recipe
+
+
+def _run_tasks(args: argparse.Namespace) -> None:
+    from compressor.api import model_or_default
+    from compressor.io.models import load_model, load_tokenizer
+    from evals.lm_eval_runner import format_table, run_tasks  # the optional eval extra
+
+    model_dir = model_or_default(args.model)
+    results = run_tasks(load_model(model_dir), load_tokenizer(model_dir), args.tasks.split(","), args.limit,
+                        args.batch_size, args.output_path)
+    print(format_table(results))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cli.py", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _compress_parser(sub)
+    _eval_parser(sub)
+    sub.add_parser("inspect", help="architecture, experts, bytes by component, formats").add_argument(
+        "model", nargs="?", help="model directory (default: the shipped default model)")
+    args = parser.parse_args(argv)
+
+    from compressor import api
+    from compressor.errors import USER_ERRORS
+
+    try:
+        if args.command == "compress":
+            api.compress(build_recipe(args), overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
+                         dry_run=args.dry_run)
+        elif args.command == "eval":
+            if not args.ppl and not args.tasks:
+                parser.error("eval needs --ppl FILE and/or --tasks LIST")
+            if args.ppl:
+                r = api.evaluate_perplexity(args.model, Path(args.ppl), args.seq_len, args.batch_size)
+                print(f"perplexity: {r['perplexity']:.4f}  ({r['tokens']} tokens, {r['seconds']:.1f} s)")
+            if args.tasks:
+                _run_tasks(args)
+        elif args.command == "inspect":
+            print(api.format_inspect(api.inspect_model(args.model)))
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Public entry points: compress(), evaluate_perplexity(), inspect_model()."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .apply_plan import QuantizePass, peak_rss_mb
+from .arch.view import dense_linears, find_moe_blocks
+from .assets import CALIB_TEXT, DEFAULT_MODEL_DIR
+from .calibration.data import calibration_windows, eval_windows, read_text, tokenize
+from .calibration.layerwise import layerwise
+from .config import Recipe, dump_recipe
+from .io import checkpoint as ckpt
+from .io.accounting import bytes_by_component, predict_bytes, unique_state
+from .io.models import load_model, load_tokenizer, read_config
+from .plan import Plan
+from .runtime.experts import PackedExperts
+
+MAX_SHARD_BYTES = 4 * 2**30
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def model_or_default(model_dir: str | Path | None) -> Path:
+    return Path(model_dir) if model_dir else DEFAULT_MODEL_DIR
+
+
+def model_dir_of(recipe: Recipe) -> Path:
+    return model_or_default(recipe.model)
+
+
+def default_output(recipe: Recipe) -> Path:
+    q, a = recipe.quantization, recipe.allocation
+    what = f"budget-{a.budget}-{a.scope}" if a.budget else f"{q.method}-{q.expert_format}"
+    return Path.cwd() / f"{model_dir_of(recipe).name}-{what}-g{q.group_size}{'-sym' if q.sym else ''}"
+
+
+def _load_dtype(model_dir: Path) -> torch.dtype:
+    """Hold the model in its 16-bit checkpoint dtype; each layer is raised to fp32 while it is worked on."""
+    name = str(read_config(model_dir).get("dtype") or read_config(model_dir).get("torch_dtype") or "float32")
+    return DTYPES.get(name, torch.float32)
+
+
+def calibration_data(recipe: Recipe, tokenizer) -> torch.Tensor:
+    c = recipe.calibration
+    ids = tokenize(tokenizer, read_text(c.text or CALIB_TEXT))
+    return calibration_windows(ids, c.samples, c.seq_len, c.seed)
+
+
+def make_plan(recipe: Recipe, blocks, dense) -> Plan:
+    q, a = recipe.quantization, recipe.allocation
+    if a.plan is not None:
+        return Plan.load(a.plan)
+    if a.budget is not None:
+        raise NotImplementedError("--budget allocation is not implemented yet (issue 6)")
+    return Plan.uniform({b.name: b.num_experts for b in blocks}, list(dense), q.expert_format, q.dense_format,
+                        group_size=q.group_size, sym=q.sym)
+
+
+def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = False, dry_run: bool = False,
+             log=print) -> Path:
+    t0 = time.time()
+    model_dir = model_dir_of(recipe)
+    out_dir = Path(recipe.output) if recipe.output else default_output(recipe)
+    model = load_model(model_dir, _load_dtype(model_dir), trust_remote_code)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code)
+    blocks, dense = find_moe_blocks(model), dense_linears(model, find_moe_blocks(model))
+    dtype = DTYPES[recipe.dtype]
+    original = {k: v.numel() * (dtype.itemsize if v.is_floating_point() else v.element_size())
+                for k, v in unique_state(model).items()}
+    plan = make_plan(recipe, blocks, dense)
+    predicted = predict_bytes(model, blocks, dense, plan, dtype)
+    plan.predicted_bytes = sum(predicted.values())
+    if dry_run:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        plan.save(out_dir / "plan.json")
+        log(f"dry run: {plan.format_counts()}, predicted {plan.predicted_bytes:,} bytes; plan in {out_dir / 'plan.json'}")
+        return out_dir
+    tmp = ckpt.prepare_output(out_dir, model_dir, overwrite)
+    try:
+        windows = calibration_data(recipe, tokenizer)
+        log(f"calibration: {windows.shape[0]} x {windows.shape[1]} tokens; {len(blocks)} MoE layers")
+        qpass = QuantizePass(model, blocks, dense, plan, recipe)
+        layerwise(model, windows, qpass, desc="quantize")
+        qconfig = ckpt.quantization_config(model, plan.group_size, plan.sym,
+                                           {"pruning": None, "expert_dtype_unquantized": recipe.dtype})
+        written = ckpt.save_compressed(model, tmp, dtype, qconfig, MAX_SHARD_BYTES)
+        if written != plan.predicted_bytes:
+            raise AssertionError(f"internal error: wrote {written} bytes, plan predicted {plan.predicted_bytes}")
+        tokenizer.save_pretrained(tmp)
+        plan.save(tmp / "plan.json")
+        (tmp / "recipe.yaml").write_text(dump_recipe(recipe))
+        report = _report(model_dir, original, predicted, blocks, dense, plan, qpass, time.time() - t0)
+        (tmp / "report.json").write_text(json.dumps(report, indent=1))
+        (tmp / "report.md").write_text(format_report(report))
+        ckpt.commit_output(tmp, out_dir)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(format_report(report))
+    log(f"wrote {out_dir}")
+    return out_dir
+
+
+def _report(model_dir, original, predicted, blocks, dense, plan, qpass, seconds) -> dict:
+    exp, den = [b.name + "." for b in blocks], [d + "." for d in dense]
+    return {
+        "model": str(model_dir),
+        "bytes_original": bytes_by_component(original, exp, den),
+        "bytes_compressed": bytes_by_component(predicted, exp, den),
+        "total_original": sum(original.values()),
+        "total_compressed": plan.predicted_bytes,
+        "formats": plan.format_counts(),
+        "seconds": round(seconds, 1),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "layers": [asdict(r) for r in qpass.reports],
+        "fallbacks": [f for r in qpass.reports for f in r.fallbacks],
+    }
+
+
+def format_report(r: dict) -> str:
+    lines = ["| component | original bytes | compressed bytes |", "|---|---:|---:|"]
+    for comp, nb in r["bytes_original"].items():
+        lines.append(f"| {comp} | {nb:,} | {r['bytes_compressed'][comp]:,} |")
+    lines.append(f"| **total** | {r['total_original']:,} | {r['total_compressed']:,} |")
+    ratio = r["total_original"] / max(r["total_compressed"], 1)
+    lines += ["", f"expert formats: {r['formats']}", f"compression: {ratio:.2f}x; time {r['seconds']} s; "
+              f"peak memory {r['peak_rss_mb']:.0f} MB (per layer: "
+              f"{', '.join(str(round(l['peak_rss_mb'])) for l in r['layers'])} MB)"]
+    fb = r["fallbacks"]
+    lines.append(f"fallbacks: {len(fb)}" + "".join(f"\n  - {f}" for f in fb[:50]))
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int, batch_size: int = 4, progress: bool = True) -> dict:
+    """Perplexity over non-overlapping windows (the tail shorter than a window is dropped)."""
+    windows = eval_windows(ids, seq_len)
+    nll, count, t0 = 0.0, 0, time.time()
+    for batch in tqdm(windows.split(batch_size), desc="perplexity", disable=not progress):
+        logits = model(input_ids=batch, use_cache=False).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                                 reduction="sum")
+        nll += float(loss)
+        count += batch[:, 1:].numel()
+    return {"perplexity": math.exp(nll / count), "tokens": count, "seconds": time.time() - t0}
+
+
+def evaluate_perplexity(model_dir: Path | None, text: Path, seq_len: int = 512, batch_size: int = 4) -> dict:
+    model_dir = model_or_default(model_dir)
+    model = load_model(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    return perplexity(model, tokenize(tokenizer, read_text(text)), seq_len, batch_size)
+
+
+def inspect_model(model_dir: Path | None) -> dict:
+    model_dir = model_or_default(model_dir)
+    model = load_model(model_dir, _load_dtype(model_dir))
+    blocks = find_moe_blocks(model)
+    dense = dense_linears(model, blocks) if not isinstance(blocks[0].experts, PackedExperts) else {}
+    qc = getattr(model.config, "quantization_config", None) or {}
+    dense_names = list(dense) or list(qc.get("dense", {}))
+    if qc:  # the bytes as written
+        sizes = {k: v.nbytes for k, v in ckpt.read_tensors(model_dir).items()}
+    else:  # an original checkpoint, at its stored dtype
+        sizes = {k: v.nbytes for k, v in unique_state(model).items()}
+    return {
+        "model": str(model_dir),
+        "architecture": model.config.model_type,
+        "layers": len(getattr(model.model, "layers")),
+        "moe_layers": [b.layer_idx for b in blocks],
+        "experts_per_layer": blocks[0].num_experts,
+        "top_k": blocks[0].top_k,
+        "shared_experts": blocks[0].shared is not None,
+        "bytes": bytes_by_component(sizes, [b.name + "." for b in blocks], [d + "." for d in dense_names]),
+        "formats": qc.get("experts"),
+    }
+
+
+def format_inspect(info: dict) -> str:
+    lines = [f"model: {info['model']}", f"architecture: {info['architecture']}",
+             f"layers: {info['layers']} (MoE layers: {len(info['moe_layers'])})",
+             f"experts per layer: {info['experts_per_layer']}, top-k: {info['top_k']}, "
+             f"shared experts: {'yes' if info['shared_experts'] else 'no'}", "bytes by component:"]
+    lines += [f"  {comp:<15} {nb:>14,}" for comp, nb in info["bytes"].items()]
+    lines.append(f"  {'total':<15} {sum(info['bytes'].values()):>14,}")
+    if info["formats"]:
+        lines.append("expert formats (layer x expert):")
+        for name, formats in info["formats"].items():
+            lines.append(f"  {name:<32} " + " ".join(f"{f:>7}" for f in formats))
+    return "\n".join(lines)
+

@@ -1,0 +1,163 @@
+"""Pass 2: apply a plan layer by layer, GPTQ-style. For each decoder layer (in fp32): collect each
+expert's statistics on the layer's inputs (which come from the already-quantized layers before
+it), quantize every expert and dense FFN linear to its planned format, and swap the packed modules
+into the model, so the next layer sees the quantized outputs."""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .arch.view import MoEBlock, layers_prefix
+from .calibration.layerwise import LayerInputs, run_layer
+from .calibration.stats import ExpertStats, LinearHessian, RoutedObserver, WeightedObserver
+from .config.schema import Recipe
+from .plan import Plan
+from .quantize.formats import QuantSpec
+from .quantize.gptq import gptq_quantize
+from .quantize.qweight import QuantizedWeight
+from .quantize.rtn import quantize_rtn
+from .quantize.ternary import quantize_ternary
+from .runtime.experts import DenseExperts, PackedExperts, PackedLinear, PackedMatrix
+
+NO_HESSIAN_FORMATS = ("keep", "drop")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def quantize_matrices(W: torch.Tensor, H: torch.Tensor | None, spec: QuantSpec, recipe: Recipe, where: str):
+    """W [n, out, in] (H [n, in, in] or None) -> (QuantizedWeight [n, out, in], damp_used [n] or None)."""
+    q = recipe.quantization
+    if spec.format in NO_HESSIAN_FORMATS or H is None:
+        quant = quantize_ternary if spec.format == "ternary" else quantize_rtn
+        return _named(where, quant, W, spec), None
+    res = _named(where, gptq_quantize, W, H, spec, damp=q.damp, block_size=q.block_size, act_order=q.act_order)
+    return res.qweight, res.damp_used
+
+
+def _named(where: str, fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+@dataclass
+class LayerReport:
+    layer: int
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    experts: dict[str, Any] = field(default_factory=dict)  # block name -> counts, formats
+    fallbacks: list[str] = field(default_factory=list)
+
+
+class QuantizePass:
+    """The `on_layer` callback of `layerwise` that quantizes a layer per the plan."""
+
+    def __init__(self, model: nn.Module, blocks: list[MoEBlock], dense: dict[str, nn.Linear], plan: Plan, recipe: Recipe):
+        self.model, self.blocks, self.dense, self.plan, self.recipe = model, blocks, dense, plan, recipe
+        self.reports: list[LayerReport] = []
+        self.stats: dict[str, ExpertStats] = {}
+
+    def _spec(self, fmt: str) -> QuantSpec:
+        return QuantSpec(fmt, group_size=self.plan.group_size, sym=self.plan.sym)
+
+    def _gptq(self) -> bool:
+        return self.recipe.quantization.method == "gptq"
+
+    def __call__(self, i: int, layer: nn.Module, inputs: LayerInputs) -> None:
+        t0, rep = time.time(), LayerReport(i)
+        blocks = [b for b in self.blocks if b.layer_idx == i]
+        prefix = f"{layers_prefix(self.model)}.{i}."
+        linears = {n: m for n, m in self.dense.items() if n.startswith(prefix)}
+        observed = [self._observe(b) for b in blocks]
+        hessians = {n: LinearHessian(m, n) for n, m in linears.items()} if self._gptq() else {}
+        run_layer(layer, inputs)
+        for b, (dense, stats, handles) in zip(blocks, observed):
+            for h in handles:
+                h.remove()
+            self._quantize_block(b, dense, stats, rep)
+        for name, lin in linears.items():
+            H = hessians[name].hessian()[None] if name in hessians else None
+            self._quantize_linear(name, lin, H, rep)
+        rep.seconds, rep.peak_rss_mb = time.time() - t0, peak_rss_mb()
+        self.reports.append(rep)
+
+    def _observe(self, b: MoEBlock):
+        gu_b, d_b = b.biases()
+        dense = DenseExperts(b.gate_up().float().contiguous(), b.down().float().contiguous(), b.apply_gate,
+                             (None if gu_b is None else gu_b.float(), None if d_b is None else d_b.float()))
+        E, _, H = dense.gate_up.shape
+        stats = ExpertStats.zeros(E, H, dense.down.shape[-1])
+        handles = []
+        if self.recipe.calibration.mode == "weighted":
+            obs = WeightedObserver(stats, f"layer {b.layer_idx}", dense, b.router_probs)
+            handles += [b.router.register_forward_hook(obs.router_hook), dense.register_forward_hook(obs.experts_hook)]
+        else:
+            obs = RoutedObserver(stats, f"layer {b.layer_idx}")
+        handles.append(dense.register_forward_pre_hook(lambda _m, args: _count_tokens(stats, args)))
+        dense.observer = obs
+        b.block.experts = b.experts = dense
+        return dense, stats, handles
+
+    def _quantize_block(self, b: MoEBlock, dense: DenseExperts, stats: ExpertStats, rep: LayerReport) -> None:
+        self.stats[b.name] = stats
+        formats = self.plan.experts[b.name]
+        E = len(formats)
+        H_in, H_mid = stats.hessians()
+        enough = stats.mass >= max(self.recipe.calibration.min_tokens, 1e-6)
+        qs: dict[str, list[QuantizedWeight | None]] = {"gate_up": [None] * E, "down": [None] * E}
+        for fmt in sorted(set(formats)):
+            spec = self._spec(fmt)
+            idx = [e for e in range(E) if formats[e] == fmt]
+            use_h = [e for e in idx if self._gptq() and bool(enough[e]) and fmt not in NO_HESSIAN_FORMATS]
+            for e in idx:
+                if self._gptq() and e not in use_h and fmt not in NO_HESSIAN_FORMATS:
+                    rep.fallbacks.append(f"{b.name}.{e}: {int(stats.count[e])} routed tokens < "
+                                         f"min_tokens {self.recipe.calibration.min_tokens}: RTN")
+            for part, W, H in (("gate_up", dense.gate_up, H_in), ("down", dense.down, H_mid)):
+                for sel, with_h in ((use_h, True), ([e for e in idx if e not in use_h], False)):
+                    if not sel:
+                        continue
+                    where = f"{b.name}.{part} experts {sel}"
+                    qw, damp = quantize_matrices(W[sel], H[sel] if with_h else None, spec, self.recipe, where)
+                    for k, e in enumerate(sel):
+                        qs[part][e] = qw.select(k)
+                        _log_damping(rep, f"{b.name}.{e}.{part}", damp, k, self.recipe.quantization.damp)
+        _, I2, H = dense.gate_up.shape
+        I = dense.down.shape[-1]
+        pairs = [(PackedMatrix.from_quantized(qs["gate_up"][e], I2, H), PackedMatrix.from_quantized(qs["down"][e], H, I))
+                 for e in range(E)]
+        packed = PackedExperts(pairs, dense.apply_gate, (dense.gate_up_bias, dense.down_bias))
+        b.block.experts = b.experts = packed
+        rep.experts[b.name] = {"tokens": stats.count.tolist(), "formats": formats}
+
+    def _quantize_linear(self, name: str, lin: nn.Linear, H: torch.Tensor | None, rep: LayerReport) -> None:
+        spec = self._spec(self.plan.dense[name])
+        qw, damp = quantize_matrices(lin.weight.detach().float()[None], H, spec, self.recipe, name)
+        _log_damping(rep, name, damp, 0, self.recipe.quantization.damp)
+        matrix = PackedMatrix.from_quantized(qw.select(0), lin.out_features, lin.in_features)
+        parent, attr = name.rsplit(".", 1)
+        setattr(self.model.get_submodule(parent), attr, PackedLinear(matrix, lin.bias))
+
+
+def _count_tokens(stats: ExpertStats, args) -> None:
+    stats.total_tokens += args[0].shape[0]
+
+
+
+def _log_damping(rep: LayerReport, where: str, damp: torch.Tensor | None, k: int, requested: float) -> None:
+    if damp is None:
+        return
+    d = float(damp[k])
+    if d == float("inf"):
+        rep.fallbacks.append(f"{where}: Cholesky failed at every damping: RTN")
+    elif d > requested * (1 + 1e-6):
+        rep.fallbacks.append(f"{where}: damping raised to {d:.3g}")

@@ -1,0 +1,120 @@
+"""Discovery of MoE blocks and a canonical view of their experts.
+
+Canonical layout, whatever the storage: per expert an `[out, in]` matrix, as `nn.Linear` holds it:
+    gate_up  [E, 2I, H]   rows in the module's own order (gate then up, or interleaved for GPT-OSS;
+                          quantization is per output row and grouped along `in`, so row order is
+                          irrelevant and the module's own `_apply_gate` reads the output as it expects)
+    down     [E, H, I]
+Transposed storage (GPT-OSS) is transposed on read and write; nothing is unfused for good.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .families import Family, family_for
+
+
+@dataclass
+class MoEBlock:
+    name: str  # module path of the experts module, e.g. "model.layers.3.mlp.experts"
+    layer_idx: int
+    family: Family
+    block: nn.Module
+    router: nn.Module
+    experts: nn.Module  # the transformers experts module (or our drop-in replacement)
+    shared: nn.Module | None
+    top_k: int
+
+    @property
+    def num_experts(self) -> int:
+        return self.experts.num_experts
+
+    @property
+    def transposed(self) -> bool:
+        return bool(getattr(self.experts, "is_transposed", False))
+
+    def gate_up(self) -> torch.Tensor:  # [E, 2I, H]
+        w = self.experts.gate_up_proj
+        return w.transpose(-1, -2) if self.transposed else w
+
+    def down(self) -> torch.Tensor:  # [E, H, I]
+        w = self.experts.down_proj
+        return w.transpose(-1, -2) if self.transposed else w
+
+    def biases(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # [E, 2I], [E, H]
+        return getattr(self.experts, "gate_up_proj_bias", None), getattr(self.experts, "down_proj_bias", None)
+
+    @property
+    def apply_gate(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        return self.experts._apply_gate
+
+    def router_probs(self, router_logits: torch.Tensor) -> torch.Tensor:  # [T, E]
+        if self.family.router_score == "sigmoid":
+            return router_logits.float().sigmoid()
+        return router_logits.float().softmax(dim=-1)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{type(model).__name__}: no decoder layers found at model.model.layers")
+    return layers
+
+
+def layers_prefix(model: nn.Module) -> str:
+    return "model.layers" if hasattr(model, "model") else "layers"
+
+
+def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
+    """Every MoE block of a supported model, in layer order. Dense layers (DeepSeek's first layers,
+    Qwen's mlp_only_layers) have no block and are skipped here."""
+    config = model.config
+    fam = family_for(config.model_type)
+    prefix = layers_prefix(model)
+    blocks = []
+    for i, layer in enumerate(decoder_layers(model)):
+        block = getattr(layer, fam.block_attr, None)
+        experts = getattr(block, "experts", None)
+        if experts is None:
+            continue
+        blocks.append(
+            MoEBlock(
+                name=f"{prefix}.{i}.{fam.block_attr}.experts",
+                layer_idx=i,
+                family=fam,
+                block=block,
+                router=getattr(block, fam.router_attr),
+                experts=experts,
+                shared=getattr(block, fam.shared_attr) if fam.shared_attr else None,
+                top_k=int(config.num_experts_per_tok),
+            )
+        )
+    if not blocks:
+        raise ValueError(f"{config.model_type}: found no MoE block (looked for layers[i].{fam.block_attr}.experts)")
+    return blocks
+
+
+def dense_linears(model: nn.Module, blocks: list[MoEBlock]) -> dict[str, nn.Linear]:
+    """The dense FFN linears quantized like dense layers: shared experts and the MLPs of dense layers.
+    Attention, embeddings, norms, routers and the LM head stay 16-bit."""
+    fam = blocks[0].family
+    prefix = layers_prefix(model)
+    out: dict[str, nn.Linear] = {}
+    for i, layer in enumerate(decoder_layers(model)):
+        mlp = getattr(layer, fam.block_attr, None)
+        owner, path = mlp, f"{prefix}.{i}.{fam.block_attr}"
+        if mlp is not None and hasattr(mlp, "experts"):
+            owner = getattr(mlp, fam.shared_attr) if fam.shared_attr else None
+            path = f"{path}.{fam.shared_attr}"
+        if owner is None:
+            continue
+        for name, mod in owner.named_modules():
+            if isinstance(mod, nn.Linear):
+                out[f"{path}.{name}"] = mod
+    return out

@@ -1,0 +1,43 @@
+"""Calibration and evaluation text -> token windows. Takes any tokenizer with __call__ (duck typed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def read_text(path: str | Path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"text file not found: {path}")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise ValueError(f"text file is empty: {path}")
+    return text
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:  # [N] int64
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_windows(ids: torch.Tensor, samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """`samples` windows of `seq_len` tokens at seeded random offsets: [samples, seq_len].
+    A text shorter than the request yields fewer, non-overlapping windows (never fewer than one)."""
+    if ids.numel() < seq_len + 1:
+        raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than --seq-len {seq_len}; use a longer text")
+    max_windows = ids.numel() // seq_len
+    if samples >= max_windows:
+        return ids[: max_windows * seq_len].view(max_windows, seq_len)
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len, (samples,), generator=gen)
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+
+def eval_windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Non-overlapping windows covering the text; the tail shorter than seq_len is dropped: [n, seq_len]."""
+    n = ids.numel() // seq_len
+    if n == 0:
+        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    return ids[: n * seq_len].view(n, seq_len)

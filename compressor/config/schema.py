@@ -1,0 +1,82 @@
+"""The one settings schema. Recipe files and CLI flags both feed it; every default lives here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+FormatName = Literal["keep", "int8", "int4", "int3", "int2", "ternary", "drop"]
+BITS_TO_FORMAT = {16: "keep", 8: "int8", 4: "int4", 3: "int3", 2: "int2"}
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Calibration(Section):
+    text: Path | None = Field(None, description="calibration text file; default: the shipped calibration corpus")
+    samples: int = Field(128, ge=1, description="number of calibration sequences")
+    seq_len: int = Field(512, ge=8, description="tokens per calibration sequence")
+    seed: int = Field(0, description="seed for sampling calibration windows")
+    mode: Literal["routed", "weighted"] = Field(
+        "routed",
+        description="routed: each expert's Hessian from the tokens routed to it; weighted: from every token, "
+        "weighted by its routing probability (sound statistics for rarely used experts)",
+    )
+    min_tokens: int = Field(
+        16, ge=0, description="experts that see fewer routed tokens fall back to RTN (logged in the report)"
+    )
+
+
+class Quantization(Section):
+    method: Literal["gptq", "rtn", "ternary"] = "gptq"
+    bits: Literal[2, 3, 4, 8, 16] = Field(4, description="uniform bits for experts when no budget is given")
+    group_size: int = Field(128, ge=1, description="columns per scale group (a narrower matrix uses one group)")
+    sym: bool = Field(False, description="symmetric grid (no zero points)")
+    act_order: bool = Field(False, description="GPTQ column order by descending Hessian diagonal, static groups")
+    damp: float = Field(0.01, gt=0, description="GPTQ damping, a fraction of the mean Hessian diagonal")
+    block_size: int = Field(128, ge=1, description="GPTQ lazy-update block width")
+    dense_bits: Literal[2, 3, 4, 8, 16] | None = Field(
+        None, description="bits for shared experts and dense FFNs; default: same as `bits`"
+    )
+
+    @property
+    def expert_format(self) -> str:
+        return "ternary" if self.method == "ternary" else BITS_TO_FORMAT[self.bits]
+
+    @property
+    def dense_format(self) -> str:
+        return BITS_TO_FORMAT[self.dense_bits if self.dense_bits is not None else self.bits]
+
+
+class Allocation(Section):
+    budget: str | None = Field(None, description="e.g. 3.4GB, 3.4GiB, 512MB, 2.5bits; None: uniform `bits`")
+    scope: Literal["model", "experts"] = Field("model", description="what the budget counts")
+    formats: list[FormatName] = Field(["keep", "int8", "int4", "int3", "int2"], description="allowed formats")
+    objective: Literal["global", "per_layer", "frequency"] = Field(
+        "global", description="global LP, MC-MoE per-layer LP, or frequency-only importance"
+    )
+    solver: Literal["highs", "cbc", "auto"] = "highs"
+    plan: Path | None = Field(None, description="reuse a plan.json instead of solving")
+
+
+class Pruning(Section):
+    target: float | None = Field(None, ge=0, lt=1, description="fraction of activated expert parameters to skip")
+
+
+class Recipe(Section):
+    model: str | None = Field(None, description="model directory; default: the shipped default model")
+    output: Path | None = None
+    dtype: Literal["float16", "bfloat16"] = Field("float16", description="dtype of every unquantized tensor written")
+    calibration: Calibration = Calibration()
+    quantization: Quantization = Quantization()
+    allocation: Allocation = Allocation()
+    pruning: Pruning = Pruning()
+    notes: str | None = Field(None, description="free text: why these settings")
+
+    @field_validator("model")
+    @classmethod
+    def _strip(cls, v: str | None) -> str | None:
+        return v.strip() if isinstance(v, str) else v

@@ -1,0 +1,19 @@
+"""The errors a user can cause, each with a message that names the problem and the fix.
+The CLI prints these without a traceback; anything else is a bug and keeps its traceback."""
+
+from .allocation.lp import InfeasibleBudget
+from .arch.families import UnsupportedArchitecture
+from .calibration.stats import NonFiniteActivations
+from .config.loader import RecipeError
+from .io.checkpoint import OutputExists
+from .io.models import ModelDirError
+
+USER_ERRORS = (
+    InfeasibleBudget,
+    UnsupportedArchitecture,
+    NonFiniteActivations,
+    RecipeError,
+    OutputExists,
+    ModelDirError,
+    FileNotFoundError,
+)

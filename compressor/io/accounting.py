@@ -1,0 +1,90 @@
+"""Exact byte accounting: what a checkpoint holds, by component, and what a plan will write.
+
+Bytes are tensor bytes (safetensors headers excluded), tied tensors counted once. The prediction
+for a plan and the bytes of the written checkpoint come from the same table, so they agree to the
+byte (a test checks it against the files)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..arch.view import MoEBlock
+from ..plan import Plan
+from ..quantize.formats import QuantSpec, packed_nbytes
+from ..runtime.experts import PackedMatrix
+
+COMPONENTS = ("experts", "shared_experts", "attention", "embeddings", "other")
+
+
+def component_of(name: str, expert_prefixes: tuple[str, ...], dense_prefixes: tuple[str, ...]) -> str:
+    if name.startswith(expert_prefixes):
+        return "experts"
+    if name.startswith(dense_prefixes):
+        return "shared_experts"
+    if "attn" in name or "attention" in name:
+        return "attention"
+    if "embed" in name or name.startswith("lm_head"):
+        return "embeddings"
+    return "other"
+
+
+def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with tied tensors (e.g. lm_head tied to embed_tokens) kept once."""
+    seen, out = set(), {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.shape, t.dtype) if t.device.type != "meta" else (name,)
+        if key in seen and t.numel() > 0:
+            continue
+        seen.add(key)
+        out[name] = t
+    return out
+
+
+def packed_prefixes(model: nn.Module) -> tuple[str, ...]:
+    return tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, PackedMatrix))
+
+
+def checkpoint_tensors(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Exactly the tensors to write: packed buffers as they are, every other float tensor in `dtype`."""
+    packed = packed_prefixes(model)
+    out = {}
+    for name, t in unique_state(model).items():
+        if not name.startswith(packed) and t.is_floating_point():
+            t = t.to(dtype)
+        out[name] = t.contiguous()
+    return out
+
+
+def bytes_by_component(tensors: dict[str, int], expert_prefixes, dense_prefixes) -> dict[str, int]:
+    out = dict.fromkeys(COMPONENTS, 0)
+    for name, nbytes in tensors.items():
+        out[component_of(name, tuple(expert_prefixes), tuple(dense_prefixes))] += nbytes
+    return out
+
+
+def predict_bytes(model: nn.Module, blocks: list[MoEBlock], dense: dict[str, nn.Linear], plan: Plan,
+                  dtype: torch.dtype) -> dict[str, int]:
+    """Bytes by tensor name that `plan` will write, from the unquantized model's shapes alone."""
+    expert_params = {f"{b.name}.{p}" for b in blocks for p in ("gate_up_proj", "down_proj")}
+    dense_weights = {f"{n}.weight" for n in dense}
+    out: dict[str, int] = {}
+    for name, t in unique_state(model).items():
+        if name in expert_params or name in dense_weights:
+            continue
+        out[name] = t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
+    for b in blocks:
+        for e, fmt in enumerate(plan.experts[b.name]):
+            out[f"{b.name}.{e}"] = expert_matrix_bytes(b, fmt, plan.group_size, plan.sym)
+    for name, lin in dense.items():
+        out[f"{name}.packed"] = packed_nbytes(QuantSpec(plan.dense[name], plan.group_size, plan.sym),
+                                              lin.out_features, lin.in_features)
+    return out
+
+
+def expert_matrix_bytes(b: MoEBlock, fmt: str, group_size: int, sym: bool) -> int:
+    """Bytes of one expert of block `b` in format `fmt` (gate_up + down)."""
+    _, I2, H = b.gate_up().shape
+    I = b.down().shape[-1]
+    spec = QuantSpec(fmt, group_size, sym)
+    return packed_nbytes(spec, I2, H) + packed_nbytes(spec, H, I)

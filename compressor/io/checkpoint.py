@@ -1,0 +1,154 @@
+"""Compressed checkpoints: write atomically, load with experts kept packed.
+
+Layout of an output directory:
+  model.safetensors (or model-0000i-of-0000n.safetensors + model.safetensors.index.json)
+  config.json        the model's config + quantization_config (format of every packed module)
+  tokenizer files, plan.json, recipe.yaml, report.json, report.md
+The checkpoint's tensors are the packed model's state dict: `<experts>.<e>.gate_up.qweight`, ...
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .. import __version__
+from ..arch.view import find_moe_blocks
+from ..quantize.formats import QuantSpec
+from ..runtime.experts import PackedExperts, PackedLinear, PackedMatrix
+from .accounting import checkpoint_tensors
+from .models import QUANT_METHOD, ModelDirError
+
+INDEX = "model.safetensors.index.json"
+
+
+class OutputExists(FileExistsError):
+    pass
+
+
+def quantization_config(model: nn.Module, group_size: int, sym: bool, extra: dict | None = None) -> dict:
+    experts = {n: m.formats() for n, m in model.named_modules() if isinstance(m, PackedExperts)}
+    dense = {n: m.packed.spec.format for n, m in model.named_modules() if isinstance(m, PackedLinear)}
+    return {"quant_method": QUANT_METHOD, "version": __version__, "group_size": group_size, "sym": sym,
+            "experts": experts, "dense": dense, **(extra or {})}
+
+
+def prepare_output(out_dir: Path, model_dir: Path, overwrite: bool) -> Path:
+    """Checks, then a fresh temporary directory beside `out_dir` to write into."""
+    out_dir, model_dir = out_dir.resolve(), model_dir.resolve()
+    if out_dir == model_dir or model_dir in out_dir.parents or out_dir in model_dir.parents:
+        raise OutputExists(f"refusing to write {out_dir}: it is or contains the input model {model_dir}; choose another --output")
+    if out_dir.exists() and not overwrite:
+        raise OutputExists(f"{out_dir} exists; pass --overwrite to replace it, or choose another --output")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def commit_output(tmp: Path, out_dir: Path) -> None:
+    """Atomic replace: the finished temporary directory takes the output's name."""
+    out_dir = out_dir.resolve()
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def write_tensors(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int) -> int:
+    """safetensors, sharded past `max_shard_bytes`. Returns the tensor bytes written."""
+    shards, current, size = [], {}, 0
+    for name, t in tensors.items():
+        if current and size + t.nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += t.nbytes
+    shards.append(current)
+    meta = {"format": "pt", "producer": f"moe-compressor {__version__}"}
+    if len(shards) == 1:
+        save_file(shards[0], directory / "model.safetensors", metadata=meta)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, directory / fname, metadata=meta)
+            weight_map.update(dict.fromkeys(shard, fname))
+        total = sum(t.nbytes for t in tensors.values())
+        (directory / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    return sum(t.nbytes for t in tensors.values())
+
+
+def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    index = directory / INDEX
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    out = {}
+    for f in files:
+        if not (directory / f).is_file():
+            raise ModelDirError(f"{directory}: missing weight file {f}")
+        out.update(load_file(directory / f))
+    return out
+
+
+def save_compressed(model: nn.Module, tmp: Path, dtype: torch.dtype, qconfig: dict, max_shard_bytes: int) -> int:
+    nbytes = write_tensors(checkpoint_tensors(model, dtype), tmp, max_shard_bytes)
+    cfg = model.config.to_dict()
+    cfg["quantization_config"] = qconfig
+    cfg["dtype"] = str(dtype).removeprefix("torch.")
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+    return nbytes
+
+
+def load_compressed(model_dir: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Rebuild the architecture on the meta device, swap in packed modules of the recorded formats,
+    and load the tensors: experts stay packed in memory and are dequantized per expert in the forward."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    qc = config.quantization_config
+    del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    gs, sym = qc["group_size"], qc["sym"]
+    for b in find_moe_blocks(model):
+        formats = qc["experts"][b.name]
+        _, I2, H = b.gate_up().shape
+        I = b.down().shape[-1]
+        pairs = [(PackedMatrix.empty(QuantSpec(f, gs, sym), I2, H), PackedMatrix.empty(QuantSpec(f, gs, sym), H, I))
+                 for f in formats]
+        biases = tuple(None if t is None else torch.zeros(t.shape, dtype=dtype) for t in b.biases())
+        b.block.experts = PackedExperts(pairs, b.apply_gate, biases)
+    for name, fmt in qc["dense"].items():
+        lin = model.get_submodule(name)
+        bias = None if lin.bias is None else torch.zeros(lin.out_features, dtype=dtype)
+        parent, attr = name.rsplit(".", 1)
+        matrix = PackedMatrix.empty(QuantSpec(fmt, gs, sym), lin.out_features, lin.in_features)
+        setattr(model.get_submodule(parent), attr, PackedLinear(matrix, bias))
+    model.to_empty(device="cpu")
+    for m in model.modules():  # non-persistent buffers (rotary inv_freq) are not in the checkpoint
+        if m._non_persistent_buffers_set:
+            model._init_weights(m)
+    tensors = read_tensors(Path(model_dir))
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    model.tie_weights()
+    missing = [k for k in missing if not _is_tied(model, k)]
+    if missing or unexpected:
+        raise ModelDirError(f"{model_dir}: checkpoint does not match its config (missing {missing[:5]}, "
+                            f"unexpected {unexpected[:5]}); was it written by another version?")
+    model.config.quantization_config = qc
+    return model.eval()
+
+
+def _is_tied(model: nn.Module, key: str) -> bool:
+    t = model.state_dict()[key]
+    return any(o is not t and o.data_ptr() == t.data_ptr() for k, o in model.state_dict().items() if k != key)

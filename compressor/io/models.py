@@ -1,0 +1,73 @@
+"""Loading models from local directories, with errors that say what is wrong and how to fix it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..arch.families import family_for
+
+QUANT_METHOD = "moe-compressor"
+
+
+class ModelDirError(ValueError):
+    pass
+
+
+def read_config(model_dir: str | Path) -> dict:
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelDirError(f"model directory not found: {model_dir}")
+    cfg = model_dir / "config.json"
+    if not cfg.is_file():
+        raise ModelDirError(f"{model_dir} has no config.json: pass a transformers model directory (save_pretrained output)")
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelDirError(f"{cfg} is not valid JSON: {err}") from None
+
+
+def is_compressed(model_dir: str | Path) -> bool:
+    qc = read_config(model_dir).get("quantization_config") or {}
+    return qc.get("quant_method") == QUANT_METHOD
+
+
+def _check_weights(model_dir: Path) -> None:
+    if any(model_dir.glob("*.safetensors")):
+        return
+    if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pt")):
+        raise ModelDirError(
+            f"{model_dir} holds only pickle weights (.bin/.pt), which moe-compressor does not load (pickle can run "
+            "code). Convert them once, in an environment you trust, with save_pretrained(..., safe_serialization=True)."
+        )
+    raise ModelDirError(f"{model_dir} has no *.safetensors weights")
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
+    """Any supported model: an original transformers checkpoint, or one this project compressed."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = Path(model_dir)
+    config = read_config(model_dir)
+    family_for(config.get("model_type", "<missing model_type>"))  # unsupported -> error listing the supported ones
+    if is_compressed(model_dir):
+        from .checkpoint import load_compressed
+
+        return load_compressed(model_dir, dtype)
+    _check_weights(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+    return model.eval()
+
+
+def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelDirError(f"{model_dir}: no usable tokenizer files ({err})") from None

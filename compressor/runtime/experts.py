@@ -1,0 +1,144 @@
+"""Drop-in experts modules: the same call as every transformers-5 experts module,
+`experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]`.
+
+`DenseExperts` runs canonical fp32 weights (calibration, fake quantization); `PackedExperts` keeps
+each expert packed in its own format and dequantizes it when a token is routed to it. Indices
+outside [0, E) (e.g. -1 from dynamic pruning) are skipped, so a pruned slot costs no compute.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quantize.formats import QuantSpec, packed_shapes
+from ..quantize.qweight import pack, unpack
+
+
+class ExpertObserver(Protocol):
+    def __call__(self, e: int, x: torch.Tensor, h: torch.Tensor, tok: torch.Tensor, weights: torch.Tensor) -> None:
+        """x [n, H] routed inputs, h [n, I] down-proj inputs, tok [n] token ids, weights [n] routing weights."""
+
+
+class Experts(nn.Module):
+    def __init__(self, num_experts: int, apply_gate: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.num_experts = num_experts
+        self.apply_gate = apply_gate
+        self.observer: ExpertObserver | None = None
+        self.register_buffer("gate_up_bias", None)  # [E, 2I] (GPT-OSS)
+        self.register_buffer("down_bias", None)  # [E, H]
+
+    def expert_weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:  # [2I, H], [H, I]
+        raise NotImplementedError
+
+    def set_biases(self, gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None) -> None:
+        for name, b in (("gate_up_bias", gate_up_bias), ("down_bias", down_bias)):
+            if b is not None:
+                setattr(self, name, b.detach().clone())
+
+    def _bias(self, b: torch.Tensor | None, e: int, dtype: torch.dtype) -> torch.Tensor | None:
+        return None if b is None else b[e].to(dtype)
+
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden)
+        valid = (top_k_index >= 0) & (top_k_index < self.num_experts)
+        for e in torch.unique(top_k_index[valid]).tolist():
+            tok, pos = torch.where(top_k_index == e)
+            x = hidden[tok]  # [n, H]
+            w_gu, w_d = self.expert_weights(e)
+            h = self.apply_gate(F.linear(x, w_gu.to(x.dtype), self._bias(self.gate_up_bias, e, x.dtype)))  # [n, I]
+            weights = top_k_weights[tok, pos]
+            if self.observer is not None:
+                self.observer(e, x, h, tok, weights)
+            y = F.linear(h, w_d.to(x.dtype), self._bias(self.down_bias, e, x.dtype))  # [n, H]
+            out.index_add_(0, tok, (y * weights[:, None].to(y.dtype)).to(out.dtype))
+        return out
+
+
+class DenseExperts(Experts):
+    """Canonical dense weights, gate_up [E, 2I, H] and down [E, H, I] (not registered: never saved)."""
+
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, apply_gate, biases=(None, None)):
+        super().__init__(gate_up.shape[0], apply_gate)
+        self.gate_up, self.down = gate_up, down
+        self.set_biases(*biases)
+
+    def expert_weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gate_up[e], self.down[e]
+
+
+class PackedMatrix(nn.Module):
+    """One [out, in] matrix in one format; its buffers are exactly the tensors the checkpoint holds."""
+
+    def __init__(self, spec: QuantSpec, out_features: int, in_features: int, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        self.spec, self.out_features, self.in_features = spec, out_features, in_features
+        self.names = tuple(tensors)
+        for name, t in tensors.items():
+            self.register_buffer(name, t)
+
+    @classmethod
+    def from_quantized(cls, qw, out_features: int, in_features: int) -> "PackedMatrix":
+        return cls(qw.spec, out_features, in_features, pack(qw))
+
+    @classmethod
+    def empty(cls, spec: QuantSpec, out_features: int, in_features: int) -> "PackedMatrix":
+        """Right shapes and dtypes, zero contents: a skeleton for load_state_dict."""
+        return cls(spec, out_features, in_features, packed_layout(spec, out_features, in_features))
+
+    def _apply(self, fn, recurse=True):
+        """Device moves only: `.float()` or `.half()` on the model must not change packed bytes."""
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(fn(torch.empty(0, dtype=t.dtype, device=t.device)).device)
+
+        return super()._apply(move, recurse)
+
+    def weight(self) -> torch.Tensor:  # [out, in] float32
+        tensors = {n: getattr(self, n) for n in self.names}
+        return unpack(tensors, self.spec, self.out_features, self.in_features)
+
+
+def packed_layout(spec: QuantSpec, out_features: int, in_features: int) -> dict[str, torch.Tensor]:
+    """Zero tensors with the shapes and dtypes `pack` writes for this spec and shape."""
+    return {n: torch.zeros(shape, dtype=dt) for n, (shape, dt) in packed_shapes(spec, out_features, in_features).items()}
+
+
+class PackedExperts(Experts):
+    """Each expert's gate_up and down as PackedMatrix children: `<name>.<e>.gate_up.qweight` etc."""
+
+    def __init__(self, pairs: list[tuple[PackedMatrix, PackedMatrix]], apply_gate, biases=(None, None)):
+        super().__init__(len(pairs), apply_gate)
+        for e, (gu, d) in enumerate(pairs):
+            pair = nn.Module()
+            pair.gate_up, pair.down = gu, d
+            self.add_module(str(e), pair)
+        self.set_biases(*biases)
+
+    def expert_weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pair = getattr(self, str(e))
+        return pair.gate_up.weight(), pair.down.weight()
+
+    def formats(self) -> list[str]:
+        return [getattr(self, str(e)).gate_up.spec.format for e in range(self.num_experts)]
+
+
+class PackedLinear(nn.Module):
+    """Replaces an nn.Linear of a dense FFN (shared experts, dense layers)."""
+
+    def __init__(self, matrix: PackedMatrix, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = matrix.in_features, matrix.out_features
+        self.packed = matrix
+        if bias is not None:
+            self.register_buffer("bias", bias.detach().clone())
+        else:
+            self.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.packed.weight().to(x.dtype), b)
