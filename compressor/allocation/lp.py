@@ -137,6 +137,7 @@ def solve_allocation(
     solver: str = "highs",
     time_limit: float = 60.0,
     rel_gap: float = 1e-4,
+    heuristic: bool = True,
 ) -> Allocation:
     """Choose one format per item minimising total cost under the byte caps (see module docstring).
 
@@ -144,6 +145,9 @@ def solve_allocation(
     groups: [N] int in [0, G) (e.g. layer index per expert); group_capacity: [G] int byte caps.
     solver: "highs" (highspy), "cbc" (PuLP's CBC, the declared solver) or "auto".
     rel_gap: relative MIP gap at which the solver may stop (0 = prove optimality).
+    heuristic: first build a greedy incumbent on each item's lower convex hull and the exact LP
+        relaxation bound of every byte row; if the incumbent is within rel_gap of the bound it is
+        returned (solver "hull") without a MIP, otherwise it warm-starts HiGHS.
     Raises InfeasibleBudget (a ValueError) before solving when a cap is below the smallest
     reachable size; ValueError on malformed input; RuntimeError if the solver finds no solution.
     """
@@ -279,17 +283,38 @@ def solve_allocation(
     if solver == "auto":
         use = "cbc" if n_vars <= AUTO_CBC_MAX_VARS else "highs"
 
+    start_x = None
+    h_choice, h_bound = None, -np.inf
+    if heuristic and n_vars:
+        th = time.perf_counter()
+        h_choice, h_bound = _hull_greedy(cost, nbytes, keep, min_b, rows_spec, capacity, groups, group_capacity, n_groups)
+        h_obj = math.fsum(cost[rows, h_choice].tolist())
+        h_gap = 0.0 if h_obj - h_bound <= 1e-12 * max(abs(h_obj), abs(h_bound)) else (h_obj - h_bound) / max(abs(h_obj), 1e-300)
+        info.update(hull_seconds=round(time.perf_counter() - th, 4), hull_gap=h_gap)
+        if h_gap <= rel_gap:
+            return finish(h_choice, "hull", "optimal", h_bound, n_vars, info)
+        start_x = (vf == h_choice[vi]).astype(np.float64)
+
     tighten = [0] * len(rows_spec)
     status = "unknown"
     bound_scaled = -np.inf
     for attempt in range(3):
         rhs_scaled = [(rhs - t) // gcd for (_, _, _, gcd, rhs), t in zip(rows_spec, tighten)]
+        remaining = time_limit - (time.perf_counter() - t0)
+        if attempt and remaining <= 0:
+            break  # out of time: fall through to greedy repair
+        remaining = max(remaining, 0.1)
         if any(r < 0 for r in rhs_scaled):
             break  # tightening overshot the reachable minimum: fall through to greedy repair
         if use == "highs":
-            x, status, bound_scaled = _solve_highs(vi, item_pos, free_idx.size, obj, rows_spec, rhs_scaled, time_limit, rel_gap)
+            x, status, bound_scaled = _solve_highs(vi, item_pos, free_idx.size, obj, rows_spec, rhs_scaled, remaining, rel_gap,
+                                                   start=start_x if attempt == 0 else None, offset=const_cost / c_scale)
         else:
-            x, status, bound_scaled = _solve_cbc(vi, item_pos, free_idx.size, obj, rows_spec, rhs_scaled, time_limit, rel_gap)
+            x, status, bound_scaled = _solve_cbc(vi, item_pos, free_idx.size, obj, rows_spec, rhs_scaled, remaining, rel_gap)
+        if x is None and h_choice is not None:
+            choice = h_choice.copy()
+            status = f"{status}+hull"
+            break
         if x is None:
             raise RuntimeError(f"{use} found no feasible allocation (status {status}); try a longer time_limit")
         X = np.full((free_idx.size, n_formats), -np.inf)
@@ -306,7 +331,122 @@ def solve_allocation(
         choice = _greedy_repair(choice, cost, nbytes, keep, capacity, groups, group_capacity, n_groups)
         status += "+repaired"
     bound = bound_scaled * c_scale + const_cost if np.isfinite(bound_scaled) else -np.inf
+    if h_choice is not None:
+        # both bounds are valid; keep the better incumbent (the solver may stop at a worse one)
+        bound = max(bound, h_bound)
+        if math.fsum(cost[rows, h_choice].tolist()) < math.fsum(cost[rows, choice].tolist()):
+            choice = h_choice
+            info["incumbent"] = "hull"
     return finish(choice, use, status, bound, n_vars, info)
+
+
+def _lower_hull(cost, nbytes, keep):
+    """[N, F] bool: kept formats on each item's lower convex hull in the (bytes, cost) plane
+    (collinear points stay). Pruned formats have strictly increasing bytes and strictly
+    decreasing cost, so one pass per removable point suffices (F is small)."""
+    hull = keep.copy()
+    n, f = cost.shape
+    for _ in range(f):
+        key = np.where(hull, nbytes, np.iinfo(np.int64).max)
+        order = np.argsort(key, axis=1, kind="stable")
+        alive = np.take_along_axis(hull, order, axis=1)
+        b = np.take_along_axis(nbytes, order, axis=1).astype(np.float64)
+        c = np.take_along_axis(np.where(hull, cost, 0.0), order, axis=1)
+        if f < 3:
+            break
+        trip = alive[:, :-2] & alive[:, 1:-1] & alive[:, 2:]
+        lhs = (c[:, 1:-1] - c[:, :-2]) * (b[:, 2:] - b[:, 1:-1])
+        rhs = (c[:, 2:] - c[:, 1:-1]) * (b[:, 1:-1] - b[:, :-2])
+        drop = trip & (lhs > rhs)  # middle point above the chord of its neighbours
+        if not drop.any():
+            break
+        rows, cols = np.nonzero(drop)
+        hull[rows, order[rows, cols + 1]] = False
+    return hull
+
+
+def _hull_greedy(cost, nbytes, keep, min_b, rows_spec, capacity, groups, group_capacity, n_groups):
+    """Greedy incumbent and exact lower bound.
+
+    Upgrades are the steps between consecutive points of each item's lower hull (more bytes,
+    less cost), ordered by cost saved per byte. Starting from the smallest format everywhere,
+    an upgrade is taken when the item sits at its start point and every cap still holds.
+    The bound is the LP relaxation of each binding byte row alone (the classic greedy with one
+    fractional step, exact for a multiple-choice knapsack with one constraint; with per-group
+    rows only, the groups separate); with several rows the largest of these relaxations is a
+    valid bound.
+    """
+    n = cost.shape[0]
+    hull = _lower_hull(cost, nbytes, keep)
+    key = np.where(hull, nbytes, np.iinfo(np.int64).max)
+    order = np.argsort(key, axis=1, kind="stable")
+    k_per = hull.sum(axis=1)
+    # steps (item, j -> j+1) in hull order
+    ii, jj = np.nonzero(np.arange(cost.shape[1])[None, :] < (k_per - 1)[:, None])
+    f_from = order[ii, jj]
+    f_to = order[ii, jj + 1]
+    step_b = nbytes[ii, f_to] - nbytes[ii, f_from]  # > 0
+    step_d = cost[ii, f_from] - cost[ii, f_to]  # > 0
+    eff = step_d / step_b
+    srt = np.lexsort((jj, ii, -eff))
+    ii, jj, f_from, f_to, step_b, step_d = ii[srt], jj[srt], f_from[srt], f_to[srt], step_b[srt], step_d[srt]
+    rows = np.arange(n)
+    base_choice = order[:, 0]
+    base = math.fsum(cost[rows, base_choice].tolist())
+
+    # exact LP bounds, one binding row family at a time
+    bounds = []
+    has_global = any(name == "global" for name, *_ in rows_spec)
+    group_rows = {int(name[5:]): rhs for name, _, _, _, rhs in rows_spec if name.startswith("group")}
+    if has_global:
+        rhs = capacity - int(min_b.sum())
+        cum = np.cumsum(step_b)
+        bounds.append(base - _lp_saving(step_b, step_d, cum, rhs))
+    if group_rows:
+        g_of = groups[ii]
+        saving = 0.0
+        for g, rhs in group_rows.items():
+            m = g_of == g
+            saving += _lp_saving(step_b[m], step_d[m], np.cumsum(step_b[m]), rhs)
+        # groups without a binding row take all their upgrades
+        free_m = ~np.isin(g_of, list(group_rows))
+        saving += math.fsum(step_d[free_m].tolist())
+        bounds.append(base - saving)
+    bound = max(bounds) if bounds else base - math.fsum(step_d.tolist())
+
+    # greedy incumbent, exact integer bookkeeping
+    cur = np.zeros(n, dtype=np.int64)
+    rem = capacity - int(min_b.sum()) if capacity is not None else None
+    rem_g = None
+    if group_capacity is not None:
+        rem_g = (group_capacity - _group_sums(min_b, groups, n_groups)).tolist()
+    cur_l = cur.tolist()
+    g_l = groups[ii].tolist() if groups is not None else [0] * ii.size
+    for i, j, b, g in zip(ii.tolist(), jj.tolist(), step_b.tolist(), g_l):
+        if cur_l[i] != j:
+            continue
+        if rem is not None and b > rem:
+            continue
+        if rem_g is not None and b > rem_g[g]:
+            continue
+        cur_l[i] = j + 1
+        if rem is not None:
+            rem -= b
+        if rem_g is not None:
+            rem_g[g] -= b
+    cur = np.asarray(cur_l, dtype=np.int64)
+    return order[rows, cur], bound
+
+
+def _lp_saving(step_b, step_d, cum, rhs) -> float:
+    """Cost saved by the LP relaxation of one knapsack row over efficiency-sorted upgrades."""
+    taken = cum <= rhs
+    k = int(taken.sum())  # cum is increasing: a prefix is taken
+    saving = math.fsum(step_d[:k].tolist())
+    if k < step_b.size:
+        before = int(cum[k - 1]) if k else 0
+        saving += step_d[k] * (rhs - before) / step_b[k]
+    return saving
 
 
 def _fits(picked_bytes, capacity, groups, group_capacity, n_groups) -> bool:
@@ -343,7 +483,10 @@ def _greedy_repair(choice, cost, nbytes, keep, capacity, groups, group_capacity,
         choice[i] = f
 
 
-def _solve_highs(vi, item_pos, n_free, obj, rows_spec, rhs_scaled, time_limit, rel_gap):
+def _solve_highs(vi, item_pos, n_free, obj, rows_spec, rhs_scaled, time_limit, rel_gap, start=None, offset=0.0):
+    """Returns (x, status, bound) with the bound in `obj` units without the offset. The offset
+    (the constant cost removed from obj) is given to HiGHS so its relative gap is the gap of the
+    caller's objective."""
     import highspy
 
     n_vars = vi.size
@@ -372,10 +515,12 @@ def _solve_highs(vi, item_pos, n_free, obj, rows_spec, rhs_scaled, time_limit, r
     h.setOptionValue("mip_rel_gap", float(rel_gap))
     h.setOptionValue("mip_abs_gap", 0.0)
     h.passModel(
-        int(n_vars), int(n_rows), int(v.size), 1, 1, 0.0,  # colwise, minimise, no offset
+        int(n_vars), int(n_rows), int(v.size), 1, 1, float(offset),  # colwise, minimise
         obj.astype(np.float64), np.zeros(n_vars), np.ones(n_vars), row_lower, row_upper,
         start, r.astype(np.int32), v, np.ones(n_vars, dtype=np.int32),
     )
+    if start is not None:
+        h.setSolution(int(n_vars), np.arange(n_vars, dtype=np.int32), np.asarray(start, dtype=np.float64))
     h.run()
     ms = h.getModelStatus()
     info = h.getInfo()
@@ -391,7 +536,7 @@ def _solve_highs(vi, item_pos, n_free, obj, rows_spec, rhs_scaled, time_limit, r
         # proven optimal up to HiGHS's tolerances: report the bound as the objective itself
         # rather than a dual bound carrying ~1e-12 of floating-point noise
         return x, status, float(obj @ np.round(x))
-    return x, status, float(info.mip_dual_bound)
+    return x, status, float(info.mip_dual_bound) - float(offset)
 
 
 _CBC_BEST_POSSIBLE = re.compile(r"best possible ([-+0-9.eE]+)")
