@@ -20,6 +20,8 @@ from .calibration.layerwise import layerwise
 from .config import Recipe, dump_recipe
 from .io import checkpoint as ckpt
 from .io.accounting import bytes_by_component, predict_bytes, unique_state
+from .measure import MeasurePass
+from .planning import plan_budget
 from .io.models import load_model, load_tokenizer, read_config
 from .plan import Plan
 from .runtime.experts import PackedExperts
@@ -54,14 +56,28 @@ def calibration_data(recipe: Recipe, tokenizer) -> torch.Tensor:
     return calibration_windows(ids, c.samples, c.seq_len, c.seed)
 
 
-def make_plan(recipe: Recipe, blocks, dense) -> Plan:
+def make_plan(recipe: Recipe, model: nn.Module, blocks, dense, windows: torch.Tensor, dtype: torch.dtype) -> Plan:
+    """A plan from --plan, from the budget LP over pass-1 measurements, or uniform."""
     q, a = recipe.quantization, recipe.allocation
     if a.plan is not None:
         return Plan.load(a.plan)
-    if a.budget is not None:
-        raise NotImplementedError("--budget allocation is not implemented yet (issue 6)")
-    return Plan.uniform({b.name: b.num_experts for b in blocks}, list(dense), q.expert_format, q.dense_format,
-                        group_size=q.group_size, sym=q.sym)
+    if a.budget is None:
+        return Plan.uniform({b.name: b.num_experts for b in blocks}, list(dense), q.expert_format, q.dense_format,
+                            group_size=q.group_size, sym=q.sym)
+    measure = MeasurePass(blocks, list(a.formats), q.group_size, q.sym)
+    layerwise(model, windows, measure, desc="measure")
+    return plan_budget(recipe, model, blocks, dense, measure.results, dtype)
+
+
+def plan_summary(plan: Plan) -> str:
+    lines = [f"{name}: " + " ".join(fmts) for name, fmts in plan.experts.items()]
+    alloc = plan.allocation
+    if alloc:
+        lines.append(f"allocation: {alloc['objective']} via {alloc['solver']} in {alloc['seconds']} s, "
+                     f"gap {alloc['gap']:.2g}, status {alloc['status']}")
+    budget = f" of budget {plan.budget_bytes:,} ({plan.scope})" if plan.budget_bytes else ""
+    lines.append(f"formats {plan.format_counts()}; predicted {plan.predicted_bytes:,} bytes{budget}")
+    return "\n".join(lines)
 
 
 def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = False, dry_run: bool = False,
@@ -75,22 +91,26 @@ def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = 
     dtype = DTYPES[recipe.dtype]
     original = {k: v.numel() * (dtype.itemsize if v.is_floating_point() else v.element_size())
                 for k, v in unique_state(model).items()}
-    plan = make_plan(recipe, blocks, dense)
+    windows = calibration_data(recipe, tokenizer)
+    log(f"calibration: {windows.shape[0]} x {windows.shape[1]} tokens; {len(blocks)} MoE layers")
+    if not dry_run:
+        ckpt.check_output(out_dir, model_dir, overwrite)  # fail before the long work, not after
+    plan = make_plan(recipe, model, blocks, dense, windows, dtype)
     predicted = predict_bytes(model, blocks, dense, plan, dtype)
     plan.predicted_bytes = sum(predicted.values())
+    if plan.budget_bytes is not None and scope_bytes(plan, predicted, blocks) > plan.budget_bytes:
+        raise AssertionError("internal error: the plan exceeds its budget")
+    log(plan_summary(plan))
     if dry_run:
         out_dir.mkdir(parents=True, exist_ok=True)
         plan.save(out_dir / "plan.json")
-        log(f"dry run: {plan.format_counts()}, predicted {plan.predicted_bytes:,} bytes; plan in {out_dir / 'plan.json'}")
+        log(f"dry run: plan written to {out_dir / 'plan.json'}")
         return out_dir
     tmp = ckpt.prepare_output(out_dir, model_dir, overwrite)
     try:
-        windows = calibration_data(recipe, tokenizer)
-        log(f"calibration: {windows.shape[0]} x {windows.shape[1]} tokens; {len(blocks)} MoE layers")
         qpass = QuantizePass(model, blocks, dense, plan, recipe)
         layerwise(model, windows, qpass, desc="quantize")
-        qconfig = ckpt.quantization_config(model, plan.group_size, plan.sym,
-                                           {"pruning": None, "expert_dtype_unquantized": recipe.dtype})
+        qconfig = ckpt.quantization_config(model, plan.group_size, plan.sym)
         written = ckpt.save_compressed(model, tmp, dtype, qconfig, MAX_SHARD_BYTES)
         if written != plan.predicted_bytes:
             raise AssertionError(f"internal error: wrote {written} bytes, plan predicted {plan.predicted_bytes}")
@@ -109,6 +129,13 @@ def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = 
     log(format_report(report))
     log(f"wrote {out_dir}")
     return out_dir
+
+
+def scope_bytes(plan: Plan, predicted: dict[str, int], blocks) -> int:
+    """The bytes the budget counts: everything (scope model) or the routed experts (scope experts)."""
+    if plan.scope == "model":
+        return sum(predicted.values())
+    return sum(predicted[f"{b.name}.{e}"] for b in blocks for e in range(b.num_experts))
 
 
 def _report(model_dir, original, predicted, blocks, dense, plan, qpass, seconds) -> dict:

@@ -39,13 +39,18 @@ def quantization_config(model: nn.Module, group_size: int, sym: bool, extra: dic
             "experts": experts, "dense": dense, **(extra or {})}
 
 
-def prepare_output(out_dir: Path, model_dir: Path, overwrite: bool) -> Path:
-    """Checks, then a fresh temporary directory beside `out_dir` to write into."""
+def check_output(out_dir: Path, model_dir: Path, overwrite: bool) -> None:
     out_dir, model_dir = out_dir.resolve(), model_dir.resolve()
     if out_dir == model_dir or model_dir in out_dir.parents or out_dir in model_dir.parents:
         raise OutputExists(f"refusing to write {out_dir}: it is or contains the input model {model_dir}; choose another --output")
     if out_dir.exists() and not overwrite:
         raise OutputExists(f"{out_dir} exists; pass --overwrite to replace it, or choose another --output")
+
+
+def prepare_output(out_dir: Path, model_dir: Path, overwrite: bool) -> Path:
+    """Checks, then a fresh temporary directory beside `out_dir` to write into."""
+    check_output(out_dir, model_dir, overwrite)
+    out_dir = out_dir.resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,94 @@
+"""Pass 1: measure every expert on full-precision inputs, before anything is quantized, so the
+allocator sees the whole model. Per MoE block: routing statistics, Hessians, and the output error
+table eps[e, f] of each candidate format (a cheap quantizer, RTN, by default)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .analysis.importance import hessian_error, output_error_sq
+from .arch.view import MoEBlock
+from .calibration.layerwise import LayerInputs, run_layer
+from .calibration.stats import ExpertStats, RoutedObserver
+from .quantize.formats import QuantSpec
+from .quantize.rtn import quantize_rtn
+from .quantize.ternary import quantize_ternary
+from .runtime.experts import DenseExperts
+
+
+@dataclass
+class BlockMeasurement:
+    name: str
+    layer_idx: int
+    formats: list[str]
+    count: torch.Tensor  # [E] routed tokens
+    weight_sum: torch.Tensor  # [E] summed routing weight
+    total_tokens: int
+    eps_sq: torch.Tensor  # [E, F] squared block-output error with only expert e in format f
+    hess_err: torch.Tensor  # [E, F] tr(dW H dW^T), gate_up + down
+    out_energy: float  # sum over tokens of ||block output||^2 (normalises eps across layers)
+
+
+def candidates(W: torch.Tensor, fmt: str, group_size: int, sym: bool) -> torch.Tensor:
+    """Dequantized RTN (or ternary) version of W [E, out, in] in format `fmt`."""
+    spec = QuantSpec(fmt, group_size, sym)
+    quant = quantize_ternary if fmt == "ternary" else quantize_rtn
+    return quant(W, spec).dequantize()
+
+
+class ErrorObserver(RoutedObserver):
+    """Routing statistics and Hessians (as RoutedObserver) plus eps[e, f] for every candidate."""
+
+    def __init__(self, stats: ExpertStats, where: str, dense: DenseExperts, cand_gu, cand_d, eps_sq):
+        super().__init__(stats, where)
+        self.dense, self.cand_gu, self.cand_d, self.eps_sq = dense, cand_gu, cand_d, eps_sq
+
+    def __call__(self, e, x, h, tok, weights) -> None:
+        super().__call__(e, x, h, tok, weights)
+        d = self.dense
+        b_gu = None if d.gate_up_bias is None else d.gate_up_bias[e]
+        b_d = None if d.down_bias is None else d.down_bias[e]
+        self.eps_sq[e] += output_error_sq(x.float(), weights.float(), d.gate_up[e], d.down[e], self.cand_gu[:, e],
+                                          self.cand_d[:, e], d.apply_gate, b_gu, b_d)
+
+
+class MeasurePass:
+    """`on_layer` callback of `layerwise`; leaves the model unchanged."""
+
+    def __init__(self, blocks: list[MoEBlock], formats: list[str], group_size: int, sym: bool):
+        self.blocks, self.formats, self.group_size, self.sym = blocks, formats, group_size, sym
+        self.results: list[BlockMeasurement] = []
+
+    def __call__(self, i: int, layer: nn.Module, inputs: LayerInputs) -> None:
+        for b in [b for b in self.blocks if b.layer_idx == i]:
+            original = b.block.experts
+            gu_b, d_b = b.biases()
+            dense = DenseExperts(b.gate_up().float().contiguous(), b.down().float().contiguous(), b.apply_gate,
+                                 tuple(None if t is None else t.float() for t in (gu_b, d_b)))
+            E, _, H = dense.gate_up.shape
+            I = dense.down.shape[-1]
+            cand_gu = torch.stack([candidates(dense.gate_up, f, self.group_size, self.sym) for f in self.formats])
+            cand_d = torch.stack([candidates(dense.down, f, self.group_size, self.sym) for f in self.formats])
+            stats, eps_sq = ExpertStats.zeros(E, H, I), torch.zeros(E, len(self.formats))
+            dense.observer = ErrorObserver(stats, f"layer {i}", dense, cand_gu, cand_d, eps_sq)
+            energy = [0.0]
+
+            def on_output(_m, args, out, stats=stats, energy=energy):
+                stats.total_tokens += args[0].shape[0]
+                energy[0] += float(out.float().pow(2).sum())
+
+            handle = dense.register_forward_hook(on_output)
+            b.block.experts = dense
+            try:
+                run_layer(layer, inputs)
+            finally:
+                handle.remove()
+                b.block.experts = original
+            H_in, H_mid = stats.hessians()
+            hess = (hessian_error(dense.gate_up[None], cand_gu, H_in[None]) +
+                    hessian_error(dense.down[None], cand_d, H_mid[None])).T  # [E, F]
+            self.results.append(BlockMeasurement(b.name, i, list(self.formats), stats.count, stats.weight_sum,
+                                                 stats.total_tokens, eps_sq, hess, energy[0]))

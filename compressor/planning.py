@@ -1,0 +1,94 @@
+"""From measurements to a plan: the multiple-choice knapsack over (expert, format) under the byte budget.
+
+Objectives (cost[i, f] of giving expert i format f; all minimise the summed cost):
+  global     eps^2[i, f] / (block output energy of i's layer): the relative output-error energy the
+             format adds, comparable across layers, under one budget for all layers (ours).
+  per_layer  MC-MoE: phi^a * w^b * eps^a (a=1, b=1.5), each layer held to its share of the budget.
+  frequency  phi_i * (mean relative error of format f over all experts): importance from frequency only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .allocation.budget import parse_budget
+from .allocation.lp import InfeasibleBudget, mcmoe_cost, solve_allocation
+from .analysis.importance import mcmoe_weights
+from .arch.view import MoEBlock
+from .config.schema import Recipe
+from .io.accounting import expert_matrix_bytes, predict_bytes
+from .measure import BlockMeasurement
+from .plan import Plan
+
+
+def expert_weight_count(blocks: list[MoEBlock]) -> int:
+    return sum(b.gate_up().numel() + b.down().numel() for b in blocks)
+
+
+def costs(measurements: list[BlockMeasurement], objective: str) -> np.ndarray:  # [N, F]
+    rel = [m.eps_sq / max(m.out_energy, 1e-30) for m in measurements]  # [E, F] per block
+    if objective == "global":
+        return torch.cat(rel).double().numpy()
+    if objective == "frequency":
+        mean_f = torch.cat(rel).double().mean(dim=0)  # [F]
+        phi = torch.cat([mcmoe_weights(m.count, m.weight_sum, m.total_tokens)[0] for m in measurements]).double()
+        return (phi[:, None] * mean_f[None]).numpy()
+    if objective == "per_layer":
+        phi, w = zip(*(mcmoe_weights(m.count, m.weight_sum, m.total_tokens) for m in measurements))
+        eps = torch.cat(rel).double().sqrt().numpy()
+        return mcmoe_cost(torch.cat(phi).double().numpy(), torch.cat(w).double().numpy(), eps)
+    raise ValueError(f"unknown objective {objective!r}")
+
+
+def plan_budget(recipe: Recipe, model: nn.Module, blocks: list[MoEBlock], dense: dict[str, nn.Linear],
+                measurements: list[BlockMeasurement], dtype: torch.dtype) -> Plan:
+    a, q = recipe.allocation, recipe.quantization
+    formats = list(a.formats)
+    base = Plan.uniform({b.name: b.num_experts for b in blocks}, list(dense), "drop", q.dense_format,
+                        group_size=q.group_size, sym=q.sym)
+    fixed = sum(predict_bytes(model, blocks, dense, base, dtype).values())  # everything but the routed experts
+    budget = parse_budget(a.budget)
+    n_weights = expert_weight_count(blocks) if a.scope == "experts" else sum(p.numel() for p in model.parameters())
+    budget_bytes = budget.resolve(n_weights)
+    capacity = budget_bytes - (fixed if a.scope == "model" else 0)
+    nbytes = np.array([[expert_matrix_bytes(b, f, q.group_size, q.sym) for f in formats]
+                       for b in blocks for _ in range(b.num_experts)], dtype=np.int64)
+    smallest = int(nbytes.min(axis=1).sum()) + (fixed if a.scope == "model" else 0)
+    if smallest > budget_bytes:
+        raise InfeasibleBudget(smallest, budget_bytes, detail=(
+            f"scope {a.scope!r}, formats {formats}; raise --budget to at least {smallest} bytes or allow smaller "
+            "formats (--formats)"))
+    groups = np.concatenate([np.full(b.num_experts, k) for k, b in enumerate(blocks)])
+    group_capacity = None
+    if a.objective == "per_layer":  # MC-MoE: each layer gets its share of the budget, by weight count
+        share = np.array([b.gate_up().numel() + b.down().numel() for b in blocks], dtype=np.float64)
+        group_capacity = np.floor(capacity * share / share.sum()).astype(np.int64)
+    alloc = solve_allocation(costs(measurements, a.objective), nbytes, capacity,
+                             groups=groups if group_capacity is not None else None, group_capacity=group_capacity,
+                             solver=a.solver)
+    choice, experts, k = alloc.choice, {}, 0
+    for b in blocks:
+        experts[b.name] = [formats[c] for c in choice[k:k + b.num_experts]]
+        k += b.num_experts
+    return Plan(experts, dict(base.dense), q.group_size, q.sym, budget_bytes=budget_bytes, scope=a.scope,
+                allocation={"objective": a.objective, "solver": alloc.solver, "seconds": round(alloc.seconds, 3),
+                            "gap": alloc.gap, "status": alloc.status, "cost": alloc.objective,
+                            "expert_bytes": alloc.total_bytes, "capacity": int(capacity), "fixed_bytes": int(fixed)},
+                analysis=analysis_table(measurements, blocks, nbytes, formats))
+
+
+def analysis_table(measurements: list[BlockMeasurement], blocks: list[MoEBlock], nbytes: np.ndarray,
+                   formats: list[str]) -> dict:
+    rows, k = {}, 0
+    for m, b in zip(measurements, blocks):
+        phi, w = mcmoe_weights(m.count, m.weight_sum, m.total_tokens)
+        rel = m.eps_sq / max(m.out_energy, 1e-30)
+        rows[m.name] = [{"frequency": round(float(phi[e]), 6), "routing_weight": round(float(w[e]), 6),
+                         "rel_output_error": {f: float(rel[e, j]) for j, f in enumerate(formats)},
+                         "hessian_error": {f: float(m.hess_err[e, j]) for j, f in enumerate(formats)},
+                         "bytes": {f: int(nbytes[k + e, j]) for j, f in enumerate(formats)}}
+                        for e in range(b.num_experts)]
+        k += b.num_experts
+    return rows
