@@ -60,14 +60,11 @@ def plan_budget(recipe: Recipe, model: nn.Module, blocks: list[MoEBlock], dense:
         raise InfeasibleBudget(smallest, budget_bytes, detail=(
             f"scope {a.scope!r}, formats {formats}; raise --budget to at least {smallest} bytes or allow smaller "
             "formats (--formats)"))
-    groups = np.concatenate([np.full(b.num_experts, k) for k, b in enumerate(blocks)])
-    group_capacity = None
-    if a.objective == "per_layer":  # MC-MoE: each layer gets its share of the budget, by weight count
-        share = np.array([b.gate_up().numel() + b.down().numel() for b in blocks], dtype=np.float64)
-        group_capacity = np.floor(capacity * share / share.sum()).astype(np.int64)
-    alloc = solve_allocation(costs(measurements, a.objective), nbytes, capacity,
-                             groups=groups if group_capacity is not None else None, group_capacity=group_capacity,
-                             solver=a.solver)
+    cost = costs(measurements, a.objective)
+    if a.objective == "per_layer":  # MC-MoE: each layer held to its share of the budget, by weight count
+        alloc = solve_per_layer(cost, nbytes, capacity, blocks, a.solver)
+    else:
+        alloc = solve_allocation(cost, nbytes, capacity, solver=a.solver)
     choice, experts, k = alloc.choice, {}, 0
     for b in blocks:
         experts[b.name] = [formats[c] for c in choice[k:k + b.num_experts]]
@@ -77,6 +74,24 @@ def plan_budget(recipe: Recipe, model: nn.Module, blocks: list[MoEBlock], dense:
                             "gap": alloc.gap, "status": alloc.status, "cost": alloc.objective,
                             "expert_bytes": alloc.total_bytes, "capacity": int(capacity), "fixed_bytes": int(fixed)},
                 analysis=analysis_table(measurements, blocks, nbytes, formats))
+
+
+def solve_per_layer(cost: np.ndarray, nbytes: np.ndarray, capacity: int, blocks: list[MoEBlock], solver: str):
+    """Independent knapsacks, one per layer (the per-layer caps separate the problem exactly)."""
+    share = np.array([b.gate_up().numel() + b.down().numel() for b in blocks], dtype=np.float64)
+    caps = np.floor(capacity * share / share.sum()).astype(np.int64)
+    bounds = np.cumsum([0] + [b.num_experts for b in blocks])
+    parts = [solve_allocation(cost[lo:hi], nbytes[lo:hi], int(cap), solver=solver)
+             for lo, hi, cap in zip(bounds[:-1], bounds[1:], caps)]
+    total = parts[0]
+    total.choice = np.concatenate([p.choice for p in parts])
+    total.objective = float(sum(p.objective for p in parts))
+    total.total_bytes = int(sum(p.total_bytes for p in parts))
+    total.seconds = float(sum(p.seconds for p in parts))
+    total.gap = float(max(p.gap for p in parts))
+    total.status = "optimal" if all(p.status.startswith("optimal") for p in parts) else "mixed"
+    total.solver = "+".join(sorted({p.solver for p in parts}))
+    return total
 
 
 def analysis_table(measurements: list[BlockMeasurement], blocks: list[MoEBlock], nbytes: np.ndarray,

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..allocation.budget import parse_budget
+
 FormatName = Literal["keep", "int8", "int4", "int3", "int2", "ternary", "drop"]
 BITS_TO_FORMAT = {16: "keep", 8: "int8", 4: "int4", 3: "int3", 2: "int2"}
 
@@ -60,6 +62,13 @@ class Allocation(Section):
     )
     solver: Literal["highs", "cbc", "auto"] = "highs"
     plan: Path | None = Field(None, description="reuse a plan.json instead of solving")
+
+    @field_validator("budget")
+    @classmethod
+    def _parse(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_budget(v)  # raises ValueError naming the text and the accepted units
+        return v
 
 
 class Pruning(Section):
