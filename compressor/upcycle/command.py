@@ -1,0 +1,82 @@
+"""`cli.py upcycle`: load a dense model -> upcycle -> optional training -> save (safetensors + tokenizer),
+written to a temporary directory beside the output and renamed when complete; never into the input."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..quantize.formats import DEFAULT_GROUP_SIZE
+from .build import bake_ternary, ternary_experts, upcycle
+from .ternary import is_ternary
+from .train import train
+
+UPCYCLE_JSON = "upcycle.json"
+
+
+def checkpoint_dir_for(out_dir: Path) -> Path:
+    """Where training checkpoints of `out_dir` live (beside it), so a killed run resumes when re-run."""
+    out_dir = Path(out_dir).resolve()
+    return out_dir.parent / f".{out_dir.name}.upcycle-ckpt"
+
+
+def upcycle_cli(dense_dir: str | Path, out_dir: str | Path, experts: int = 8, top_k: int | None = None,
+                ternary: bool = False, shared_expert: bool = False, train_text: str | Path | None = None,
+                steps: int = 0, lr: float = 1e-4, modules: str | None = None, *, batch_size: int = 4,
+                seq_len: int = 256, balance_coef: float = 0.01, checkpoint_every: int = 50,
+                group_size: int = DEFAULT_GROUP_SIZE, seed: int = 0, overwrite: bool = False,
+                freeze_shared: bool = False, log=print) -> Path:
+    """Returns the written directory. Training checkpoints go to checkpoint_dir_for(out_dir) and are
+    removed once the model is saved; re-running the same command after a kill resumes from them."""
+    from transformers import AutoModelForCausalLM
+
+    from ..calibration.data import read_text, tokenize
+    from ..io.checkpoint import commit_output, prepare_output
+    from ..io.models import _check_weights, load_tokenizer, read_config
+
+    dense_dir, out_dir = Path(dense_dir), Path(out_dir)
+    cfg = read_config(dense_dir)
+    save_dtype = getattr(torch, str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"))  # the dense model's
+    _check_weights(dense_dir)
+    tmp = prepare_output(out_dir, dense_dir, overwrite)  # refuses out_dir == / inside / containing dense_dir
+    try:
+        dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32, use_safetensors=True).eval()
+        tokenizer = load_tokenizer(dense_dir)
+        model = upcycle(dense, experts, top_k, ternary, shared_expert, modules, group_size=group_size, seed=seed)
+        del dense
+        if freeze_shared:
+            for n, p in model.named_parameters():
+                if ".shared_expert." in n:
+                    p.requires_grad_(False)
+        info = {"source": str(dense_dir.resolve()), "experts": experts, "top_k": model.config.num_experts_per_tok,
+                "ternary": ternary, "shared_expert": shared_expert, "modules": modules, "group_size": group_size,
+                "model_type": model.config.model_type, "steps": 0, "train_tokens": 0}
+        if train_text and steps > 0:
+            ids = tokenize(tokenizer, read_text(train_text))
+            ckdir = checkpoint_dir_for(out_dir)
+            r = train(model, ids, steps, lr, batch_size, seq_len, balance_coef, checkpoint_dir=ckdir,
+                      checkpoint_every=checkpoint_every, seed=seed)
+            info.update(steps=r.steps, train_tokens=r.tokens, resumed_from=r.start_step, lr=lr, seq_len=seq_len,
+                        batch_size=batch_size, final_loss=r.losses[-1] if r.losses else None,
+                        train_text=str(Path(train_text).resolve()))
+            log(f"trained {r.steps} steps ({r.tokens:,} tokens), last LM loss {info['final_loss']:.4f}")
+        parametrized = ternary_experts(model)
+        bake_ternary(model)
+        model = model.to(save_dtype)
+        for m in parametrized:  # the saved model IS ternary: check it after the cast to the saved dtype
+            for w in (m.gate_up_proj, m.down_proj):
+                if not bool(is_ternary(w.detach(), group_size).all()):
+                    raise AssertionError("internal error: baked ternary experts are not ternary after the cast")
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / UPCYCLE_JSON).write_text(json.dumps(info, indent=1))
+        commit_output(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(checkpoint_dir_for(out_dir), ignore_errors=True)
+    log(f"wrote {out_dir} ({info['model_type']}, {experts} experts, top-{info['top_k']}"
+        f"{', ternary routed experts' if ternary else ''}{', shared expert' if shared_expert else ''})")
+    return out_dir

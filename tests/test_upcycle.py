@@ -1,0 +1,168 @@
+"""Up-cycling (CuMo plain / MoTE ternary + shared expert) on a tiny random Llama."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from compressor.quantize import QuantSpec, quantize_ternary
+from compressor.upcycle import (bake_ternary, exact_ternary, is_ternary, shared_output, ternarize, train, upcycle,
+                                upcycle_cli)
+from compressor.upcycle.build import ternary_experts
+from compressor.upcycle.train import latest_checkpoint
+
+H, I, V = 64, 96, 300
+
+
+def tiny_llama(seed: int = 0, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def repeated_ids(n: int = 2000, period: int = 37, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, V, (period,), generator=g).repeat(n // period + 1)[:n]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: one thread is ~10x faster than oversubscribed threads on a shared 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def dense():
+    return tiny_llama()
+
+
+# ------------------------------------------------------------------------------------------- ternary core
+
+@pytest.mark.parametrize("shape,gs", [((3, 10, 256), 128), ((3, 10, 200), 128), ((2, 5, 70), 32), ((2, 5, 64), 128)])
+def test_ternarize_matches_quantize_ternary_and_is_detected(shape, gs):
+    torch.manual_seed(0)
+    W = torch.randn(shape)
+    T = ternarize(W, gs)
+    assert torch.equal(T, quantize_ternary(W, QuantSpec("ternary", gs)).dequantize())
+    assert is_ternary(T, gs).all() and not is_ternary(W, gs).any()
+    assert torch.equal(exact_ternary(T, gs).dequantize(), T)  # lossless packing of ternary experts
+
+
+def test_is_ternary_per_expert_and_group():
+    torch.manual_seed(0)
+    W = ternarize(torch.randn(4, 8, 256), 128)
+    W[2, 3, 5] = 1.5 * W[2, 3].abs().max()  # a fourth value in one (row, group) of expert 2
+    assert is_ternary(W, 128).tolist() == [True, True, False, True]
+    assert is_ternary(W[:, :, :128], 64).tolist() == [True, True, False, True]  # subgroups of a ternary group
+    assert not is_ternary(ternarize(torch.randn(2, 8, 256), 64), 128).any()  # coarser groups: different scales
+    W[0] = 0.1 + 2 ** -20  # one value per row, but its scale is not fp16-exact: packing would lose it
+    assert not bool(is_ternary(W, 128)[0])
+
+
+def test_absmean_is_not_idempotent_so_exact_ternary_is_needed():
+    T = ternarize(torch.randn(8, 128), 128)
+    assert not torch.equal(quantize_ternary(T, QuantSpec("ternary", 128)).dequantize(), T)
+
+
+# ------------------------------------------------------------------------------------------- up-cycling
+
+def test_plain_upcycling_step0_logits_equal_dense(dense):
+    ids = torch.randint(0, V, (2, 24))
+    moe = upcycle(dense, experts=4, top_k=2)
+    assert moe.config.model_type == "mixtral"
+    with torch.no_grad():
+        torch.testing.assert_close(moe(ids).logits, dense(ids).logits, atol=2e-6, rtol=1e-5)
+    part = upcycle(dense, experts=4, top_k=2, modules=r"layers\.1\.mlp")  # --modules: layer 0 stays dense
+    assert part.config.model_type == "qwen2_moe" and part.config.mlp_only_layers == [0]
+    assert not hasattr(part.model.layers[0].mlp, "experts") and hasattr(part.model.layers[1].mlp, "experts")
+    with torch.no_grad():
+        torch.testing.assert_close(part(ids).logits, dense(ids).logits, atol=2e-6, rtol=1e-5)
+
+
+def test_mote_shared_expert_equals_dense_ffn_and_ste_gradients(dense):
+    moe = upcycle(dense, experts=4, ternary=True, shared_expert=True)
+    assert moe.config.model_type == "qwen2_moe" and moe.config.num_experts_per_tok == 1
+    x = torch.randn(7, H)
+    for i in range(2):
+        block = moe.model.layers[i].mlp
+        assert torch.equal(shared_output(block, x), dense.model.layers[i].mlp(x))
+        latent = block.experts.parametrizations.gate_up_proj.original
+        assert torch.equal(latent[1], torch.cat([dense.model.layers[i].mlp.gate_proj.weight,
+                                                 dense.model.layers[i].mlp.up_proj.weight]))
+        assert is_ternary(block.experts.gate_up_proj.detach(), 128).all()  # the forward sees ternary weights
+    ids = torch.randint(0, V, (2, 16))
+    loss = moe(ids, labels=ids).loss
+    loss.backward()
+    for m in ternary_experts(moe):
+        for name in ("gate_up_proj", "down_proj"):
+            g = m.parametrizations[name].original.grad
+            assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
+    assert moe.model.layers[0].mlp.gate.weight.grad.abs().sum() > 0  # top-1 router learns (p, not renormalised)
+
+
+def test_training_lowers_loss_on_repeated_text(dense):
+    moe = upcycle(dense, experts=4, ternary=True, shared_expert=True)
+    r = train(moe, repeated_ids(), steps=12, lr=3e-3, batch_size=4, seq_len=32, progress=False)
+    assert r.steps == 12 and r.tokens == 12 * 4 * 32
+    assert sum(r.losses[-3:]) / 3 < r.losses[0] - 0.5, r.losses
+    assert all(b >= 0.99 for b in r.balance)  # Switch loss is >= 1 up to routing-vs-probability mismatch
+
+
+def test_resume_after_interruption_continues_from_checkpoint(dense, tmp_path):
+    ids, kw = repeated_ids(), dict(steps=4, lr=3e-3, batch_size=2, seq_len=16, checkpoint_every=2, progress=False)
+    full = upcycle(dense, experts=4, ternary=True, shared_expert=True)
+    ref = train(full, ids, **kw)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_3(step, loss):
+        if step == 3:
+            raise Killed
+
+    first = upcycle(dense, experts=4, ternary=True, shared_expert=True)
+    with pytest.raises(Killed):
+        train(first, ids, checkpoint_dir=tmp_path, on_step=kill_at_3, **kw)
+    assert latest_checkpoint(tmp_path).name == "step-2"
+    again = upcycle(dense, experts=4, ternary=True, shared_expert=True)  # a fresh process: weights from step 0
+    r = train(again, ids, checkpoint_dir=tmp_path, **kw)
+    assert r.start_step == 2 and r.steps == 4 and r.tokens == ref.tokens
+    assert r.losses[:2] == ref.losses[:2]
+    torch.testing.assert_close(torch.tensor(r.losses), torch.tensor(ref.losses), atol=1e-5, rtol=1e-5)
+    for (n, a), (_, b) in zip(again.state_dict().items(), full.state_dict().items()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_upcycle_cli_saves_a_ternary_mote_model_that_reloads(dense, tmp_path):
+    from tiny import tiny_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    src = tmp_path / "dense"
+    dense.save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    text = tmp_path / "train.txt"
+    text.write_text(" ".join(["the quick brown fox jumps over the lazy dog"] * 200))
+    out = upcycle_cli(src, tmp_path / "mote", experts=4, ternary=True, shared_expert=True, train_text=text,
+                      steps=3, lr=1e-3, batch_size=2, seq_len=32, log=lambda *_: None)
+    with pytest.raises(FileExistsError):
+        upcycle_cli(src, src / "inside", experts=4, log=lambda *_: None)
+    info = json.loads((out / "upcycle.json").read_text())
+    assert info["steps"] == 3 and info["train_tokens"] == 3 * 2 * 32
+    assert not any(tmp_path.glob(".mote*"))  # no temporary or checkpoint directory left behind
+    moe = AutoModelForCausalLM.from_pretrained(out)
+    assert moe.config.model_type == "qwen2_moe"
+    for layer in moe.model.layers:
+        assert is_ternary(layer.mlp.experts.gate_up_proj.detach(), 128).all()
+        assert is_ternary(layer.mlp.experts.down_proj.detach(), 128).all()
+        assert not is_ternary(layer.mlp.shared_expert.down_proj.weight.detach()[None], 128).any()
+    from compressor.arch.view import find_moe_blocks
+
+    assert len(find_moe_blocks(moe)) == 2  # the compressor sees the up-cycled experts
