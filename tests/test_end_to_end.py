@@ -77,8 +77,9 @@ def test_reload_matches_in_memory_compressed_model(tiny_dirs, tmp_path):
     model = load_model(src, torch.float16)
     blocks = find_moe_blocks(model)
     dense = dense_linears(model, blocks)
-    plan = api.make_plan(recipe, blocks, dense)
-    layerwise(model, api.calibration_data(recipe, load_tokenizer(src)), QuantizePass(model, blocks, dense, plan, recipe))
+    windows = api.calibration_data(recipe, load_tokenizer(src))
+    plan = api.make_plan(recipe, model, blocks, dense, windows, torch.float16)
+    layerwise(model, windows, QuantizePass(model, blocks, dense, plan, recipe))
     model = model.half().float()  # the checkpoint stores unquantized tensors in float16
     ids = torch.randint(0, 300, (2, 32))
     torch.testing.assert_close(load_model(out)(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-5)

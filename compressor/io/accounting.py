@@ -30,15 +30,14 @@ def component_of(name: str, expert_prefixes: tuple[str, ...], dense_prefixes: tu
 
 
 def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict with tied tensors (e.g. lm_head tied to embed_tokens) kept once."""
-    seen, out = set(), {}
-    for name, t in model.state_dict().items():
-        key = (t.data_ptr(), t.shape, t.dtype) if t.device.type != "meta" else (name,)
-        if key in seen and t.numel() > 0:
-            continue
-        seen.add(key)
-        out[name] = t
-    return out
+    """The state dict with tied tensors (e.g. lm_head tied to embed_tokens) kept once. Works on the
+    meta device too: ties are read off the module tree, not off storage pointers."""
+    keep = {n for n, _ in model.named_parameters()}  # shared parameters appear once
+    for mod_name, mod in model.named_modules():
+        for b in mod._buffers:
+            if b not in mod._non_persistent_buffers_set and mod._buffers[b] is not None:
+                keep.add(f"{mod_name}.{b}" if mod_name else b)
+    return {k: v for k, v in model.state_dict().items() if k in keep}
 
 
 def packed_prefixes(model: nn.Module) -> tuple[str, ...]:

@@ -1,0 +1,149 @@
+"""Quality against bytes, at equal bytes: `python -m evals.compare --suite quant|budget [--model DIR]`.
+
+Suites
+  quant   full precision, RTN and GPTQ at 8, 4, 3, 2 bits (uniform, group 128): the foundation table.
+  budget  at expert budgets equal to uniform int2 / int3 sizes and one between: uniform RTN, uniform
+          GPTQ, frequency-only LP, MC-MoE per-layer LP and the global LP (all GPTQ-applied).
+
+Each variant is compressed into evals/runs/<suite>/<model>/<variant>/ (kept, so an interrupted run resumes
+where it stopped) and evaluated on the held-out texts; results accumulate in
+evals/results/<suite>_<model>.json, with a markdown table and a plot beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from compressor import api
+from compressor.assets import DEFAULT_MODEL_DIR, HELDOUT_TEXTS
+from compressor.calibration.data import read_text, tokenize
+from compressor.config import Recipe, apply_overrides
+from compressor.io.checkpoint import read_tensors
+from compressor.io.models import load_model, load_tokenizer
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+
+
+def quant_suite() -> dict[str, dict]:
+    out = {"fp16": {}}
+    for method in ("rtn", "gptq"):
+        for bits in (8, 4, 3, 2):
+            out[f"{method}-int{bits}"] = {"quantization.method": method, "quantization.bits": bits}
+    return out
+
+
+def budget_suite() -> dict[str, dict]:
+    """Expert-scope budgets at the exact size of uniform int2 (2.25 bits at group 128), int3 (3.25) and between."""
+    out = {}
+    for bits, uniform in ((2.25, 2), (2.75, None), (3.25, 3)):
+        tag = f"{bits}b"
+        if uniform:
+            for method in ("rtn", "gptq"):
+                out[f"{tag}-uniform-{method}"] = {"quantization.method": method, "quantization.bits": uniform,
+                                                  "quantization.dense_bits": 16}
+        for objective in ("frequency", "per_layer", "global"):
+            out[f"{tag}-{objective}"] = {"allocation.budget": f"{bits}bits", "allocation.scope": "experts",
+                                         "allocation.objective": objective, "quantization.dense_bits": 16,
+                                         "allocation.formats": ["keep", "int8", "int4", "int3", "int2"]}
+    return out
+
+
+SUITES = {"quant": quant_suite, "budget": budget_suite}
+
+
+def expert_bytes(directory: Path) -> int:
+    return sum(t.nbytes for k, t in read_tensors(directory).items() if ".experts." in k)
+
+
+def evaluate(model_dir: Path, max_tokens: int, seq_len: int) -> dict:
+    model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    out = {}
+    for name, path in HELDOUT_TEXTS.items():
+        ids = tokenize(tok, read_text(path))[:max_tokens]
+        out[name] = round(api.perplexity(model, ids, seq_len, progress=False)["perplexity"], 4)
+    return out
+
+
+def run(suite: str, model_dir: Path, max_tokens: int, seq_len: int, samples: int) -> list[dict]:
+    runs = ROOT / "runs" / suite / model_dir.name
+    results_path = RESULTS / f"{suite}_{model_dir.name}.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    for name, overrides in SUITES[suite]().items():
+        if name in results:
+            print(f"[resume] {name}: done")
+            continue
+        t0 = time.time()
+        if name == "fp16":
+            directory, secs = model_dir, 0.0
+            total = sum(t.nbytes for t in read_tensors(model_dir).values())
+            ebytes = sum(t.nbytes for k, t in read_tensors(model_dir).items() if ".experts." in k)
+        else:
+            directory = runs / name
+            if not (directory / "report.json").exists():
+                recipe = apply_overrides(Recipe(), {"model": str(model_dir), "output": str(directory),
+                                                    "calibration.samples": samples, **overrides})
+                api.compress(recipe, overwrite=True, log=lambda *_: None)
+            report = json.loads((directory / "report.json").read_text())
+            secs, total, ebytes = report["seconds"], report["total_compressed"], expert_bytes(directory)
+        ppl = evaluate(directory, max_tokens, seq_len)
+        results[name] = {"total_bytes": total, "expert_bytes": ebytes, "compress_seconds": secs, "perplexity": ppl,
+                         "eval_seconds": round(time.time() - t0 - secs, 1), "settings": overrides}
+        RESULTS.mkdir(exist_ok=True)
+        results_path.write_text(json.dumps(results, indent=1))
+        print(f"{name}: {ppl}  ({total:,} bytes)")
+    (RESULTS / f"{suite}_{model_dir.name}.md").write_text(markdown(results, max_tokens, seq_len))
+    plot(results, RESULTS / f"{suite}_{model_dir.name}.png")
+    return results
+
+
+def markdown(results: dict, max_tokens: int, seq_len: int) -> str:
+    texts = list(HELDOUT_TEXTS)
+    head = "| variant | total bytes | expert bytes | " + " | ".join(f"ppl {t}" for t in texts) + " | compress s |"
+    lines = [head, "|" + "---|" * (4 + len(texts))]
+    for name, r in results.items():
+        ppl = " | ".join(f"{r['perplexity'][t]:.2f}" for t in texts)
+        lines.append(f"| {name} | {r['total_bytes']:,} | {r['expert_bytes']:,} | {ppl} | {r['compress_seconds']} |")
+    lines.append(f"\nPerplexity over the first {max_tokens} tokens of each held-out text, windows of {seq_len}.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in results.items():
+        mean = sum(r["perplexity"].values()) / len(r["perplexity"])
+        ax.scatter(r["expert_bytes"] / 1e6, mean)
+        ax.annotate(name, (r["expert_bytes"] / 1e6, mean), fontsize=7)
+    ax.set_xlabel("expert bytes (MB)")
+    ax.set_ylabel("mean held-out perplexity")
+    ax.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--suite", choices=list(SUITES), default="quant")
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR)
+    p.add_argument("--max-tokens", type=int, default=32768)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--samples", type=int, default=128)
+    a = p.parse_args()
+    torch.manual_seed(0)
+    run(a.suite, a.model, a.max_tokens, a.seq_len, a.samples)
+
+
+if __name__ == "__main__":
+    main()
