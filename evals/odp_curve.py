@@ -149,6 +149,46 @@ def protected_overlap(col_a, col_b, protect: float) -> dict:
     return out
 
 
+def plot_svg(res: dict, path: Path) -> None:
+    """A dependency-free SVG of the perplexity curve (matplotlib is not in the environment)."""
+    curves = res["curves"]
+    W, H, L, R, T, B = 640, 420, 70, 200, 40, 55
+    xs = [100 * p["reduction"] for c in curves.values() for p in c]
+    ys = [p["ppl"]["all"] for c in curves.values() for p in c]
+    x0, x1 = 0.0, max(xs) * 1.05 or 1.0
+    pad = (max(ys) - min(ys)) * 0.08 or 1.0
+    y0, y1 = min(ys) - pad, max(ys) + pad
+
+    def px(x):
+        return L + (x - x0) / (x1 - x0) * (W - L - R)
+
+    def py(y):
+        return H - B - (y - y0) / (y1 - y0) * (H - T - B)
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="11">',
+           '<rect width="100%" height="100%" fill="white"/>',
+           f'<text x="{L}" y="22" font-size="13">Online dynamic pruning, default model: held-out perplexity</text>',
+           f'<line x1="{L}" y1="{H - B}" x2="{W - R}" y2="{H - B}" stroke="black"/>',
+           f'<line x1="{L}" y1="{T}" x2="{L}" y2="{H - B}" stroke="black"/>',
+           f'<text x="{L}" y="{H - 15}">activated expert parameters removed, measured on held-out text (%)</text>']
+    for i in range(6):
+        xv, yv = x0 + i * (x1 - x0) / 5, y0 + i * (y1 - y0) / 5
+        out.append(f'<text x="{px(xv):.1f}" y="{H - B + 15}" text-anchor="middle">{xv:.0f}</text>')
+        out.append(f'<text x="{L - 5}" y="{py(yv) + 4:.1f}" text-anchor="end">{yv:.2f}</text>')
+        out.append(f'<line x1="{L}" y1="{py(yv):.1f}" x2="{W - R}" y2="{py(yv):.1f}" stroke="#ddd"/>')
+    for k, (name, pts) in enumerate(curves.items()):
+        color = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728")[k % 4]
+        path_pts = " ".join(f"{px(100 * p['reduction']):.1f},{py(p['ppl']['all']):.1f}" for p in pts)
+        out.append(f'<polyline points="{path_pts}" fill="none" stroke="{color}" stroke-width="2"/>')
+        for p in pts:
+            out.append(f'<circle cx="{px(100 * p["reduction"]):.1f}" cy="{py(p["ppl"]["all"]):.1f}" r="3" fill="{color}"/>')
+        out.append(f'<line x1="{W - R + 10}" y1="{T + 10 + 18 * k}" x2="{W - R + 30}" y2="{T + 10 + 18 * k}" '
+                   f'stroke="{color}" stroke-width="2"/>')
+        out.append(f'<text x="{W - R + 35}" y="{T + 14 + 18 * k}">{name}</text>')
+    out.append("</svg>")
+    path.write_text("\n".join(out))
+
+
 def plot(res: dict, path: Path) -> bool:
     try:
         import matplotlib
@@ -311,8 +351,9 @@ def main() -> None:
     print("wall time:", json.dumps(timing), flush=True)
     res["seconds"] = round(time.time() - t0, 1)
     args.out.write_text(json.dumps(res, indent=1))
-    png = args.out.with_suffix(".png")
-    print(f"wrote {args.out}" + (f" and {png}" if plot(res, png) else " (no matplotlib: no plot)"))
+    png, svg = args.out.with_suffix(".png"), args.out.with_suffix(".svg")
+    plot_svg(res, svg)
+    print(f"wrote {args.out}, {svg}" + (f" and {png}" if plot(res, png) else " (no matplotlib: no PNG)"))
 
 
 if __name__ == "__main__":

@@ -257,3 +257,37 @@ def test_top1_model_has_nothing_to_prune():
                  lambda: apply(model, blocks, PruningRule(betas={b.name: 0.5 for b in blocks}))):
         with pytest.raises(NothingToPrune, match="top-1.*nothing to prune"):
             call()
+
+
+def test_generation_with_pruning(models):
+    """Token-by-token decoding (KV cache): calibrated thresholds decide importance per token."""
+    model = models["mixtral"]
+    blocks = find_moe_blocks(model)
+    with torch.no_grad():
+        rule = calibrate(model, blocks, _ids(13, 8), 0.3)
+        with apply(model, blocks, rule) as h:
+            out = model.generate(input_ids=_ids(14, 2)[:, :8], max_new_tokens=6, do_sample=False, pad_token_id=0)
+            s = h.stats()
+    assert out.shape == (2, 14)
+    assert s["tokens"] == 2 * 8 + 2 * 5 and 0 < s["reduction"] < 0.5
+
+
+def test_default_model_reduction_within_target():
+    from compressor.assets import CALIB_TEXT, DEFAULT_MODEL_DIR, HELDOUT_TEXTS
+    from compressor.calibration.data import calibration_windows, eval_windows, read_text, tokenize
+    from compressor.io.models import load_model, load_tokenizer
+
+    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+        pytest.skip("the default model is not trained yet")
+    model = load_model(DEFAULT_MODEL_DIR)
+    tok = load_tokenizer(DEFAULT_MODEL_DIR)
+    blocks = find_moe_blocks(model)
+    calib = calibration_windows(tokenize(tok, read_text(CALIB_TEXT)), 16, 128, seed=0)
+    held = eval_windows(tokenize(tok, read_text(HELDOUT_TEXTS["austen"])), 128)[:12]
+    with torch.no_grad():
+        col = collect(model, blocks, calib)
+        for target in (0.15, 0.3):
+            rule = calibrate(model, blocks, None, target, collected=col)
+            with apply(model, blocks, rule) as h:
+                model(input_ids=held)
+            assert abs(h.stats()["reduction"] - target) < 0.04, (target, h.stats()["reduction"])
