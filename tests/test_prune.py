@@ -291,3 +291,28 @@ def test_default_model_reduction_within_target():
             with apply(model, blocks, rule) as h:
                 model(input_ids=held)
             assert abs(h.stats()["reduction"] - target) < 0.04, (target, h.stats()["reduction"])
+
+
+def test_saved_rule_reloads_through_config(models):
+    """What compress writes (quantization_config["pruning"]) and load applies: same logits, same stats."""
+    from compressor.prune import apply_saved, attached, config_entry, detach
+
+    model = models["qwen2_moe"]
+    blocks = find_moe_blocks(model)
+    ids = _ids(15, 2)
+    with torch.no_grad():
+        rule = calibrate(model, blocks, _ids(16, 8), 0.2, layerwise=True)
+        with apply(model, blocks, rule):
+            want = model(input_ids=ids).logits
+        saved = json.loads(json.dumps({"quant_method": "moe-compressor", **config_entry(rule)}))
+        model.config.quantization_config = saved
+        try:
+            assert apply_saved(model, enabled=False) is None and attached(model) is None
+            h = apply_saved(model)
+            assert attached(model) is h
+            torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=0, atol=0)
+            assert h.stats()["reduction"] > 0.1
+        finally:
+            detach(model)
+            del model.config.quantization_config
+    assert attached(model) is None

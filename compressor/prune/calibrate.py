@@ -35,13 +35,20 @@ DEFAULT_RENORMALIZE = False
 
 @torch.no_grad()
 def collect(model: nn.Module, blocks, windows: torch.Tensor, importance: str = "residual_norm",
-            batch_size: int = 8) -> PruneHandle:
-    """Run the model over `windows` [n, seq_len] with nothing pruned, recording signals and ratios."""
+            batch_size: int = 8, layerwise: bool = False) -> PruneHandle:
+    """Run the model over `windows` [n, seq_len] with nothing pruned, recording signals and ratios.
+    layerwise=True drives it one decoder layer at a time in fp32 (calibration.layerwise: the memory
+    profile of the quantize pass, for models held in 16-bit or too big for a full forward)."""
     check_prunable(blocks)
     handle = PruneHandle(model, blocks, PruningRule(importance=importance, protect=0.0), collect=True)
     try:
-        for batch in windows.split(batch_size):
-            model(input_ids=batch, use_cache=False)
+        if layerwise:
+            from ..calibration.layerwise import layerwise as run_layerwise
+
+            run_layerwise(model, windows, lambda *_: None, batch_size=batch_size, desc="pruning calibration")
+        else:
+            for batch in windows.split(batch_size):
+                model(input_ids=batch, use_cache=False)
     finally:
         handle.remove()
     return handle
@@ -50,7 +57,7 @@ def collect(model: nn.Module, blocks, windows: torch.Tensor, importance: str = "
 def calibrate(model: nn.Module, blocks, windows: torch.Tensor, target: float, protect: float = 0.02,
               importance: str = "residual_norm", renormalize: bool = DEFAULT_RENORMALIZE,
               allocation: str = "uniform", method: str = "ratio", batch_size: int = 8, seed: int = 0,
-              collected: PruneHandle | None = None) -> PruningRule:
+              collected: PruneHandle | None = None, layerwise: bool = False) -> PruningRule:
     """A PruningRule whose per-layer betas remove `target` (e.g. 0.3 = 30%) of the activated routed-expert
     parameters on `windows`. Pass `collected` (from `collect`) to reuse one calibration pass for many targets."""
     check_prunable(blocks)
@@ -60,7 +67,7 @@ def calibrate(model: nn.Module, blocks, windows: torch.Tensor, target: float, pr
         raise ValueError(f"method must be 'ratio' or 'random', got {method!r}")
     if not 0.0 <= target < 1.0:
         raise ValueError(f"dynamic pruning target must be in [0, 1), got {target}")
-    h = collected if collected is not None else collect(model, blocks, windows, importance, batch_size)
+    h = collected if collected is not None else collect(model, blocks, windows, importance, batch_size, layerwise)
     if h.rule.importance != importance:
         raise ValueError(f"collected with importance {h.rule.importance!r}, asked for {importance!r}")
 

@@ -163,12 +163,12 @@ class PruneHandle:
         rule = self.rule
         flat = sig.reshape(T)
         if rule is None or rule.protect <= 0:
-            return flat, torch.zeros(T, dtype=torch.bool)
+            return flat, torch.zeros(T, dtype=torch.bool, device=flat.device)
         if rule.thresholds:
             return flat, flat >= rule.thresholds[layer.name]
         B, S = sig.shape
         n = int(round(rule.protect * S))
-        prot = torch.zeros(B, S, dtype=torch.bool)
+        prot = torch.zeros(B, S, dtype=torch.bool, device=sig.device)
         if n > 0:
             top = sig.topk(n, dim=-1).indices
             prot.scatter_(1, top, True)
@@ -202,7 +202,7 @@ class PruneHandle:
         rule = self.rule
         if rule.kind == "random":
             p = rule.drop_prob[layer.name]
-            drop = droppable & (torch.rand(idx.shape, generator=self._gen) < p)
+            drop = droppable & (torch.rand(idx.shape, generator=self._gen).to(idx.device) < p)
         else:
             drop = droppable & (ratio < rule.betas[layer.name])
         c.protected += int(protected.sum())
