@@ -68,6 +68,9 @@ def _compress_parser(sub) -> None:
     p.add_argument("--solver", choices=["highs", "cbc", "auto"])
     p.add_argument("--plan", help="reuse a plan.json")
     p.add_argument("--dry-run", action="store_true", default=False, help="stop after the plan")
+    p.add_argument("--synthetic-stats", action="store_true", default=False,
+                   help="with --dry-run: plan from the config alone (meta device, synthetic statistics), for models "
+                        "too large to load; MODEL may be a config.json")
     p.add_argument("--dynamic-pruning", type=float, help="target fraction of activated expert parameters to skip")
     p.add_argument("--dtype", choices=["float16", "bfloat16"], help="dtype of unquantized tensors written")
     p.add_argument("--trust-remote-code", action="store_true", default=False)
@@ -116,7 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     from compressor.errors import USER_ERRORS
 
     try:
-        if args.command == "compress":
+        if args.command == "compress" and args.synthetic_stats:
+            if not args.dry_run:
+                parser.error("--synthetic-stats plans only; add --dry-run")
+            api.dry_run_synthetic(build_recipe(args))
+        elif args.command == "compress":
             api.compress(build_recipe(args), overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
                          dry_run=args.dry_run)
         elif args.command == "eval":

@@ -20,7 +20,8 @@ from .calibration.layerwise import layerwise
 from .config import Recipe, dump_recipe
 from .io import checkpoint as ckpt
 from .io.accounting import bytes_by_component, predict_bytes, unique_state
-from .measure import MeasurePass
+from .arch.families import family_for
+from .measure import MeasurePass, synthetic_measurements
 from .planning import plan_budget
 from .io.models import load_model, load_tokenizer, read_config
 from .plan import Plan
@@ -69,8 +70,45 @@ def make_plan(recipe: Recipe, model: nn.Module, blocks, dense, windows: torch.Te
     return plan_budget(recipe, model, blocks, dense, measure.results, dtype)
 
 
+def meta_model(config: dict) -> nn.Module:
+    """The architecture of a config.json on the meta device: shapes without weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = {k: v for k, v in config.items() if k != "quantization_config"}  # e.g. DeepSeek-V3's FP8 block format
+    family_for(config.get("model_type", "<missing model_type>"))
+    cfg = AutoConfig.for_model(config.pop("model_type"), **config)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(cfg)
+
+
+def plan_synthetic(recipe: Recipe, config: dict, seed: int = 0) -> Plan:
+    """A real plan and byte count for a model too large to load here: the architecture on the meta
+    device, synthetic statistics (compressor.measure.synthetic_measurements). A planning check only."""
+    model = meta_model(config)
+    blocks = find_moe_blocks(model)
+    dense = dense_linears(model, blocks)
+    dtype = DTYPES[recipe.dtype]
+    measurements = synthetic_measurements(blocks, list(recipe.allocation.formats), seed)
+    plan = plan_budget(recipe, model, blocks, dense, measurements, dtype)
+    plan.predicted_bytes = sum(predict_bytes(model, blocks, dense, plan, dtype).values())
+    return plan
+
+
+def dry_run_synthetic(recipe: Recipe, log=print) -> Plan:
+    """`compress MODEL --dry-run --synthetic-stats`: MODEL is a config.json or a directory holding one."""
+    path = model_dir_of(recipe)
+    config = json.loads(path.read_text()) if path.is_file() else read_config(path)
+    plan = plan_synthetic(recipe, config)
+    log(plan_summary(plan))
+    if recipe.output:
+        Path(recipe.output).mkdir(parents=True, exist_ok=True)
+        plan.save(Path(recipe.output) / "plan.json")
+    return plan
+
+
 def plan_summary(plan: Plan) -> str:
-    lines = [f"{name}: " + " ".join(fmts) for name, fmts in plan.experts.items()]
+    lines = [f"{name}: " + " ".join(f"{f} x{fmts.count(f)}" for f in sorted(set(fmts), key=fmts.index))
+             for name, fmts in plan.experts.items()]
     alloc = plan.allocation
     if alloc:
         lines.append(f"allocation: {alloc['objective']} via {alloc['solver']} in {alloc['seconds']} s, "

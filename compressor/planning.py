@@ -62,9 +62,9 @@ def plan_budget(recipe: Recipe, model: nn.Module, blocks: list[MoEBlock], dense:
             "formats (--formats)"))
     cost = costs(measurements, a.objective)
     if a.objective == "per_layer":  # MC-MoE: each layer held to its share of the budget, by weight count
-        alloc = solve_per_layer(cost, nbytes, capacity, blocks, a.solver)
+        alloc = solve_per_layer(cost, nbytes, capacity, blocks, a.solver, a.rel_gap)
     else:
-        alloc = solve_allocation(cost, nbytes, capacity, solver=a.solver)
+        alloc = solve_allocation(cost, nbytes, capacity, solver=a.solver, rel_gap=a.rel_gap)
     choice, experts, k = alloc.choice, {}, 0
     for b in blocks:
         experts[b.name] = [formats[c] for c in choice[k:k + b.num_experts]]
@@ -76,12 +76,13 @@ def plan_budget(recipe: Recipe, model: nn.Module, blocks: list[MoEBlock], dense:
                 analysis=analysis_table(measurements, blocks, nbytes, formats))
 
 
-def solve_per_layer(cost: np.ndarray, nbytes: np.ndarray, capacity: int, blocks: list[MoEBlock], solver: str):
+def solve_per_layer(cost: np.ndarray, nbytes: np.ndarray, capacity: int, blocks: list[MoEBlock], solver: str,
+                    rel_gap: float):
     """Independent knapsacks, one per layer (the per-layer caps separate the problem exactly)."""
     share = np.array([b.gate_up().numel() + b.down().numel() for b in blocks], dtype=np.float64)
     caps = np.floor(capacity * share / share.sum()).astype(np.int64)
     bounds = np.cumsum([0] + [b.num_experts for b in blocks])
-    parts = [solve_allocation(cost[lo:hi], nbytes[lo:hi], int(cap), solver=solver)
+    parts = [solve_allocation(cost[lo:hi], nbytes[lo:hi], int(cap), solver=solver, rel_gap=rel_gap)
              for lo, hi, cap in zip(bounds[:-1], bounds[1:], caps)]
     total = parts[0]
     total.choice = np.concatenate([p.choice for p in parts])

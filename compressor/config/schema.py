@@ -61,6 +61,7 @@ class Allocation(Section):
         "global", description="global LP, MC-MoE per-layer LP, or frequency-only importance"
     )
     solver: Literal["highs", "cbc", "auto"] = "highs"
+    rel_gap: float = Field(1e-3, ge=0, description="relative optimality gap at which the solver may stop")
     plan: Path | None = Field(None, description="reuse a plan.json instead of solving")
 
     @field_validator("budget")
