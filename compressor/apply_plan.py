@@ -91,9 +91,7 @@ class QuantizePass:
         self.reports.append(rep)
 
     def _observe(self, b: MoEBlock):
-        gu_b, d_b = b.biases()
-        dense = DenseExperts(b.gate_up().float().contiguous(), b.down().float().contiguous(), b.apply_gate,
-                             (None if gu_b is None else gu_b.float(), None if d_b is None else d_b.float()))
+        dense = DenseExperts.from_view(b)
         E, _, H = dense.gate_up.shape
         stats = ExpertStats.zeros(E, H, dense.down.shape[-1])
         handles = []

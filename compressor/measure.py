@@ -65,9 +65,7 @@ class MeasurePass:
     def __call__(self, i: int, layer: nn.Module, inputs: LayerInputs) -> None:
         for b in [b for b in self.blocks if b.layer_idx == i]:
             original = b.block.experts
-            gu_b, d_b = b.biases()
-            dense = DenseExperts(b.gate_up().float().contiguous(), b.down().float().contiguous(), b.apply_gate,
-                                 tuple(None if t is None else t.float() for t in (gu_b, d_b)))
+            dense = DenseExperts.from_view(b)
             E, _, H = dense.gate_up.shape
             I = dense.down.shape[-1]
             cand_gu = torch.stack([candidates(dense.gate_up, f, self.group_size, self.sym) for f in self.formats])

@@ -67,6 +67,13 @@ class DenseExperts(Experts):
         self.gate_up, self.down = gate_up, down
         self.set_biases(*biases)
 
+    @classmethod
+    def from_view(cls, view) -> "DenseExperts":
+        """fp32 copy of a block's experts from its canonical view (compressor.arch.view.MoEBlock)."""
+        biases = tuple(None if t is None else t.detach().float() for t in view.biases())
+        return cls(view.gate_up().detach().float().contiguous(), view.down().detach().float().contiguous(),
+                   view.apply_gate, biases)
+
     def expert_weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.gate_up[e], self.down[e]
 
