@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from compressor import api
     from compressor.errors import USER_ERRORS
+    from compressor.io.report import format_inspect
 
     try:
         if args.command == "compress" and args.synthetic_stats:
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.tasks:
                 _run_tasks(args)
         elif args.command == "inspect":
-            print(api.format_inspect(api.inspect_model(args.model)))
+            print(format_inspect(api.inspect_model(args.model)))
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

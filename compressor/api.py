@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .apply_plan import QuantizePass, peak_rss_mb
+from .apply_plan import QuantizePass
 from .arch.view import dense_linears, find_moe_blocks
 from .assets import CALIB_TEXT, DEFAULT_MODEL_DIR
 from .calibration.data import calibration_windows, eval_windows, read_text, tokenize
@@ -20,6 +20,7 @@ from .calibration.layerwise import layerwise
 from .config import Recipe, dump_recipe
 from .io import checkpoint as ckpt
 from .io.accounting import bytes_by_component, predict_bytes, unique_state
+from .io.report import build_report, format_report
 from .arch.families import family_for
 from .measure import MeasurePass, synthetic_measurements
 from .planning import plan_budget
@@ -125,7 +126,8 @@ def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = 
     out_dir = Path(recipe.output) if recipe.output else default_output(recipe)
     model = load_model(model_dir, _load_dtype(model_dir), trust_remote_code)
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
-    blocks, dense = find_moe_blocks(model), dense_linears(model, find_moe_blocks(model))
+    blocks = find_moe_blocks(model)
+    dense = dense_linears(model, blocks)
     dtype = DTYPES[recipe.dtype]
     original = {k: v.numel() * (dtype.itemsize if v.is_floating_point() else v.element_size())
                 for k, v in unique_state(model).items()}
@@ -148,20 +150,14 @@ def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = 
     try:
         qpass = QuantizePass(model, blocks, dense, plan, recipe)
         layerwise(model, windows, qpass, desc="quantize")
-        qconfig = ckpt.quantization_config(model, plan.group_size, plan.sym)
-        written = ckpt.save_compressed(model, tmp, dtype, qconfig, MAX_SHARD_BYTES)
+        written = ckpt.save_compressed(model, tmp, dtype, ckpt.quantization_config(model, plan.group_size, plan.sym),
+                                       MAX_SHARD_BYTES)
         if written != plan.predicted_bytes:
             raise AssertionError(f"internal error: wrote {written} bytes, plan predicted {plan.predicted_bytes}")
-        tokenizer.save_pretrained(tmp)
-        plan.save(tmp / "plan.json")
-        (tmp / "recipe.yaml").write_text(dump_recipe(recipe))
-        report = _report(model_dir, original, predicted, blocks, dense, plan, qpass, time.time() - t0)
-        (tmp / "report.json").write_text(json.dumps(report, indent=1))
-        (tmp / "report.md").write_text(format_report(report))
+        report = build_report(model_dir, original, predicted, blocks, dense, plan, qpass.reports, time.time() - t0)
+        _write_sidecars(tmp, tokenizer, plan, recipe, report)
         ckpt.commit_output(tmp, out_dir)
     except BaseException:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log(format_report(report))
@@ -169,41 +165,19 @@ def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = 
     return out_dir
 
 
+def _write_sidecars(directory: Path, tokenizer, plan: Plan, recipe: Recipe, report: dict) -> None:
+    tokenizer.save_pretrained(directory)
+    plan.save(directory / "plan.json")
+    (directory / "recipe.yaml").write_text(dump_recipe(recipe))
+    (directory / "report.json").write_text(json.dumps(report, indent=1))
+    (directory / "report.md").write_text(format_report(report))
+
+
 def scope_bytes(plan: Plan, predicted: dict[str, int], blocks) -> int:
     """The bytes the budget counts: everything (scope model) or the routed experts (scope experts)."""
     if plan.scope == "model":
         return sum(predicted.values())
     return sum(predicted[f"{b.name}.{e}"] for b in blocks for e in range(b.num_experts))
-
-
-def _report(model_dir, original, predicted, blocks, dense, plan, qpass, seconds) -> dict:
-    exp, den = [b.name + "." for b in blocks], [d + "." for d in dense]
-    return {
-        "model": str(model_dir),
-        "bytes_original": bytes_by_component(original, exp, den),
-        "bytes_compressed": bytes_by_component(predicted, exp, den),
-        "total_original": sum(original.values()),
-        "total_compressed": plan.predicted_bytes,
-        "formats": plan.format_counts(),
-        "seconds": round(seconds, 1),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-        "layers": [asdict(r) for r in qpass.reports],
-        "fallbacks": [f for r in qpass.reports for f in r.fallbacks],
-    }
-
-
-def format_report(r: dict) -> str:
-    lines = ["| component | original bytes | compressed bytes |", "|---|---:|---:|"]
-    for comp, nb in r["bytes_original"].items():
-        lines.append(f"| {comp} | {nb:,} | {r['bytes_compressed'][comp]:,} |")
-    lines.append(f"| **total** | {r['total_original']:,} | {r['total_compressed']:,} |")
-    ratio = r["total_original"] / max(r["total_compressed"], 1)
-    lines += ["", f"expert formats: {r['formats']}", f"compression: {ratio:.2f}x; time {r['seconds']} s; "
-              f"peak memory {r['peak_rss_mb']:.0f} MB (per layer: "
-              f"{', '.join(str(round(l['peak_rss_mb'])) for l in r['layers'])} MB)"]
-    fb = r["fallbacks"]
-    lines.append(f"fallbacks: {len(fb)}" + "".join(f"\n  - {f}" for f in fb[:50]))
-    return "\n".join(lines)
 
 
 @torch.no_grad()
@@ -249,18 +223,3 @@ def inspect_model(model_dir: Path | None) -> dict:
         "bytes": bytes_by_component(sizes, [b.name + "." for b in blocks], [d + "." for d in dense_names]),
         "formats": qc.get("experts"),
     }
-
-
-def format_inspect(info: dict) -> str:
-    lines = [f"model: {info['model']}", f"architecture: {info['architecture']}",
-             f"layers: {info['layers']} (MoE layers: {len(info['moe_layers'])})",
-             f"experts per layer: {info['experts_per_layer']}, top-k: {info['top_k']}, "
-             f"shared experts: {'yes' if info['shared_experts'] else 'no'}", "bytes by component:"]
-    lines += [f"  {comp:<15} {nb:>14,}" for comp, nb in info["bytes"].items()]
-    lines.append(f"  {'total':<15} {sum(info['bytes'].values()):>14,}")
-    if info["formats"]:
-        lines.append("expert formats (layer x expert):")
-        for name, formats in info["formats"].items():
-            lines.append(f"  {name:<32} " + " ".join(f"{f:>7}" for f in formats))
-    return "\n".join(lines)
-

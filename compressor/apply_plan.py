@@ -5,7 +5,6 @@ into the model, so the next layer sees the quantized outputs."""
 
 from __future__ import annotations
 
-import resource
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +14,7 @@ from torch import nn
 
 from .arch.view import MoEBlock, layers_prefix
 from .calibration.layerwise import LayerInputs, run_layer
+from .io.report import peak_rss_mb
 from .calibration.stats import ExpertStats, LinearHessian, RoutedObserver, WeightedObserver
 from .config.schema import Recipe
 from .plan import Plan
@@ -26,10 +26,6 @@ from .quantize.ternary import quantize_ternary
 from .runtime.experts import DenseExperts, PackedExperts, PackedLinear, PackedMatrix
 
 NO_HESSIAN_FORMATS = ("keep", "drop")
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def quantize_matrices(W: torch.Tensor, H: torch.Tensor | None, spec: QuantSpec, recipe: Recipe, where: str):

@@ -9,11 +9,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .analysis.importance import hessian_error, output_error_sq
+from .analysis.importance import output_error_sq
 from .arch.view import MoEBlock
 from .calibration.layerwise import LayerInputs, run_layer
 from .calibration.stats import ExpertStats, RoutedObserver
 from .quantize.formats import QuantSpec
+from .quantize.gptq import hessian_error
 from .quantize.rtn import quantize_rtn
 from .quantize.ternary import quantize_ternary
 from .runtime.experts import DenseExperts

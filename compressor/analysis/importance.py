@@ -4,7 +4,7 @@
 - output error eps[e, f]: MC-MoE's activation reconstruction error, the error of the MoE block's
   output on its routed tokens when only expert e is quantized to format f. Other experts are
   unchanged, so this is exactly || sum_t w_t (E_f(x_t) - E(x_t)) || over the tokens routed to e.
-- hessian error: tr(dW H dW^T) of both matrices, the GPTQ objective, from the Hessians alone.
+- hessian error: tr(dW H dW^T) of both matrices (quantize.gptq.hessian_error), from the Hessians alone.
 """
 
 from __future__ import annotations
@@ -32,12 +32,6 @@ def output_error_sq(x: torch.Tensor, weights: torch.Tensor, w_gu: torch.Tensor, 
     ref = expert_forward(x, w_gu, w_d, apply_gate, b_gu, b_d)  # [n, H]
     out = expert_forward(x, cand_gu, cand_d, apply_gate, b_gu, b_d)  # [F, n, H]
     return ((out - ref) * weights[:, None]).pow(2).sum(dim=(-1, -2))
-
-
-def hessian_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-    """tr((W - Wq) H (W - Wq)^T) per leading index: W, Wq [..., out, in], H [..., in, in] -> [...]."""
-    d = W - Wq
-    return ((d @ H) * d).sum(dim=(-1, -2))
 
 
 def mcmoe_weights(count: torch.Tensor, weight_sum: torch.Tensor, total_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
