@@ -109,3 +109,25 @@ def test_never_overwrites_input_and_refuses_existing_output(tiny_dirs, tmp_path)
         api.compress(_recipe(src, tmp_path / "taken"), log=lambda *_: None)
     assert sorted(p.name for p in src.iterdir()) == before
     assert not list(tmp_path.glob(".*tmp*")), "no half-written output left behind"
+
+
+def test_rare_experts_fall_back_to_rtn_and_are_logged(tiny_dirs, tmp_path):
+    src = tiny_dirs["mixtral"]
+    out = api.compress(_recipe(src, tmp_path / "o", **{"calibration.min_tokens": 10**6}), log=lambda *_: None)
+    report = json.loads((out / "report.json").read_text())
+    assert len([f for f in report["fallbacks"] if "RTN" in f]) == 2 * 4  # every expert of both layers
+    assert "routed tokens < min_tokens" in (out / "report.md").read_text()
+
+
+def test_weighted_calibration_gives_every_expert_a_hessian(tiny_dirs, tmp_path):
+    """Every expert sees every token weighted by its routing probability: no expert lacks statistics,
+    and the result differs from routed-only calibration."""
+    src = tiny_dirs["olmoe"]
+    outs = {}
+    for mode in ("routed", "weighted"):
+        outs[mode] = api.compress(_recipe(src, tmp_path / mode, **{"calibration.mode": mode, "calibration.min_tokens": 0,
+                                                                   "quantization.bits": 2}), log=lambda *_: None)
+    assert json.loads((outs["weighted"] / "report.json").read_text())["fallbacks"] == []
+    a, b = (load_model(outs[m]) for m in ("routed", "weighted"))
+    ids = torch.randint(0, 300, (1, 16))
+    assert not torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)
