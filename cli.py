@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.ppl:
                 r = api.evaluate_perplexity(args.model, Path(args.ppl), args.seq_len, args.batch_size)
                 print(f"perplexity: {r['perplexity']:.4f}  ({r['tokens']} tokens, {r['seconds']:.1f} s)")
+                print(f"model tensors in memory: {r['resident_bytes']:,} bytes; in the checkpoint: "
+                      f"{r['checkpoint_bytes']:,} bytes (unquantized tensors are held in float32 for the CPU)")
             if args.tasks:
                 _run_tasks(args)
         elif args.command == "inspect":

@@ -198,7 +198,10 @@ def evaluate_perplexity(model_dir: Path | None, text: Path, seq_len: int = 512, 
     model_dir = model_or_default(model_dir)
     model = load_model(model_dir)
     tokenizer = load_tokenizer(model_dir)
-    return perplexity(model, tokenize(tokenizer, read_text(text)), seq_len, batch_size)
+    result = perplexity(model, tokenize(tokenizer, read_text(text)), seq_len, batch_size)
+    result["resident_bytes"] = sum(t.nbytes for t in unique_state(model).values())
+    result["checkpoint_bytes"] = sum(t.nbytes for t in ckpt.read_tensors(model_dir).values())
+    return result
 
 
 def inspect_model(model_dir: Path | None) -> dict:
