@@ -378,6 +378,11 @@ def main(argv=None):
     half.config.dtype = torch.float16
     half.save_pretrained(args.out, safe_serialization=True)
     hf_tokenizer(tok).save_pretrained(args.out)
+    # transformers 5 writes its internal class name (TokenizersBackend); the portable name loads in 4.x and 5.x
+    tcfg_path = args.out / "tokenizer_config.json"
+    tcfg = json.loads(tcfg_path.read_text())
+    tcfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tcfg_path.write_text(json.dumps(tcfg, indent=2) + "\n")
     log(f"saved float16 model + tokenizer to {args.out}")
 
     # ---- reload and evaluate
