@@ -87,6 +87,36 @@ def _eval_parser(sub) -> None:
     p.add_argument("--output-path", help="write lm-eval results JSON here")
 
 
+def _upcycle_parser(sub) -> None:
+    p = sub.add_parser("upcycle", help="turn a dense Llama-style model into an MoE (CuMo), or a MoTE with --ternary")
+    p.add_argument("model", help="dense model directory")
+    p.add_argument("--output", "-o", required=True)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, help="default: 1 with a shared expert (MoTE), else 2")
+    p.add_argument("--ternary", action="store_true", help="routed experts train with ternary weights (STE)")
+    p.add_argument("--shared-expert", action="store_true", help="the pretrained FFN becomes a shared expert")
+    p.add_argument("--train-text", help="text file to train on after up-cycling")
+    p.add_argument("--steps", type=int, default=0)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--modules", help="regex over model.layers.<i>.mlp selecting the MLPs to up-cycle")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--freeze-shared", action="store_true", help="keep the shared expert frozen (MoTE)")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def _run_upcycle(args: argparse.Namespace) -> None:
+    from compressor.upcycle import upcycle_cli
+
+    kwargs = {k: getattr(args, k) for k in ("experts", "top_k", "ternary", "shared_expert", "train_text", "steps",
+                                            "lr", "modules", "batch_size", "seq_len", "checkpoint_every",
+                                            "group_size", "seed", "overwrite", "freeze_shared")}
+    print(f"wrote {upcycle_cli(args.model, args.output, **kwargs)}")
+
+
 def build_recipe(args: argparse.Namespace):
     from compressor.config import Recipe, apply_overrides, load_recipe
 
@@ -111,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _compress_parser(sub)
     _eval_parser(sub)
+    _upcycle_parser(sub)
     sub.add_parser("inspect", help="architecture, experts, bytes by component, formats").add_argument(
         "model", nargs="?", help="model directory (default: the shipped default model)")
     args = parser.parse_args(argv)
@@ -137,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['checkpoint_bytes']:,} bytes (unquantized tensors are held in float32 for the CPU)")
             if args.tasks:
                 _run_tasks(args)
+        elif args.command == "upcycle":
+            _run_upcycle(args)
         elif args.command == "inspect":
             print(format_inspect(api.inspect_model(args.model)))
     except USER_ERRORS as err:

@@ -23,7 +23,7 @@ from .io.accounting import bytes_by_component, predict_bytes, unique_state
 from .io.report import build_report, format_report
 from .arch.families import family_for
 from .measure import MeasurePass, synthetic_measurements
-from .planning import plan_budget
+from .planning import candidate_formats, plan_budget, ternary_experts
 from .io.models import load_model, load_tokenizer, read_config
 from .plan import Plan
 from .runtime.experts import PackedExperts
@@ -64,9 +64,13 @@ def make_plan(recipe: Recipe, model: nn.Module, blocks, dense, windows: torch.Te
     if a.plan is not None:
         return Plan.load(a.plan)
     if a.budget is None:
-        return Plan.uniform({b.name: b.num_experts for b in blocks}, list(dense), q.expert_format, q.dense_format,
+        plan = Plan.uniform({b.name: b.num_experts for b in blocks}, list(dense), q.expert_format, q.dense_format,
                             group_size=q.group_size, sym=q.sym)
-    measure = MeasurePass(blocks, list(a.formats), q.group_size, q.sym)
+        for name, flags in ternary_experts(blocks, q.group_size).items():  # MoTE experts stay ternary
+            plan.experts[name] = ["ternary" if t else f for t, f in zip(flags, plan.experts[name])]
+        return plan
+    formats = candidate_formats(a.formats, ternary_experts(blocks, q.group_size))
+    measure = MeasurePass(blocks, formats, q.group_size, q.sym)
     layerwise(model, windows, measure, desc="measure")
     return plan_budget(recipe, model, blocks, dense, measure.results, dtype)
 

@@ -7,6 +7,7 @@ from .calibration.stats import NonFiniteActivations
 from .config.loader import RecipeError
 from .io.checkpoint import OutputExists
 from .io.models import ModelDirError
+from .upcycle.build import UpcycleError
 
 USER_ERRORS = (
     InfeasibleBudget,
@@ -16,4 +17,5 @@ USER_ERRORS = (
     OutputExists,
     ModelDirError,
     FileNotFoundError,
+    UpcycleError,
 )

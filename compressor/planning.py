@@ -17,10 +17,29 @@ from .allocation.budget import parse_budget
 from .allocation.lp import InfeasibleBudget, mcmoe_cost, solve_allocation
 from .analysis.importance import mcmoe_weights
 from .arch.view import MoEBlock
+from .quantize.ternary import is_ternary
 from .config.schema import Recipe
 from .io.accounting import expert_matrix_bytes, predict_bytes
 from .measure import BlockMeasurement
 from .plan import Plan
+
+
+def ternary_experts(blocks: list[MoEBlock], group_size: int) -> dict[str, list[bool]]:
+    """Experts whose weights are already ternary (a MoTE checkpoint): they stay ternary, losslessly,
+    whatever the plan, and the budget applies to the rest. Meta-device models have none."""
+    out = {}
+    for b in blocks:
+        if b.gate_up().device.type == "meta":
+            out[b.name] = [False] * b.num_experts
+        else:
+            out[b.name] = (is_ternary(b.gate_up(), group_size) & is_ternary(b.down(), group_size)).tolist()
+    return out
+
+
+def candidate_formats(allowed: list[str], ternary: dict[str, list[bool]]) -> list[str]:
+    """The allowed formats, plus ternary when some experts are already ternary (they keep it)."""
+    has_ternary = any(any(flags) for flags in ternary.values())
+    return list(allowed) + (["ternary"] if has_ternary and "ternary" not in allowed else [])
 
 
 def expert_weight_count(blocks: list[MoEBlock]) -> int:
@@ -45,7 +64,9 @@ def costs(measurements: list[BlockMeasurement], objective: str) -> np.ndarray:  
 def plan_budget(recipe: Recipe, model: nn.Module, blocks: list[MoEBlock], dense: dict[str, nn.Linear],
                 measurements: list[BlockMeasurement], dtype: torch.dtype) -> Plan:
     a, q = recipe.allocation, recipe.quantization
-    formats = list(a.formats)
+    ternary = ternary_experts(blocks, q.group_size)
+    pinned = np.array([t for b in blocks for t in ternary[b.name]], dtype=bool)  # [N]
+    formats = list(measurements[0].formats)  # what pass 1 measured: candidate_formats(...)
     base = Plan.uniform({b.name: b.num_experts for b in blocks}, list(dense), "drop", q.dense_format,
                         group_size=q.group_size, sym=q.sym)
     fixed = sum(predict_bytes(model, blocks, dense, base, dtype).values())  # everything but the routed experts
@@ -61,6 +82,9 @@ def plan_budget(recipe: Recipe, model: nn.Module, blocks: list[MoEBlock], dense:
             f"scope {a.scope!r}, formats {formats}; raise --budget to at least {smallest} bytes or allow smaller "
             "formats (--formats)"))
     cost = costs(measurements, a.objective)
+    if pinned.any():  # already-ternary experts: ternary is their only (and lossless) choice
+        cost[pinned] = np.inf
+        cost[pinned, formats.index("ternary")] = 0.0
     if a.objective == "per_layer":  # MC-MoE: each layer held to its share of the budget, by weight count
         alloc = solve_per_layer(cost, nbytes, capacity, blocks, a.solver, a.rel_gap)
     else:

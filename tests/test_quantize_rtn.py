@@ -100,3 +100,18 @@ def test_keep_rejects_fp16_overflow_and_dispatch_rtn():
         quantize(W, QuantSpec("int4"), method="awq")
     with pytest.raises(ValueError, match="ternary spec"):
         quantize_ternary(W, QuantSpec("int4"))
+
+
+@pytest.mark.parametrize("group_size", [16, 128])
+def test_ternary_is_idempotent_on_ternary_weights(group_size):
+    """A MoTE checkpoint's experts are already ternary; quantizing them again must be lossless
+    (absmean alone would rescale {-s, 0, s} to {-p*s, 0, p*s}), through RTN and GPTQ alike."""
+    from compressor.quantize import gptq_quantize
+
+    torch.manual_seed(0)
+    W = torch.randn(3, 24, 80)
+    spec = QuantSpec("ternary", group_size)
+    T = quantize_ternary(W, spec).dequantize()
+    assert torch.equal(quantize_ternary(T, spec).dequantize(), T)
+    X = torch.randn(200, 80)
+    assert torch.equal(gptq_quantize(T, (X.T @ X).expand(3, 80, 80), spec).qweight.dequantize(), T)

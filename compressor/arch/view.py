@@ -115,6 +115,6 @@ def dense_linears(model: nn.Module, blocks: list[MoEBlock]) -> dict[str, nn.Line
         if owner is None:
             continue
         for name, mod in owner.named_modules():
-            if isinstance(mod, nn.Linear):
+            if isinstance(mod, nn.Linear) and mod.weight.numel() > 0:  # a zero-width shared expert has nothing
                 out[f"{path}.{name}"] = mod
     return out

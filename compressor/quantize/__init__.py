@@ -15,4 +15,4 @@ from .gptq import GPTQResult, gptq_quantize, hessian_error
 from .packing import pack_bits, pack_trits, unpack_bits, unpack_trits
 from .qweight import QuantizedWeight, from_packed, pack, unpack
 from .rtn import quantize_rtn
-from .ternary import quantize_ternary
+from .ternary import is_ternary, quantize_ternary

@@ -6,7 +6,8 @@ w_hat bit for bit.
   int asym  min-max over the group with 0 kept in range, s = (max - min) / maxq,
             z = round(-min / s) in [0, maxq]                               (GPTQ / MC-MoE)
   int sym   s = 2 * absmax / maxq, z = 2^(bits-1) implicit, never stored   (GPTQ's sym grid)
-  ternary   s = mean|w| (absmean, BitNet b1.58 / MoTE), z = 0, q in {-1, 0, 1}
+  ternary   s = mean|w| (absmean, BitNet b1.58 / MoTE), z = 0, q in {-1, 0, 1}; a group already
+            in {-m, 0, m} (a MoTE checkpoint) keeps s = m, so ternary quantization is idempotent
 An all-zero group gets a harmless unit range (as in GPTQ), so s > 0 always.
 """
 import torch
@@ -35,7 +36,10 @@ def find_params(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.T
     """x [..., out, g] (one group of columns) -> scale, zero [..., out], float32, fp16-exact."""
     x = x.float()
     if spec.format == "ternary":
-        s = fp16_round(x.abs().mean(-1))
+        a = x.abs()
+        m = a.amax(-1)  # [..., out]
+        on_grid = ((a == 0) | (a == m[..., None])).all(-1) & (m > 0) & (fp16_round(m) == m)
+        s = torch.where(on_grid, m, fp16_round(a.mean(-1)))  # already {-m, 0, m}: keep it exactly
         return s, torch.zeros_like(s)
     maxq = qrange(spec)[1]
     xmin, xmax = x.amin(-1).clamp(max=0), x.amax(-1).clamp(min=0)  # [..., out]

@@ -1,8 +1,9 @@
 """Ternary experts (MoTE / BitNet b1.58 absmean): w_hat = s * clip(round(w / s), -1, 1), s = mean|w|
 per (row, group). The grid lives in grid.py; GPTQ can also target it (gptq.py)."""
 import torch
+import torch.nn.functional as F
 
-from .formats import QuantSpec
+from .formats import DEFAULT_GROUP_SIZE, QuantSpec, group_size_for
 from .qweight import QuantizedWeight
 from .rtn import quantize_rtn
 
@@ -14,3 +15,20 @@ def quantize_ternary(W: torch.Tensor, spec: QuantSpec = TERNARY) -> QuantizedWei
     if spec.format != "ternary":
         raise ValueError(f"quantize_ternary needs a ternary spec, got {spec.format!r}")
     return quantize_rtn(W, spec)
+
+
+def is_ternary(W: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> torch.Tensor:
+    """W [E, out, in] (or [out, in]) -> BoolTensor [E] (or 0-d): True where every (row, group) holds at
+    most the three values {-s, 0, s}, with s finite and fp16-representable (so packing is lossless).
+    A checkpoint ternarized with group g is ternary for every group size dividing g (and for g itself)."""
+    squeeze = W.dim() == 2
+    W = W[None] if squeeze else W
+    n = W.shape[-1]
+    gs = group_size_for(QuantSpec("ternary", group_size), n)
+    Wp = F.pad(W.float(), (0, (-n) % gs))
+    Wg = Wp.reshape(*Wp.shape[:-1], -1, gs)  # [E, out, G, gs], zero-padded
+    a = Wg.abs()
+    m = a.amax(-1, keepdim=True)  # [E, out, G, 1]
+    ok = ((a == 0) | (a == m)).flatten(1).all(1)
+    ok &= torch.isfinite(m).flatten(1).all(1) & (m.half().float() == m).flatten(1).all(1)
+    return ok[0] if squeeze else ok

@@ -35,6 +35,10 @@ COPIED_CONFIG = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attentio
                  "rope_parameters", "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id")
 
 
+
+class UpcycleError(ValueError):
+    """Bad input to up-cycling; the message names the problem and the fix."""
+
 def mlp_names(dense: nn.Module) -> list[str]:
     return [f"model.layers.{i}.mlp" for i in range(len(dense.model.layers))]
 
@@ -47,18 +51,18 @@ def select_layers(dense: nn.Module, modules: str | None) -> list[int]:
         return list(range(len(names)))
     chosen = [i for i, n in enumerate(names) if re.search(modules, n)]
     if not chosen:
-        raise ValueError(f"--modules {modules!r} matches no MLP; the MLPs are named like {names[0]!r}")
+        raise UpcycleError(f"--modules {modules!r} matches no MLP; the MLPs are named like {names[0]!r}")
     return chosen
 
 
 def _check_dense(dense: nn.Module) -> None:
     c = dense.config
     if c.model_type not in SUPPORTED_DENSE:
-        raise ValueError(f"upcycle supports dense {', '.join(SUPPORTED_DENSE)} models, got {c.model_type!r}")
+        raise UpcycleError(f"upcycle supports dense {', '.join(SUPPORTED_DENSE)} models, got {c.model_type!r}")
     if getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False):
-        raise ValueError("upcycle: attention_bias / mlp_bias models have no bias-free MoE layout to go to")
+        raise UpcycleError("upcycle: attention_bias / mlp_bias models have no bias-free MoE layout to go to")
     if c.head_dim != c.hidden_size // c.num_attention_heads:
-        raise ValueError(f"upcycle: head_dim {c.head_dim} != hidden_size / heads; not supported by the MoE layouts")
+        raise UpcycleError(f"upcycle: head_dim {c.head_dim} != hidden_size / heads; not supported by the MoE layouts")
 
 
 def moe_config(dense_config, experts: int, top_k: int, shared_expert: bool, layers: list[int]):
@@ -91,7 +95,7 @@ def upcycle(dense_model: nn.Module, experts: int = 8, top_k: int | None = None, 
     _check_dense(dense_model)
     top_k = top_k or (1 if shared_expert else 2)
     if not 1 <= top_k <= experts:
-        raise ValueError(f"top_k must be in [1, experts={experts}], got {top_k}")
+        raise UpcycleError(f"top_k must be in [1, experts={experts}], got {top_k}")
     layers = select_layers(dense_model, modules)
     config = moe_config(dense_model.config, experts, top_k, shared_expert, layers)
     moe = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -4,12 +4,11 @@ ternarize      W -> s * clip(round(W / s), -1, 1), s = fp16(mean|W|) per (row, g
                absmean grid (quantize/grid.py), vectorised; equal to quantize_ternary(W).dequantize()
 TernarySTE     a parametrization: the forward sees ternarize(latent), the gradient reaches the latent
                fp weights unchanged (straight-through estimator, BitNet b1.58 / MoTE)
-is_ternary     per expert: is every (row, group) of W already in {-s, 0, s} with an fp16-exact s?
-exact_ternary  a ternary W -> QuantizedWeight that dequantizes to W bit for bit (scale = max|W|)
+is_ternary     (from quantize.ternary) per expert: is every (row, group) already in {-s, 0, s}?
 
-Why exact_ternary: absmean is not idempotent. A ternarized group {-s, 0, s} with a fraction p of
-nonzeros has absmean p*s, so re-running quantize_ternary would rescale it to {-p*s, 0, p*s}. A
-checkpoint whose experts are already ternary must be packed with the group's own s, not re-quantized.
+Absmean alone is not idempotent (a group {-s, 0, s} with a fraction p of nonzeros has absmean p*s);
+the toolkit's ternary grid keeps s for groups already on a ternary grid, so a MoTE checkpoint
+re-packs losslessly through quantize_ternary and GPTQ alike (tests/test_quantize_rtn.py).
 """
 from __future__ import annotations
 
@@ -18,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quantize.formats import DEFAULT_GROUP_SIZE, QuantSpec, group_size_for
-from ..quantize.grid import FP16_TINY, fp16_round
-from ..quantize.qweight import QuantizedWeight
+from ..quantize.grid import fp16_round
+from ..quantize.ternary import is_ternary  # noqa: F401  (re-exported)
 
 
 def _grouped(W: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
@@ -66,29 +65,3 @@ class TernarySTE(nn.Module):
 
     def forward(self, W: torch.Tensor) -> torch.Tensor:
         return _STE.apply(W, self.group_size)
-
-
-def is_ternary(W: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> torch.Tensor:
-    """W [E, out, in] (or [out, in]) -> BoolTensor [E] (or 0-d): True where every (row, group) holds at
-    most the three values {-s, 0, s}, with s finite and fp16-representable (so packing is lossless).
-    A checkpoint ternarized with group g is ternary for every group size dividing g (and for g itself)."""
-    squeeze = W.dim() == 2
-    W = W[None] if squeeze else W
-    Wg, _ = _grouped(W.float(), group_size)  # [E, out, G, gs]
-    a = Wg.abs()
-    m = a.amax(-1, keepdim=True)  # [E, out, G, 1]
-    ok = ((a == 0) | (a == m)).flatten(1).all(1)
-    ok &= torch.isfinite(m).flatten(1).all(1) & (m.half().float() == m).flatten(1).all(1)
-    return ok[0] if squeeze else ok
-
-
-def exact_ternary(W: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> QuantizedWeight:
-    """An already-ternary W [..., out, in] (is_ternary True) -> QuantizedWeight(ternary) with
-    dequantize() == W exactly: codes = sign(W), scale = the group's nonzero magnitude."""
-    if not bool(is_ternary(W.reshape(-1, *W.shape[-2:]), group_size).all()):
-        raise ValueError("exact_ternary needs weights already in {-s, 0, s} per (row, group); use quantize_ternary")
-    Wg, n = _grouped(W.float(), group_size)
-    s = Wg.abs().amax(-1)  # [..., out, G]
-    s = torch.where(s == 0, torch.full_like(s, FP16_TINY), s)  # an all-zero group: harmless unit-free scale
-    codes = torch.sign(W.float()).to(torch.int8)
-    return QuantizedWeight(QuantSpec("ternary", group_size), codes, s.half())

@@ -25,6 +25,8 @@ from tqdm.auto import tqdm
 
 STATE = "state.json"
 
+from .build import UpcycleError
+
 
 @dataclass
 class TrainResult:
@@ -73,7 +75,7 @@ class RouterTap:
 def batch_at(ids: torch.Tensor, step: int, batch_size: int, seq_len: int, seed: int) -> torch.Tensor:
     """[batch_size, seq_len + 1] windows at offsets drawn from (seed, step) only."""
     if ids.numel() < seq_len + 2:
-        raise ValueError(f"training text has {ids.numel()} tokens, fewer than seq_len + 2 = {seq_len + 2}")
+        raise UpcycleError(f"training text has {ids.numel()} tokens, fewer than seq_len + 2 = {seq_len + 2}")
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
     starts = torch.randint(0, ids.numel() - seq_len - 1, (batch_size,), generator=gen)
     return torch.stack([ids[s:s + seq_len + 1] for s in starts.tolist()])
@@ -147,7 +149,7 @@ def train(model: nn.Module, text_ids: torch.Tensor, steps: int, lr: float = 1e-4
     if last is not None:
         state = load_checkpoint(last, model, opt)
         if state["seed"] != seed:
-            raise ValueError(f"{last} was trained with seed {state['seed']}, not {seed}; pass the same seed or resume=False")
+            raise UpcycleError(f"{last} was trained with seed {state['seed']}, not {seed}; pass the same seed or resume=False")
     start = state["step"]
     tap = RouterTap(model)
     model.train()
