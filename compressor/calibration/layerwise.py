@@ -23,39 +23,63 @@ class LayerInputs:
     kwargs: list[dict[str, Any]]  # the decoder layer's keyword arguments for that mini-batch
 
 
-class _Captured(Exception):
+@dataclass
+class Captured:
+    hidden: list[torch.Tensor]  # the first decoder layer's input, one [b, L, H] per mini-batch
+    layer_kwargs: list[list[dict[str, Any]]]  # [layer][mini-batch]: each layer's own keyword arguments
+
+    def inputs(self, layer: int, hidden: list[torch.Tensor] | None = None) -> LayerInputs:
+        return LayerInputs(self.hidden if hidden is None else hidden, self.layer_kwargs[layer])
+
+
+class _Stop(Exception):
     pass
 
 
 @torch.no_grad()
-def capture_first_layer(model: nn.Module, windows: torch.Tensor, batch_size: int) -> LayerInputs:
-    """Run the embeddings on every mini-batch and stop at the first decoder layer's input."""
-    first = decoder_layers(model)[0]
-    got = LayerInputs([], [])
+def capture(model: nn.Module, windows: torch.Tensor, batch_size: int) -> Captured:
+    """The first layer's input for every mini-batch, and every layer's keyword arguments.
 
-    def grab(_module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        got.hidden.append(hidden.float())
-        got.kwargs.append({k: _to_float(v) for k, v in kwargs.items() if k != "hidden_states"})
-        raise _Captured
+    Layers may differ in their arguments (GPT-OSS alternates sliding and full attention masks), and
+    the arguments depend only on the batch shape: one full forward per distinct shape records them
+    for every layer; the other mini-batches stop at the first layer."""
+    layers = decoder_layers(model)
+    by_shape: dict[tuple, list[dict[str, Any]]] = {}
+    hidden, shapes, memo = [], [], {}
+    for batch in windows.split(batch_size):
+        shape = tuple(batch.shape)
+        record = shape not in by_shape
+        recorded: list[dict[str, Any]] = []
 
-    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for batch in windows.split(batch_size):
-            try:
-                model(input_ids=batch, use_cache=False)
-            except _Captured:
-                pass
-    finally:
-        handle.remove()
-    return got
+        def grab(module, args, kwargs):
+            if module is layers[0]:
+                hidden.append((args[0] if args else kwargs["hidden_states"]).float())
+            if not record:
+                raise _Stop
+            recorded.append({k: _to_float(v, memo) for k, v in kwargs.items() if k != "hidden_states"})
+
+        handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in layers]
+        try:
+            model(input_ids=batch, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        if record:
+            by_shape[shape] = recorded
+        shapes.append(shape)
+    return Captured(hidden, [[by_shape[s][i] for s in shapes] for i in range(len(layers))])
 
 
-def _to_float(v: Any) -> Any:
+def _to_float(v: Any, memo: dict[int, Any]) -> Any:
+    """Floating tensors to fp32, each converted once (layers share masks and rotary tables)."""
     if isinstance(v, torch.Tensor) and v.is_floating_point():
-        return v.float()
+        if id(v) not in memo:
+            memo[id(v)] = (v, v.float())  # keep v alive so its id is not reused
+        return memo[id(v)][1]
     if isinstance(v, tuple):
-        return tuple(_to_float(x) for x in v)
+        return tuple(_to_float(x, memo) for x in v)
     return v
 
 
@@ -75,11 +99,13 @@ OnLayer = Callable[[int, nn.Module, LayerInputs], None]
 def layerwise(model: nn.Module, windows: torch.Tensor, on_layer: OnLayer, batch_size: int = 8, desc: str = "layers"):
     """Call `on_layer(i, layer, inputs)` for each decoder layer in order, the layer in fp32; then
     propagate the inputs through the layer as `on_layer` left it. Returns the final hidden states."""
-    inputs = capture_first_layer(model, windows, batch_size)
+    captured = capture(model, windows, batch_size)
+    hidden = captured.hidden
     for i, layer in enumerate(tqdm(decoder_layers(model), desc=desc, unit="layer")):
         dtype = next(layer.parameters()).dtype
         layer.float()
+        inputs = captured.inputs(i, hidden)
         on_layer(i, layer, inputs)
-        inputs = run_layer(layer, inputs)
+        hidden = run_layer(layer, inputs).hidden
         layer.to(dtype)
-    return inputs
+    return hidden
