@@ -70,6 +70,7 @@ class _Layer:
         self.collected = Collected()
         self.signal: torch.Tensor | None = None  # [B, S] set by the norm hooks of this forward
         self.attention: torch.Tensor | None = None  # [B, S] attention received (importance "attention")
+        self.router_logits: torch.Tensor | None = None  # [T, E] from the router of this forward
         self.params = expert_params(b)
         self.shared_params = shared_params(b)
 
@@ -98,6 +99,8 @@ class PruneHandle:
         if not isinstance(experts, Experts):
             _override_forward(b, experts)
             self._forwards.append(experts)
+        self._hooks.append(b.router.register_forward_hook(
+            lambda m, args, out, layer=layer: setattr(layer, "router_logits", _logits(out))))
         self._hooks.append(experts.register_forward_pre_hook(
             lambda m, args, kwargs, layer=layer: self._pre_hook(layer, m, args, kwargs), with_kwargs=True))
         importance = self.rule.importance if self.rule else "residual_norm"
@@ -183,7 +186,7 @@ class PruneHandle:
         signal, protected = self._protected(layer, hidden, T)
         E = self.blocks[layer.idx].num_experts
         valid = (idx >= 0) & (idx < E)
-        wf = w.detach().float()
+        wf = _scores(self.blocks[layer.idx], layer, idx, valid, w)
         w1, top = wf.masked_fill(~valid, float("-inf")).max(dim=-1)
         ratio = wf / w1.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
         droppable = valid.clone()
@@ -269,6 +272,24 @@ def observe(model: nn.Module, blocks) -> PruneHandle:
     """Collect mode: record routing-weight ratios and importance signals, prune nothing."""
     check_prunable(blocks)
     return PruneHandle(model, blocks, None, collect=True)
+
+
+def _logits(out) -> torch.Tensor | None:
+    t = out[0] if isinstance(out, tuple) else out
+    return t.detach() if isinstance(t, torch.Tensor) and t.dim() == 2 else None
+
+
+def _scores(b, layer: _Layer, idx: torch.Tensor, valid: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """[T, k] the strength of each selected expert that the rule compares: the router's probability
+    (softmax or sigmoid of its logits) of that expert. For softmax top-k routers its ratios equal the
+    top-k weights' ratios; PhiMoE's sparsemixer weights are ~1 for both experts and carry no preference.
+    Falls back to the top-k weights when the router's logits were not seen."""
+    logits = layer.router_logits
+    layer.router_logits = None
+    if logits is None or logits.shape[0] != idx.shape[0]:
+        return w.detach().float()
+    probs = b.router_probs(logits)
+    return probs.gather(1, idx.clamp(0, probs.shape[1] - 1)).masked_fill(~valid, 0.0)
 
 
 def _decoder_layer_of(model: nn.Module, i: int):

@@ -2,7 +2,10 @@
 
 For each token and MoE layer with top-k >= 2: a selected expert j other than the token's top expert
 is dropped when its routing weight is small against the top one, w_j < beta_l * w_1, unless the
-token is important. A dropped slot's index becomes -1, which our experts modules skip (no compute).
+token is important. w is the router's probability of the selected expert (softmax, or sigmoid for
+DeepSeek-V3): for softmax top-k routers its ratios are exactly the top-k weights' ratios; PhiMoE's
+sparsemixer weights are ~1 for both experts and would make the rule blind. A dropped slot's index
+becomes -1, which our experts modules skip (no compute).
 
 Token importance works with SDPA attention (no attention maps):
     residual_norm  L2 norm of the residual stream entering the MoE block (the input of
