@@ -295,7 +295,7 @@ def test_default_model_reduction_within_target():
 
 def test_saved_rule_reloads_through_config(models):
     """What compress writes (quantization_config["pruning"]) and load applies: same logits, same stats."""
-    from compressor.prune import apply_saved, attached, config_entry, detach
+    from compressor.prune import activation_line, apply_saved, attached, config_entry, detach
 
     model = models["qwen2_moe"]
     blocks = find_moe_blocks(model)
@@ -308,10 +308,12 @@ def test_saved_rule_reloads_through_config(models):
         model.config.quantization_config = saved
         try:
             assert apply_saved(model, enabled=False) is None and attached(model) is None
+            assert "turned off (--no-dynamic-pruning)" in activation_line(model)
             h = apply_saved(model)
             assert attached(model) is h
             torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=0, atol=0)
             assert h.stats()["reduction"] > 0.1
+            assert "measured vs" in activation_line(model)
         finally:
             detach(model)
             del model.config.quantization_config

@@ -9,8 +9,8 @@
 
 from .calibrate import ALLOCATIONS, DEFAULT_RENORMALIZE, calibrate, collect
 from .hooks import PruneHandle, apply, expert_params
-from .integration import CONFIG_KEY, apply_saved, attach, attached, config_entry, detach, saved_rule
+from .integration import CONFIG_KEY, activation_line, apply_saved, attach, attached, config_entry, detach, saved_rule
 from .rule import IMPORTANCE_SIGNALS, NothingToPrune, PruningRule, check_prunable, fixed_rule
 
-__all__ = ["CONFIG_KEY", "apply_saved", "attach", "attached", "config_entry", "detach", "saved_rule", "ALLOCATIONS", "DEFAULT_RENORMALIZE", "IMPORTANCE_SIGNALS", "NothingToPrune", "PruneHandle", "PruningRule",
+__all__ = ["CONFIG_KEY", "activation_line", "apply_saved", "attach", "attached", "config_entry", "detach", "saved_rule", "ALLOCATIONS", "DEFAULT_RENORMALIZE", "IMPORTANCE_SIGNALS", "NothingToPrune", "PruneHandle", "PruningRule",
            "apply", "calibrate", "check_prunable", "collect", "expert_params", "fixed_rule"]

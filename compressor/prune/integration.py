@@ -51,3 +51,19 @@ def apply_saved(model: nn.Module, enabled: bool = True) -> PruneHandle | None:
     if rule is None or not enabled:
         return None
     return attach(model, rule)
+
+
+def activation_line(model: nn.Module) -> str:
+    """The `eval` line: activated routed-expert parameters per token, measured with the attached rule
+    against the unpruned count; without a rule (none saved, or --no-dynamic-pruning), the unpruned count."""
+    from .hooks import expert_params
+
+    handle = attached(model)
+    if handle is not None:
+        return handle.format_stats()
+    blocks = find_moe_blocks(model)
+    full = sum(b.top_k * expert_params(b) for b in blocks)
+    why = "no rule saved" if saved_rule(model) is None else "turned off (--no-dynamic-pruning)"
+    if all(b.top_k < 2 for b in blocks):
+        why = "top-1 routing, nothing to prune"
+    return f"activated expert parameters per token: {full:,} (dynamic pruning {why})"
