@@ -85,6 +85,8 @@ def _eval_parser(sub) -> None:
     p.add_argument("--tasks", help="comma-separated lm-eval tasks (local task files)")
     p.add_argument("--limit", type=int, help="examples per task")
     p.add_argument("--output-path", help="write lm-eval results JSON here")
+    p.add_argument("--no-dynamic-pruning", dest="dynamic_pruning", action="store_false",
+                   help="ignore the dynamic-pruning rule saved with a compressed model")
 
 
 def _upcycle_parser(sub) -> None:
@@ -130,10 +132,14 @@ def _run_tasks(args: argparse.Namespace) -> None:
     from compressor.io.models import load_model, load_tokenizer
     from evals.lm_eval_runner import format_table, run_tasks  # the optional eval extra
 
+    from compressor.prune import activation_line
+
     model_dir = model_or_default(args.model)
-    results = run_tasks(load_model(model_dir), load_tokenizer(model_dir), args.tasks.split(","), args.limit,
-                        args.batch_size, args.output_path)
+    model = load_model(model_dir, dynamic_pruning=args.dynamic_pruning)
+    results = run_tasks(model, load_tokenizer(model_dir), args.tasks.split(","), args.limit, args.batch_size,
+                        args.output_path)
     print(format_table(results))
+    print(activation_line(model))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,10 +168,12 @@ def main(argv: list[str] | None = None) -> int:
             if not args.ppl and not args.tasks:
                 parser.error("eval needs --ppl FILE and/or --tasks LIST")
             if args.ppl:
-                r = api.evaluate_perplexity(args.model, Path(args.ppl), args.seq_len, args.batch_size)
+                r = api.evaluate_perplexity(args.model, Path(args.ppl), args.seq_len, args.batch_size,
+                                            args.dynamic_pruning)
                 print(f"perplexity: {r['perplexity']:.4f}  ({r['tokens']} tokens, {r['seconds']:.1f} s)")
                 print(f"model tensors in memory: {r['resident_bytes']:,} bytes; in the checkpoint: "
                       f"{r['checkpoint_bytes']:,} bytes (unquantized tensors are held in float32 for the CPU)")
+                print(r["activation"])
             if args.tasks:
                 _run_tasks(args)
         elif args.command == "upcycle":

@@ -18,6 +18,7 @@ from .assets import CALIB_TEXT, DEFAULT_MODEL_DIR
 from .calibration.data import calibration_windows, eval_windows, read_text, tokenize
 from .calibration.layerwise import layerwise
 from .config import Recipe, dump_recipe
+from . import prune
 from .io import checkpoint as ckpt
 from .io.accounting import bytes_by_component, predict_bytes, unique_state
 from .io.report import build_report, format_report
@@ -91,6 +92,8 @@ def plan_synthetic(recipe: Recipe, config: dict, seed: int = 0) -> Plan:
     device, synthetic statistics (compressor.measure.synthetic_measurements). A planning check only."""
     model = meta_model(config)
     blocks = find_moe_blocks(model)
+    if recipe.pruning.target is not None:
+        prune.check_prunable(blocks)  # top-1 routing: say so before the long work
     dense = dense_linears(model, blocks)
     dtype = DTYPES[recipe.dtype]
     measurements = synthetic_measurements(blocks, list(recipe.allocation.formats), seed)
@@ -131,6 +134,8 @@ def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = 
     model = load_model(model_dir, _load_dtype(model_dir), trust_remote_code)
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     blocks = find_moe_blocks(model)
+    if recipe.pruning.target is not None:
+        prune.check_prunable(blocks)  # top-1 routing: say so before the long work
     dense = dense_linears(model, blocks)
     dtype = DTYPES[recipe.dtype]
     original = {k: v.numel() * (dtype.itemsize if v.is_floating_point() else v.element_size())
@@ -154,11 +159,13 @@ def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = 
     try:
         qpass = QuantizePass(model, blocks, dense, plan, recipe)
         layerwise(model, windows, qpass, desc="quantize")
-        written = ckpt.save_compressed(model, tmp, dtype, ckpt.quantization_config(model, plan.group_size, plan.sym),
-                                       MAX_SHARD_BYTES)
+        rule = calibrate_pruning(recipe, model, windows, log)
+        qconfig = ckpt.quantization_config(model, plan.group_size, plan.sym, prune.config_entry(rule))
+        written = ckpt.save_compressed(model, tmp, dtype, qconfig, MAX_SHARD_BYTES)
         if written != plan.predicted_bytes:
             raise AssertionError(f"internal error: wrote {written} bytes, plan predicted {plan.predicted_bytes}")
         report = build_report(model_dir, original, predicted, blocks, dense, plan, qpass.reports, time.time() - t0)
+        report["dynamic_pruning"] = rule.to_dict() if rule else None
         _write_sidecars(tmp, tokenizer, plan, recipe, report)
         ckpt.commit_output(tmp, out_dir)
     except BaseException:
@@ -167,6 +174,17 @@ def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = 
     log(format_report(report))
     log(f"wrote {out_dir}")
     return out_dir
+
+
+def calibrate_pruning(recipe: Recipe, model: nn.Module, windows: torch.Tensor, log=print):
+    """Online dynamic pruning thresholds for the compressed model, on the calibration windows."""
+    p = recipe.pruning
+    if p.target is None:
+        return None
+    rule = prune.calibrate(model, find_moe_blocks(model), windows, p.target, protect=p.protect,
+                           renormalize=p.renormalize, layerwise=True)
+    log(rule.describe())
+    return rule
 
 
 def _write_sidecars(directory: Path, tokenizer, plan: Plan, recipe: Recipe, report: dict) -> None:
@@ -198,11 +216,13 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int, batch_size: in
     return {"perplexity": math.exp(nll / count), "tokens": count, "seconds": time.time() - t0}
 
 
-def evaluate_perplexity(model_dir: Path | None, text: Path, seq_len: int = 512, batch_size: int = 4) -> dict:
+def evaluate_perplexity(model_dir: Path | None, text: Path, seq_len: int = 512, batch_size: int = 4,
+                        dynamic_pruning: bool = True) -> dict:
     model_dir = model_or_default(model_dir)
-    model = load_model(model_dir)
+    model = load_model(model_dir, dynamic_pruning=dynamic_pruning)
     tokenizer = load_tokenizer(model_dir)
     result = perplexity(model, tokenize(tokenizer, read_text(text)), seq_len, batch_size)
+    result["activation"] = prune.activation_line(model)
     result["resident_bytes"] = sum(t.nbytes for t in unique_state(model).values())
     result["checkpoint_bytes"] = sum(t.nbytes for t in ckpt.read_tensors(model_dir).values())
     return result

@@ -7,6 +7,7 @@ from .calibration.stats import NonFiniteActivations
 from .config.loader import RecipeError
 from .io.checkpoint import OutputExists
 from .io.models import ModelDirError
+from .prune.rule import NothingToPrune
 from .upcycle.build import UpcycleError
 
 USER_ERRORS = (
@@ -18,4 +19,5 @@ USER_ERRORS = (
     ModelDirError,
     FileNotFoundError,
     UpcycleError,
+    NothingToPrune,
 )

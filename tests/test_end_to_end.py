@@ -131,3 +131,19 @@ def test_weighted_calibration_gives_every_expert_a_hessian(tiny_dirs, tmp_path):
     a, b = (load_model(outs[m]) for m in ("routed", "weighted"))
     ids = torch.randint(0, 300, (1, 16))
     assert not torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)
+
+
+def test_dynamic_pruning_rule_is_saved_applied_on_load_and_can_be_turned_off(tiny_dirs, tmp_path, capsys):
+    import cli
+
+    src = tiny_dirs["mixtral"]
+    out = api.compress(_recipe(src, tmp_path / "o", **{"pruning.target": 0.3}), log=lambda *_: None)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert set(qc["pruning"]["betas"]) == {b.name for b in find_moe_blocks(load_model(src))}
+    ids = torch.randint(0, 300, (2, 24))
+    pruned, full = load_model(out)(input_ids=ids).logits, load_model(out, dynamic_pruning=False)(input_ids=ids).logits
+    assert not torch.equal(pruned, full)
+    assert cli.main(["eval", str(out), "--ppl", str(src / "heldout.txt"), "--seq-len", "32"]) == 0
+    assert "measured" in capsys.readouterr().out
+    assert cli.main(["eval", str(out), "--ppl", str(src / "heldout.txt"), "--seq-len", "32", "--no-dynamic-pruning"]) == 0
+    assert "turned off" in capsys.readouterr().out

@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..allocation.budget import parse_budget
+from ..prune.calibrate import DEFAULT_RENORMALIZE
+from ..prune.rule import DEFAULT_PROTECT
 
 FormatName = Literal["keep", "int8", "int4", "int3", "int2", "ternary", "drop"]
 BITS_TO_FORMAT = {16: "keep", 8: "int8", 4: "int4", 3: "int3", 2: "int2"}
@@ -74,6 +76,8 @@ class Allocation(Section):
 
 class Pruning(Section):
     target: float | None = Field(None, ge=0, lt=1, description="fraction of activated expert parameters to skip")
+    protect: float = Field(DEFAULT_PROTECT, ge=0, lt=1, description="share of most important tokens never pruned")
+    renormalize: bool = Field(DEFAULT_RENORMALIZE, description="renormalise the kept routing weights (measured worse)")
 
 
 class Recipe(Section):

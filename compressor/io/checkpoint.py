@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .. import __version__
+from .. import __version__, prune
 from ..arch.view import find_moe_blocks
 from ..quantize.formats import QuantSpec
 from ..runtime.experts import PackedExperts, PackedLinear, PackedMatrix
@@ -114,7 +114,7 @@ def save_compressed(model: nn.Module, tmp: Path, dtype: torch.dtype, qconfig: di
     return nbytes
 
 
-def load_compressed(model_dir: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_compressed(model_dir: Path, dtype: torch.dtype = torch.float32, dynamic_pruning: bool = True) -> nn.Module:
     """Rebuild the architecture on the meta device, swap in packed modules of the recorded formats,
     and load the tensors: experts stay packed in memory and are dequantized per expert in the forward."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -151,6 +151,7 @@ def load_compressed(model_dir: Path, dtype: torch.dtype = torch.float32) -> nn.M
         raise ModelDirError(f"{model_dir}: checkpoint does not match its config (missing {missing[:5]}, "
                             f"unexpected {unexpected[:5]}); was it written by another version?")
     model.config.quantization_config = qc
+    prune.apply_saved(model, enabled=dynamic_pruning)
     return model.eval()
 
 

@@ -46,8 +46,10 @@ def _check_weights(model_dir: Path) -> None:
     raise ModelDirError(f"{model_dir} has no *.safetensors weights")
 
 
-def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
-    """Any supported model: an original transformers checkpoint, or one this project compressed."""
+def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+               dynamic_pruning: bool = True) -> nn.Module:
+    """Any supported model: an original transformers checkpoint, or one this project compressed (with
+    its saved dynamic-pruning rule applied unless `dynamic_pruning` is False)."""
     from transformers import AutoModelForCausalLM
 
     model_dir = Path(model_dir)
@@ -56,7 +58,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, trust_
     if is_compressed(model_dir):
         from .checkpoint import load_compressed
 
-        return load_compressed(model_dir, dtype)
+        return load_compressed(model_dir, dtype, dynamic_pruning)
     _check_weights(model_dir)
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code

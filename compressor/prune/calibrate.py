@@ -20,13 +20,12 @@ tokens and per-layer drop counts, dropped slots chosen at random (drop_prob_l = 
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
 
 from .hooks import PruneHandle
-from .rule import PruningRule, check_prunable
+from .rule import DEFAULT_PROTECT, PruningRule, check_prunable
 
 ALLOCATIONS = ("uniform", "global")
 NEVER = 3.0e38  # a threshold no signal reaches (JSON has no infinity)
@@ -54,7 +53,7 @@ def collect(model: nn.Module, blocks, windows: torch.Tensor, importance: str = "
     return handle
 
 
-def calibrate(model: nn.Module, blocks, windows: torch.Tensor, target: float, protect: float = 0.02,
+def calibrate(model: nn.Module, blocks, windows: torch.Tensor, target: float, protect: float = DEFAULT_PROTECT,
               importance: str = "residual_norm", renormalize: bool = DEFAULT_RENORMALIZE,
               allocation: str = "uniform", method: str = "ratio", batch_size: int = 8, seed: int = 0,
               collected: PruneHandle | None = None, layerwise: bool = False) -> PruningRule:

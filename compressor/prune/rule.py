@@ -46,6 +46,8 @@ def check_prunable(blocks) -> None:
             "nothing to prune (run without --dynamic-pruning)")
 
 
+DEFAULT_PROTECT = 0.02  # MC-MoE: the top 2% most important tokens are never pruned
+
 @dataclass
 class PruningRule:
     """Per-layer thresholds keyed by the MoE block name (`MoEBlock.name`, e.g. model.layers.3.mlp.experts).
@@ -57,7 +59,7 @@ class PruningRule:
     """
 
     betas: dict[str, float] = field(default_factory=dict)
-    protect: float = 0.02
+    protect: float = DEFAULT_PROTECT
     importance: str = "residual_norm"
     thresholds: dict[str, float] | None = None
     renormalize: bool = False
@@ -133,7 +135,7 @@ def _short(name: str) -> str:
     return f"L{parts[2]}" if len(parts) > 2 and parts[1] == "layers" else name
 
 
-def fixed_rule(blocks, beta: float, protect: float = 0.02, importance: str = "residual_norm",
+def fixed_rule(blocks, beta: float, protect: float = DEFAULT_PROTECT, importance: str = "residual_norm",
                thresholds: dict[str, float] | None = None, renormalize: bool = False) -> PruningRule:
     """MC-MoE's baseline: one hand-set beta for every layer (no calibration). Without `thresholds`,
     important tokens are the top `protect` fraction of each sequence (MC-MoE's ranking)."""
