@@ -15,7 +15,7 @@ from torch import nn
 from .arch.view import MoEBlock, layers_prefix
 from .calibration.layerwise import LayerInputs, run_layer
 from .io.report import peak_rss_mb
-from .calibration.stats import ExpertStats, LinearHessian, RoutedObserver, WeightedObserver
+from .calibration.stats import ExpertStats, LinearHessian, NonFiniteError, RoutedObserver, WeightedObserver
 from .config.schema import Recipe
 from .plan import Plan
 from .quantize.formats import QuantSpec
@@ -103,6 +103,11 @@ class QuantizePass:
 
     def _quantize_block(self, b: MoEBlock, dense: DenseExperts, stats: ExpertStats, rep: LayerReport) -> None:
         self.stats[b.name] = stats
+        for part, W in (("gate_up", dense.gate_up), ("down", dense.down)):
+            bad = (~torch.isfinite(W).flatten(1).all(1)).nonzero().flatten().tolist()
+            if bad:
+                raise NonFiniteError(f"NaN or inf in the weights of {b.name} expert(s) {bad} ({part}); "
+                                     "the checkpoint is damaged")
         formats = self.plan.experts[b.name]
         E = len(formats)
         H_in, H_mid = stats.hessians()

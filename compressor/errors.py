@@ -3,7 +3,7 @@ The CLI prints these without a traceback; anything else is a bug and keeps its t
 
 from .allocation.lp import InfeasibleBudget
 from .arch.families import UnsupportedArchitecture
-from .calibration.stats import NonFiniteActivations
+from .calibration.stats import NonFiniteError
 from .config.loader import RecipeError
 from .io.checkpoint import OutputExists
 from .io.models import ModelDirError
@@ -13,7 +13,7 @@ from .upcycle.build import UpcycleError
 USER_ERRORS = (
     InfeasibleBudget,
     UnsupportedArchitecture,
-    NonFiniteActivations,
+    NonFiniteError,
     RecipeError,
     OutputExists,
     ModelDirError,

@@ -147,3 +147,14 @@ def test_dynamic_pruning_rule_is_saved_applied_on_load_and_can_be_turned_off(tin
     assert "measured" in capsys.readouterr().out
     assert cli.main(["eval", str(out), "--ppl", str(src / "heldout.txt"), "--seq-len", "32", "--no-dynamic-pruning"]) == 0
     assert "turned off" in capsys.readouterr().out
+
+
+def test_sharded_checkpoint_round_trips(tmp_path):
+    from compressor.io.checkpoint import read_tensors, write_tensors
+
+    tensors = {f"t{i}": torch.randn(100, 7) for i in range(5)} | {"q": torch.randint(0, 255, (33,), dtype=torch.uint8)}
+    nbytes = write_tensors(tensors, tmp_path, max_shard_bytes=3000)
+    assert nbytes == sum(t.nbytes for t in tensors.values())
+    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1 and (tmp_path / "model.safetensors.index.json").exists()
+    back = read_tensors(tmp_path)
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)

@@ -79,3 +79,18 @@ def test_nan_activations_name_layer(src, tmp_path, capsys):
     code, err = run(capsys, "compress", str(bad), "--output", str(tmp_path / "o"), "--calib", str(bad / "calib.txt"),
                     "--samples", "2", "--seq-len", "32")
     assert code == 2 and "NaN or inf" in err and "layer 1" in err
+
+
+def test_nan_weights_name_the_expert(src, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    bad = tmp_path / "nanw"
+    model = AutoModelForCausalLM.from_pretrained(src)
+    with torch.no_grad():
+        model.model.layers[0].mlp.experts.down_proj[2, 0, 0] = float("inf")
+    model.save_pretrained(bad)
+    for f in ("tokenizer.json", "tokenizer_config.json", "calib.txt"):
+        (bad / f).write_bytes((src / f).read_bytes())
+    code, err = run(capsys, "compress", str(bad), "--output", str(tmp_path / "o"), "--calib", str(bad / "calib.txt"),
+                    "--samples", "2", "--seq-len", "32")
+    assert code == 2 and "model.layers.0.mlp.experts expert(s) [2] (down)" in err

@@ -9,13 +9,13 @@ import torch
 from torch import nn
 
 
-class NonFiniteActivations(ValueError):
+class NonFiniteError(ValueError):
     pass
 
 
 def check_finite(t: torch.Tensor, where: str) -> None:
     if not torch.isfinite(t).all():
-        raise NonFiniteActivations(
+        raise NonFiniteError(
             f"NaN or inf in the activations of {where}; check the model weights and the calibration text, "
             "or run the model in float32"
         )
