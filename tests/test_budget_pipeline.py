@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from safetensors import safe_open
 
 from compressor import api
 from compressor.allocation.lp import InfeasibleBudget
@@ -14,7 +13,7 @@ from compressor.config import Recipe, apply_overrides
 from compressor.io.accounting import expert_matrix_bytes
 from compressor.io.models import load_model
 from compressor.arch.view import find_moe_blocks
-from tiny import save_tiny
+from tiny import file_tensor_bytes, save_tiny
 
 QUIET = dict(log=lambda *_: None)
 
@@ -31,20 +30,12 @@ def recipe(src, out, **over) -> Recipe:
     return apply_overrides(Recipe(), {**base, **over})
 
 
-def tensor_bytes(directory) -> int:
-    total = 0
-    for f in directory.glob("*.safetensors"):
-        with safe_open(f, "pt") as st:
-            total += sum(st.get_tensor(k).nbytes for k in st.keys())
-    return total
-
-
 def test_model_budget_fits_to_the_byte(src, tmp_path):
     uniform4 = api.compress(recipe(src, tmp_path / "u4", **{"quantization.bits": 4}), **QUIET)
-    budget = tensor_bytes(uniform4) - 4000  # some experts must go below int4, not all
+    budget = file_tensor_bytes(uniform4) - 4000  # some experts must go below int4, not all
     out = api.compress(recipe(src, tmp_path / "b", **{"allocation.budget": f"{budget}B"}), **QUIET)
     plan = json.loads((out / "plan.json").read_text())
-    assert tensor_bytes(out) == plan["predicted_bytes"] <= budget == plan["budget_bytes"]
+    assert file_tensor_bytes(out) == plan["predicted_bytes"] <= budget == plan["budget_bytes"]
     assert plan["allocation"]["status"].startswith("optimal")
     assert len({f for fs in plan["experts"].values() for f in fs}) > 1, "a mixed plan, not uniform"
 

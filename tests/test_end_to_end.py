@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from compressor import api
 from compressor.arch.families import SUPPORTED_MODEL_TYPES
@@ -16,7 +15,7 @@ from compressor.arch.view import find_moe_blocks
 from compressor.config import Recipe, apply_overrides
 from compressor.io.models import load_model
 from compressor.runtime.experts import DenseExperts, PackedExperts
-from tiny import save_tiny
+from tiny import file_tensor_bytes, save_tiny
 
 
 def _recipe(model_dir, out, **over) -> Recipe:
@@ -24,14 +23,6 @@ def _recipe(model_dir, out, **over) -> Recipe:
             "calibration.text": str(model_dir / "calib.txt"), "calibration.samples": 6, "calibration.seq_len": 48}
     base.update(over)
     return apply_overrides(Recipe(), base)
-
-
-def _file_tensor_bytes(directory) -> int:
-    total = 0
-    for f in directory.glob("*.safetensors"):
-        with safe_open(f, "pt") as st:
-            total += sum(st.get_tensor(k).nbytes for k in st.keys())
-    return total
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +35,7 @@ def test_family_compress_reload_forward(model_type, tiny_dirs, tmp_path):
     src = tiny_dirs[model_type]
     out = api.compress(_recipe(src, tmp_path / "out", **{"quantization.bits": 3}), log=lambda *_: None)
     plan = json.loads((out / "plan.json").read_text())
-    assert _file_tensor_bytes(out) == plan["predicted_bytes"]
+    assert file_tensor_bytes(out) == plan["predicted_bytes"]
 
     model = load_model(out)
     blocks = find_moe_blocks(model)

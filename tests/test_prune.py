@@ -37,15 +37,6 @@ def _pack(model) -> None:
                                                               None if d_b is None else d_b.detach()))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is 10-100x faster than two when the cores are shared with other jobs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def models():
     out = {f: tiny_model(f) for f in FAMILIES}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from compressor.quantize import QuantSpec, quantize_ternary
-from compressor.upcycle import (bake_ternary, is_ternary, shared_output, ternarize, train, upcycle,
+from compressor.upcycle import (is_ternary, shared_output, ternarize, train, upcycle,
                                 upcycle_cli)
 from compressor.upcycle.build import ternary_experts
 from compressor.upcycle.train import latest_checkpoint
@@ -28,15 +28,6 @@ def tiny_llama(seed: int = 0, layers: int = 2):
 def repeated_ids(n: int = 2000, period: int = 37, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, V, (period,), generator=g).repeat(n // period + 1)[:n]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is ~10x faster than oversubscribed threads on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

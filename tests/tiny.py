@@ -74,3 +74,14 @@ def save_tiny(model_type: str, directory: Path, dtype=torch.float16) -> Path:
     (directory / "calib.txt").write_text(tiny_text(6000, seed=1))
     (directory / "heldout.txt").write_text(tiny_text(3000, seed=2))
     return directory
+
+
+def file_tensor_bytes(directory: Path) -> int:
+    """Tensor bytes of every safetensors file in `directory`, read with safetensors itself (not our reader)."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in Path(directory).glob("*.safetensors"):
+        with safe_open(f, "pt") as st:
+            total += sum(st.get_tensor(k).nbytes for k in st.keys())
+    return total
