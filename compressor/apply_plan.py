@@ -103,40 +103,43 @@ class QuantizePass:
 
     def _quantize_block(self, b: MoEBlock, dense: DenseExperts, stats: ExpertStats, rep: LayerReport) -> None:
         self.stats[b.name] = stats
-        for part, W in (("gate_up", dense.gate_up), ("down", dense.down)):
-            bad = (~torch.isfinite(W).flatten(1).all(1)).nonzero().flatten().tolist()
-            if bad:
-                raise NonFiniteError(f"NaN or inf in the weights of {b.name} expert(s) {bad} ({part}); "
-                                     "the checkpoint is damaged")
+        _check_weights(b.name, dense)
         formats = self.plan.experts[b.name]
-        E = len(formats)
+        with_h = self._hessian_experts(b.name, formats, stats, rep)
         H_in, H_mid = stats.hessians()
-        enough = stats.mass >= max(self.recipe.calibration.min_tokens, 1e-6)
-        qs: dict[str, list[QuantizedWeight | None]] = {"gate_up": [None] * E, "down": [None] * E}
-        for fmt in sorted(set(formats)):
-            spec = self._spec(fmt)
-            idx = [e for e in range(E) if formats[e] == fmt]
-            use_h = [e for e in idx if self._gptq() and bool(enough[e]) and fmt not in NO_HESSIAN_FORMATS]
-            for e in idx:
-                if self._gptq() and e not in use_h and fmt not in NO_HESSIAN_FORMATS:
-                    rep.fallbacks.append(f"{b.name}.{e}: {int(stats.count[e])} routed tokens < "
-                                         f"min_tokens {self.recipe.calibration.min_tokens}: RTN")
-            for part, W, H in (("gate_up", dense.gate_up, H_in), ("down", dense.down, H_mid)):
-                for sel, with_h in ((use_h, True), ([e for e in idx if e not in use_h], False)):
-                    if not sel:
-                        continue
-                    where = f"{b.name}.{part} experts {sel}"
-                    qw, damp = quantize_matrices(W[sel], H[sel] if with_h else None, spec, self.recipe, where)
-                    for k, e in enumerate(sel):
-                        qs[part][e] = qw.select(k)
-                        _log_damping(rep, f"{b.name}.{e}.{part}", damp, k, self.recipe.quantization.damp)
+        gate_up = self._quantize_part(f"{b.name}.gate_up", dense.gate_up, H_in, formats, with_h, rep)
+        down = self._quantize_part(f"{b.name}.down", dense.down, H_mid, formats, with_h, rep)
         _, I2, H = dense.gate_up.shape
         I = dense.down.shape[-1]
-        pairs = [(PackedMatrix.from_quantized(qs["gate_up"][e], I2, H), PackedMatrix.from_quantized(qs["down"][e], H, I))
-                 for e in range(E)]
-        packed = PackedExperts(pairs, dense.apply_gate, (dense.gate_up_bias, dense.down_bias))
-        b.block.experts = b.experts = packed
+        pairs = [(PackedMatrix.from_quantized(gu, I2, H), PackedMatrix.from_quantized(d, H, I)) for gu, d in zip(gate_up, down)]
+        b.block.experts = b.experts = PackedExperts(pairs, dense.apply_gate, (dense.gate_up_bias, dense.down_bias))
         rep.experts[b.name] = {"tokens": stats.count.tolist(), "formats": formats}
+
+    def _hessian_experts(self, name: str, formats: list[str], stats: ExpertStats, rep: LayerReport) -> list[bool]:
+        """Which experts GPTQ quantizes with their Hessian; the others (too few tokens) fall back to RTN, logged."""
+        if not self._gptq():
+            return [False] * len(formats)
+        min_tokens = self.recipe.calibration.min_tokens
+        enough = (stats.mass >= max(min_tokens, 1e-6)).tolist()
+        for e, (fmt, ok) in enumerate(zip(formats, enough)):
+            if not ok and fmt not in NO_HESSIAN_FORMATS:
+                rep.fallbacks.append(f"{name}.{e}: {int(stats.count[e])} routed tokens < min_tokens {min_tokens}: RTN")
+        return enough
+
+    def _quantize_part(self, where: str, W: torch.Tensor, H: torch.Tensor, formats: list[str], with_h: list[bool],
+                       rep: LayerReport) -> list[QuantizedWeight]:
+        """W [E, out, in] -> one QuantizedWeight per expert, batched over experts sharing format and method."""
+        groups: dict[tuple[str, bool], list[int]] = {}
+        for e, key in enumerate(zip(formats, with_h)):
+            groups.setdefault(key, []).append(e)
+        out: list[QuantizedWeight | None] = [None] * len(formats)
+        for (fmt, use_h), sel in groups.items():
+            qw, damp = quantize_matrices(W[sel], H[sel] if use_h else None, self._spec(fmt), self.recipe,
+                                         f"{where} experts {sel}")
+            for k, e in enumerate(sel):
+                out[e] = qw.select(k)
+                _log_damping(rep, f"{where} expert {e}", damp, k, self.recipe.quantization.damp)
+        return out
 
     def _quantize_linear(self, name: str, lin: nn.Linear, H: torch.Tensor | None, rep: LayerReport) -> None:
         spec = self._spec(self.plan.dense[name])
@@ -150,6 +153,12 @@ class QuantizePass:
 def _count_tokens(stats: ExpertStats, args) -> None:
     stats.total_tokens += args[0].shape[0]
 
+
+def _check_weights(name: str, dense: DenseExperts) -> None:
+    for part, W in (("gate_up", dense.gate_up), ("down", dense.down)):
+        bad = (~torch.isfinite(W).flatten(1).all(1)).nonzero().flatten().tolist()
+        if bad:
+            raise NonFiniteError(f"NaN or inf in the weights of {name} expert(s) {bad} ({part}); the checkpoint is damaged")
 
 
 def _log_damping(rep: LayerReport, where: str, damp: torch.Tensor | None, k: int, requested: float) -> None:
