@@ -12,21 +12,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import prune
 from .apply_plan import QuantizePass
+from .arch.families import family_for
 from .arch.view import dense_linears, find_moe_blocks
 from .assets import CALIB_TEXT, DEFAULT_MODEL_DIR
 from .calibration.data import calibration_windows, eval_windows, read_text, tokenize
 from .calibration.layerwise import layerwise
 from .config import Recipe, dump_recipe
-from . import prune
 from .io import checkpoint as ckpt
 from .io.accounting import bytes_by_component, predict_bytes, unique_state
-from .io.report import build_report, format_report
-from .arch.families import family_for
-from .measure import MeasurePass, synthetic_measurements
-from .planning import candidate_formats, plan_budget, ternary_experts
 from .io.models import load_model, load_tokenizer, read_config
+from .io.report import build_report, format_report
+from .measure import MeasurePass, synthetic_measurements
 from .plan import Plan
+from .planning import candidate_formats, plan_budget, ternary_experts
 from .runtime.experts import PackedExperts
 
 MAX_SHARD_BYTES = 4 * 2**30
@@ -49,7 +49,8 @@ def default_output(recipe: Recipe) -> Path:
 
 def _load_dtype(model_dir: Path) -> torch.dtype:
     """Hold the model in its 16-bit checkpoint dtype; each layer is raised to fp32 while it is worked on."""
-    name = str(read_config(model_dir).get("dtype") or read_config(model_dir).get("torch_dtype") or "float32")
+    config = read_config(model_dir)
+    name = str(config.get("dtype") or config.get("torch_dtype") or "float32")
     return DTYPES.get(name, torch.float32)
 
 
