@@ -70,7 +70,16 @@ def evaluate(model_dir: Path, max_tokens: int, seq_len: int) -> dict:
     return out
 
 
-def run(suite: str, model_dir: Path, max_tokens: int, seq_len: int, samples: int) -> list[dict]:
+def task_accuracy(model_dir: Path, tasks: list[str], limit: int | None) -> dict:
+    """lm-eval accuracy (acc) per local task, on the model as the project loads it."""
+    from evals.lm_eval_runner import run_tasks
+
+    results = run_tasks(load_model(model_dir), load_tokenizer(model_dir), tasks, limit=limit, batch_size=16)
+    return {task: round(r.get("acc,none", float("nan")), 4) for task, r in results["results"].items()}
+
+
+def run(suite: str, model_dir: Path, max_tokens: int, seq_len: int, samples: int, tasks: list[str],
+        limit: int | None) -> dict:
     runs = ROOT / "runs" / suite / model_dir.name
     results_path = RESULTS / f"{suite}_{model_dir.name}.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
@@ -92,24 +101,29 @@ def run(suite: str, model_dir: Path, max_tokens: int, seq_len: int, samples: int
             report = json.loads((directory / "report.json").read_text())
             secs, total, ebytes = report["seconds"], report["total_compressed"], expert_bytes(directory)
         ppl = evaluate(directory, max_tokens, seq_len)
+        acc = task_accuracy(directory, tasks, limit) if tasks else {}
         results[name] = {"total_bytes": total, "expert_bytes": ebytes, "compress_seconds": secs, "perplexity": ppl,
-                         "eval_seconds": round(time.time() - t0 - secs, 1), "settings": overrides}
+                         "accuracy": acc, "eval_seconds": round(time.time() - t0 - secs, 1), "settings": overrides}
         RESULTS.mkdir(exist_ok=True)
         results_path.write_text(json.dumps(results, indent=1))
         print(f"{name}: {ppl}  ({total:,} bytes)")
-    (RESULTS / f"{suite}_{model_dir.name}.md").write_text(markdown(results, max_tokens, seq_len))
+    (RESULTS / f"{suite}_{model_dir.name}.md").write_text(markdown(results, max_tokens, seq_len, limit))
     plot(results, RESULTS / f"{suite}_{model_dir.name}.png")
     return results
 
 
-def markdown(results: dict, max_tokens: int, seq_len: int) -> str:
+def markdown(results: dict, max_tokens: int, seq_len: int, limit: int | None) -> str:
     texts = list(HELDOUT_TEXTS)
-    head = "| variant | total bytes | expert bytes | " + " | ".join(f"ppl {t}" for t in texts) + " | compress s |"
-    lines = [head, "|" + "---|" * (4 + len(texts))]
+    tasks = sorted({t for r in results.values() for t in r.get("accuracy", {})})
+    cols = ["variant", "total bytes", "expert bytes"] + [f"ppl {t}" for t in texts] + [f"acc {t}" for t in tasks]
+    lines = ["| " + " | ".join(cols + ["compress s"]) + " |", "|" + "---|" * (len(cols) + 1)]
     for name, r in results.items():
-        ppl = " | ".join(f"{r['perplexity'][t]:.2f}" for t in texts)
-        lines.append(f"| {name} | {r['total_bytes']:,} | {r['expert_bytes']:,} | {ppl} | {r['compress_seconds']} |")
-    lines.append(f"\nPerplexity over the first {max_tokens} tokens of each held-out text, windows of {seq_len}.")
+        cells = [name, f"{r['total_bytes']:,}", f"{r['expert_bytes']:,}"]
+        cells += [f"{r['perplexity'][t]:.2f}" for t in texts]
+        cells += [f"{r.get('accuracy', {}).get(t, float('nan')):.3f}" for t in tasks]
+        lines.append("| " + " | ".join(cells + [str(r["compress_seconds"])]) + " |")
+    lines.append(f"\nPerplexity over the first {max_tokens} tokens of each held-out text, windows of {seq_len}."
+                 + (f" Task accuracy on the first {limit} examples of each task." if tasks else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -140,9 +154,11 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=32768)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--samples", type=int, default=128)
+    p.add_argument("--tasks", default="", help="comma-separated local lm-eval tasks, e.g. piqa,arc_easy")
+    p.add_argument("--limit", type=int, default=None, help="examples per task")
     a = p.parse_args()
     torch.manual_seed(0)
-    run(a.suite, a.model, a.max_tokens, a.seq_len, a.samples)
+    run(a.suite, a.model, a.max_tokens, a.seq_len, a.samples, [t for t in a.tasks.split(",") if t], a.limit)
 
 
 if __name__ == "__main__":
