@@ -2,7 +2,7 @@
 
 Suites
   quant   full precision, RTN and GPTQ at 8, 4, 3, 2 bits (uniform, group 128): the foundation table.
-  budget  at expert budgets equal to uniform int2 / int3 sizes and one between: uniform RTN, uniform
+  budget  at expert budgets equal to uniform int2 / int3 sizes: uniform RTN, uniform
           GPTQ, frequency-only LP, MC-MoE per-layer LP and the global LP (all GPTQ-applied).
 
 Each variant is compressed into evals/runs/<suite>/<model>/<variant>/ (kept, so an interrupted run resumes
@@ -39,9 +39,9 @@ def quant_suite() -> dict[str, dict]:
 
 
 def budget_suite() -> dict[str, dict]:
-    """Expert-scope budgets at the exact size of uniform int2 (2.25 bits at group 128), int3 (3.25) and between."""
+    """Expert-scope budgets at the exact size of uniform int2 (2.25 bits at group 128) and int3 (3.25)."""
     out = {}
-    for bits, uniform in ((2.25, 2), (2.75, None), (3.25, 3)):
+    for bits, uniform in ((2.25, 2), (3.25, 3)):
         tag = f"{bits}b"
         if uniform:
             for method in ("rtn", "gptq"):
