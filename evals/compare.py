@@ -43,10 +43,9 @@ def budget_suite() -> dict[str, dict]:
     out = {}
     for bits, uniform in ((2.25, 2), (3.25, 3)):
         tag = f"{bits}b"
-        if uniform:
-            for method in ("rtn", "gptq"):
-                out[f"{tag}-uniform-{method}"] = {"quantization.method": method, "quantization.bits": uniform,
-                                                  "quantization.dense_bits": 16}
+        for method in ("rtn", "gptq"):
+            out[f"{tag}-uniform-{method}"] = {"quantization.method": method, "quantization.bits": uniform,
+                                              "quantization.dense_bits": 16}
         for objective in ("frequency", "per_layer", "global"):
             out[f"{tag}-{objective}"] = {"allocation.budget": f"{bits}bits", "allocation.scope": "experts",
                                          "allocation.objective": objective, "quantization.dense_bits": 16,
