@@ -126,16 +126,10 @@ class _maybe:
 def pack_int4(model) -> None:
     """RTN int4 (group 128) packed experts in memory: the compressed-model forward path."""
     from compressor.quantize.formats import QuantSpec
-    from compressor.quantize.rtn import quantize_rtn
-    from compressor.runtime.experts import PackedExperts, PackedMatrix
+    from compressor.runtime.experts import PackedExperts
 
-    spec = QuantSpec("int4", group_size=128, sym=False)
     for b in find_moe_blocks(model):
-        gu, d = b.gate_up().detach().float(), b.down().detach().float()
-        pairs = [(PackedMatrix.from_quantized(quantize_rtn(gu[e:e + 1], spec).select(0), *gu.shape[1:]),
-                  PackedMatrix.from_quantized(quantize_rtn(d[e:e + 1], spec).select(0), *d.shape[1:]))
-                 for e in range(gu.shape[0])]
-        b.block.experts = PackedExperts(pairs, b.apply_gate)
+        b.block.experts = PackedExperts.rtn(b, QuantSpec("int4", group_size=128, sym=False))
 
 
 def protected_overlap(col_a, col_b, protect: float) -> dict:

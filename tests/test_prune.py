@@ -12,8 +12,7 @@ import torch
 from compressor.arch.view import find_moe_blocks
 from compressor.prune import NothingToPrune, PruningRule, apply, calibrate, collect, fixed_rule
 from compressor.quantize.formats import QuantSpec
-from compressor.quantize.rtn import quantize_rtn
-from compressor.runtime.experts import Experts, PackedExperts, PackedMatrix
+from compressor.runtime.experts import Experts, PackedExperts
 from tiny import tiny_model
 
 FAMILIES = ["mixtral", "qwen2_moe", "gpt_oss"]
@@ -26,15 +25,8 @@ def _ids(seed: int, n: int = 8) -> torch.Tensor:
 
 def _pack(model) -> None:
     """Swap every MoE block's experts for 8-bit packed experts (what a compressed model holds)."""
-    spec = QuantSpec("int8", group_size=32, sym=False)
     for b in find_moe_blocks(model):
-        gu, d = b.gate_up().detach().float(), b.down().detach().float()
-        pairs = [(PackedMatrix.from_quantized(quantize_rtn(gu[e:e + 1], spec).select(0), *gu.shape[1:]),
-                  PackedMatrix.from_quantized(quantize_rtn(d[e:e + 1], spec).select(0), *d.shape[1:]))
-                 for e in range(gu.shape[0])]
-        gu_b, d_b = b.biases()
-        b.block.experts = PackedExperts(pairs, b.apply_gate, (None if gu_b is None else gu_b.detach(),
-                                                              None if d_b is None else d_b.detach()))
+        b.block.experts = PackedExperts.rtn(b, QuantSpec("int8", group_size=32, sym=False))
 
 
 @pytest.fixture(scope="module")

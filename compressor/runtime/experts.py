@@ -126,6 +126,19 @@ class PackedExperts(Experts):
             self.add_module(str(e), pair)
         self.set_biases(*biases)
 
+    @classmethod
+    def rtn(cls, view, spec: QuantSpec) -> "PackedExperts":
+        """Every expert of a block (a compressor.arch.view.MoEBlock) packed round-to-nearest in one format:
+        baselines and tests of the packed forward."""
+        from ..quantize.rtn import quantize_rtn
+
+        dense = DenseExperts.from_view(view)
+        (E, I2, H), I = dense.gate_up.shape, dense.down.shape[-1]
+        gu, d = quantize_rtn(dense.gate_up, spec), quantize_rtn(dense.down, spec)
+        pairs = [(PackedMatrix.from_quantized(gu.select(e), I2, H), PackedMatrix.from_quantized(d.select(e), H, I))
+                 for e in range(E)]
+        return cls(pairs, dense.apply_gate, (dense.gate_up_bias, dense.down_bias))
+
     def expert_weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         pair = getattr(self, str(e))
         return pair.gate_up.weight(), pair.down.weight()
