@@ -77,7 +77,7 @@ class Allocation(Section):
 class Pruning(Section):
     target: float | None = Field(None, ge=0, lt=1, description="fraction of activated expert parameters to skip")
     protect: float = Field(DEFAULT_PROTECT, ge=0, lt=1, description="share of most important tokens never pruned")
-    renormalize: bool = Field(DEFAULT_RENORMALIZE, description="renormalise the kept routing weights (measured worse)")
+    renormalize: bool = Field(DEFAULT_RENORMALIZE, description="renormalise the kept routing weights (measured better on the default model)")
 
 
 class Recipe(Section):
