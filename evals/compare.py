@@ -39,7 +39,8 @@ def quant_suite() -> dict[str, dict]:
 
 
 def budget_suite() -> dict[str, dict]:
-    """Expert-scope budgets at the exact size of uniform int2 (2.25 bits at group 128) and int3 (3.25)."""
+    """Expert-scope budgets at the exact size of uniform int2 (2.25 bits at group 128) and int3 (3.25). The LP
+    may also use ternary (1.625 bits with scales), so at the int2 size it can still trade between experts."""
     out = {}
     for bits, uniform in ((2.25, 2), (3.25, 3)):
         tag = f"{bits}b"
@@ -49,7 +50,7 @@ def budget_suite() -> dict[str, dict]:
         for objective in ("frequency", "per_layer", "global"):
             out[f"{tag}-{objective}"] = {"allocation.budget": f"{bits}bits", "allocation.scope": "experts",
                                          "allocation.objective": objective, "quantization.dense_bits": 16,
-                                         "allocation.formats": ["keep", "int8", "int4", "int3", "int2"]}
+                                         "allocation.formats": ["keep", "int8", "int4", "int3", "int2", "ternary"]}
     return out
 
 
