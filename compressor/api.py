@@ -159,7 +159,7 @@ def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = 
     tmp = ckpt.prepare_output(out_dir, model_dir, overwrite)
     try:
         qpass = QuantizePass(model, blocks, dense, plan, recipe)
-        layerwise(model, windows, qpass, desc="quantize")
+        layerwise(model, windows if qpass.needs_data() else None, qpass, desc="quantize")
         rule = calibrate_pruning(recipe, model, windows, log)
         qconfig = ckpt.quantization_config(model, plan.group_size, plan.sym, prune.config_entry(rule))
         written = ckpt.save_compressed(model, tmp, dtype, qconfig, MAX_SHARD_BYTES)

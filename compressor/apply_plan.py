@@ -68,14 +68,19 @@ class QuantizePass:
     def _gptq(self) -> bool:
         return self.recipe.quantization.method == "gptq"
 
-    def __call__(self, i: int, layer: nn.Module, inputs: LayerInputs) -> None:
+    def needs_data(self) -> bool:
+        """Only GPTQ uses calibration statistics; RTN, ternary, keep and drop need no forward pass."""
+        return self._gptq()
+
+    def __call__(self, i: int, layer: nn.Module, inputs: LayerInputs | None) -> None:
         t0, rep = time.time(), LayerReport(i)
         blocks = [b for b in self.blocks if b.layer_idx == i]
         prefix = f"{layers_prefix(self.model)}.{i}."
         linears = {n: m for n, m in self.dense.items() if n.startswith(prefix)}
         observed = [self._observe(b) for b in blocks]
         hessians = {n: LinearHessian(m, n) for n, m in linears.items()} if self._gptq() else {}
-        run_layer(layer, inputs)
+        if inputs is not None:
+            run_layer(layer, inputs)
         for b, (dense, stats, handles) in zip(blocks, observed):
             for h in handles:
                 h.remove()

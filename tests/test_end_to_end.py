@@ -149,3 +149,21 @@ def test_sharded_checkpoint_round_trips(tmp_path):
     assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1 and (tmp_path / "model.safetensors.index.json").exists()
     back = read_tensors(tmp_path)
     assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
+
+
+def test_rtn_needs_no_calibration_and_equals_quantize_rtn(tiny_dirs, tmp_path):
+    """RTN runs no forward pass, and each packed expert is exactly quantize_rtn of the original weights."""
+    from compressor.quantize import QuantSpec, quantize_rtn
+
+    src = tiny_dirs["mixtral"]
+    out = api.compress(_recipe(src, tmp_path / "o", **{"quantization.method": "rtn", "quantization.bits": 4}),
+                       log=lambda *_: None)
+    original = find_moe_blocks(load_model(src))
+    packed = find_moe_blocks(load_model(out))
+    spec = QuantSpec("int4", 32, False)
+    for a, b in zip(original, packed):
+        want = quantize_rtn(a.gate_up().float(), spec).dequantize()
+        for e in range(a.num_experts):
+            assert torch.equal(b.block.experts.expert_weights(e)[0], want[e])
+    assert all(t == 0 for layer in json.loads((out / "report.json").read_text())["layers"]
+               for blk in layer["experts"].values() for t in blk["tokens"])

@@ -96,16 +96,19 @@ OnLayer = Callable[[int, nn.Module, LayerInputs], None]
 
 
 @torch.no_grad()
-def layerwise(model: nn.Module, windows: torch.Tensor, on_layer: OnLayer, batch_size: int = 8, desc: str = "layers"):
+def layerwise(model: nn.Module, windows: torch.Tensor | None, on_layer: OnLayer, batch_size: int = 8,
+              desc: str = "layers"):
     """Call `on_layer(i, layer, inputs)` for each decoder layer in order, the layer in fp32; then
-    propagate the inputs through the layer as `on_layer` left it. Returns the final hidden states."""
-    captured = capture(model, windows, batch_size)
-    hidden = captured.hidden
+    propagate the inputs through the layer as `on_layer` left it. Returns the final hidden states.
+    With `windows` None nothing runs through the model: `on_layer` gets inputs None (RTN needs no data)."""
+    captured = capture(model, windows, batch_size) if windows is not None else None
+    hidden = captured.hidden if captured else None
     for i, layer in enumerate(tqdm(decoder_layers(model), desc=desc, unit="layer")):
         dtype = next(layer.parameters()).dtype
         layer.float()
-        inputs = captured.inputs(i, hidden)
+        inputs = captured.inputs(i, hidden) if captured else None
         on_layer(i, layer, inputs)
-        hidden = run_layer(layer, inputs).hidden
+        if inputs is not None:
+            hidden = run_layer(layer, inputs).hidden
         layer.to(dtype)
     return hidden
