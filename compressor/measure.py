@@ -63,7 +63,10 @@ class MeasurePass:
         self.blocks, self.formats, self.group_size, self.sym = blocks, formats, group_size, sym
         self.results: list[BlockMeasurement] = []
 
-    def __call__(self, i: int, layer: nn.Module, inputs: LayerInputs) -> None:
+    def __call__(self, i: int, layer: nn.Module, inputs: LayerInputs) -> LayerInputs | None:
+        """Measures the layer's MoE block; returns the layer's outputs (the model is unchanged, so they
+        are what the next layer sees and need not be computed again)."""
+        outputs = None
         for b in [b for b in self.blocks if b.layer_idx == i]:
             original = b.block.experts
             dense = DenseExperts.from_view(b)
@@ -82,7 +85,7 @@ class MeasurePass:
             handle = dense.register_forward_hook(on_output)
             b.block.experts = dense
             try:
-                run_layer(layer, inputs)
+                outputs = run_layer(layer, inputs)
             finally:
                 handle.remove()
                 b.block.experts = original
@@ -91,6 +94,7 @@ class MeasurePass:
                     hessian_error(dense.down[None], cand_d, H_mid[None])).T  # [E, F]
             self.results.append(BlockMeasurement(b.name, i, list(self.formats), stats.count, stats.weight_sum,
                                                  stats.total_tokens, eps_sq, hess, energy[0]))
+        return outputs
 
 
 FORMAT_BITS = {"keep": 16.0, "int8": 8.0, "int4": 4.0, "int3": 3.0, "int2": 2.0, "ternary": 1.58, "drop": 0.0}

@@ -92,7 +92,7 @@ def run_layer(layer: nn.Module, inputs: LayerInputs) -> LayerInputs:
     return LayerInputs(outs, inputs.kwargs)
 
 
-OnLayer = Callable[[int, nn.Module, LayerInputs], None]
+OnLayer = Callable[[int, nn.Module, LayerInputs | None], LayerInputs | None]
 
 
 @torch.no_grad()
@@ -107,8 +107,8 @@ def layerwise(model: nn.Module, windows: torch.Tensor | None, on_layer: OnLayer,
         dtype = next(layer.parameters()).dtype
         layer.float()
         inputs = captured.inputs(i, hidden) if captured else None
-        on_layer(i, layer, inputs)
+        outputs = on_layer(i, layer, inputs)  # a callback that leaves the layer unchanged may return its outputs
         if inputs is not None:
-            hidden = run_layer(layer, inputs).hidden
+            hidden = (outputs or run_layer(layer, inputs)).hidden
         layer.to(dtype)
     return hidden
