@@ -7,5 +7,6 @@ command   upcycle_cli                                             load -> upcycl
 """
 from .build import bake_ternary, moe_config, shared_output, ternary_experts, upcycle
 from .command import checkpoint_dir_for, upcycle_cli
-from .ternary import TernarySTE, is_ternary, ternarize
+from ..quantize.ternary import is_ternary
+from .ternary import TernarySTE, ternarize
 from .train import TrainResult, balance_loss, train

@@ -10,7 +10,7 @@ import torch
 
 from ..quantize.formats import DEFAULT_GROUP_SIZE
 from .build import bake_ternary, ternary_experts, upcycle
-from .ternary import is_ternary
+from ..quantize.ternary import is_ternary
 from .train import train
 
 UPCYCLE_JSON = "upcycle.json"

@@ -18,7 +18,6 @@ from torch import nn
 
 from ..quantize.formats import DEFAULT_GROUP_SIZE, QuantSpec, group_size_for
 from ..quantize.grid import fp16_round
-from ..quantize.ternary import is_ternary  # noqa: F401  (re-exported)
 
 
 def _grouped(W: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
