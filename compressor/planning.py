@@ -9,6 +9,8 @@ Objectives (cost[i, f] of giving expert i format f; all minimise the summed cost
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 from torch import nn
@@ -76,15 +78,16 @@ def plan_budget(recipe: Recipe, model: nn.Module, blocks: list[MoEBlock], dense:
     capacity = budget_bytes - (fixed if a.scope == "model" else 0)
     nbytes = np.array([[expert_matrix_bytes(b, f, q.group_size, q.sym) for f in formats]
                        for b in blocks for _ in range(b.num_experts)], dtype=np.int64)
-    smallest = int(nbytes.min(axis=1).sum()) + (fixed if a.scope == "model" else 0)
-    if smallest > budget_bytes:
-        raise InfeasibleBudget(smallest, budget_bytes, detail=(
-            f"scope {a.scope!r}, formats {formats}; raise --budget to at least {smallest} bytes or allow smaller "
-            "formats (--formats)"))
     cost = costs(measurements, a.objective)
     if pinned.any():  # already-ternary experts: ternary is their only (and lossless) choice
         cost[pinned] = np.inf
         cost[pinned, formats.index("ternary")] = 0.0
+    allowed_bytes = np.where(np.isfinite(cost), nbytes, np.iinfo(np.int64).max)
+    smallest = int(allowed_bytes.min(axis=1).sum()) + (fixed if a.scope == "model" else 0)
+    if smallest > budget_bytes:
+        raise InfeasibleBudget(smallest, budget_bytes, detail=(
+            f"scope {a.scope!r}, formats {formats}; raise --budget to at least {smallest} bytes or allow smaller "
+            "formats (--formats)"))
     if a.objective == "per_layer":  # MC-MoE: each layer held to its share of the budget, by weight count
         alloc = solve_per_layer(cost, nbytes, capacity, blocks, a.solver, a.rel_gap)
     else:
@@ -108,15 +111,11 @@ def solve_per_layer(cost: np.ndarray, nbytes: np.ndarray, capacity: int, blocks:
     bounds = np.cumsum([0] + [b.num_experts for b in blocks])
     parts = [solve_allocation(cost[lo:hi], nbytes[lo:hi], int(cap), solver=solver, rel_gap=rel_gap)
              for lo, hi, cap in zip(bounds[:-1], bounds[1:], caps)]
-    total = parts[0]
-    total.choice = np.concatenate([p.choice for p in parts])
-    total.objective = float(sum(p.objective for p in parts))
-    total.total_bytes = int(sum(p.total_bytes for p in parts))
-    total.seconds = float(sum(p.seconds for p in parts))
-    total.gap = float(max(p.gap for p in parts))
-    total.status = "optimal" if all(p.status.startswith("optimal") for p in parts) else "mixed"
-    total.solver = "+".join(sorted({p.solver for p in parts}))
-    return total
+    return dataclasses.replace(
+        parts[0], choice=np.concatenate([p.choice for p in parts]), objective=float(sum(p.objective for p in parts)),
+        total_bytes=int(sum(p.total_bytes for p in parts)), seconds=float(sum(p.seconds for p in parts)),
+        gap=float(max(p.gap for p in parts)), solver="+".join(sorted({p.solver for p in parts})),
+        status="optimal" if all(p.status.startswith("optimal") for p in parts) else "mixed")
 
 
 def analysis_table(measurements: list[BlockMeasurement], blocks: list[MoEBlock], nbytes: np.ndarray,
