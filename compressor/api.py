@@ -22,7 +22,7 @@ from .calibration.layerwise import layerwise
 from .config import Recipe, dump_recipe
 from .io import checkpoint as ckpt
 from .io.accounting import bytes_by_component, predict_bytes, unique_state
-from .io.models import load_model, load_tokenizer, read_config
+from .io.models import ModelDirError, is_compressed, load_model, load_tokenizer, read_config
 from .io.report import build_report, format_report
 from .measure import MeasurePass, synthetic_measurements
 from .plan import Plan
@@ -132,6 +132,9 @@ def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = 
     t0 = time.time()
     model_dir = model_dir_of(recipe)
     out_dir = Path(recipe.output) if recipe.output else default_output(recipe)
+    if is_compressed(model_dir):
+        raise ModelDirError(f"{model_dir} is already compressed by moe-compressor; compress the original model "
+                            "(its path is in the compressed model's recipe.yaml)")
     model = load_model(model_dir, _load_dtype(model_dir), trust_remote_code)
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     blocks = find_moe_blocks(model)

@@ -94,3 +94,24 @@ def test_nan_weights_name_the_expert(src, tmp_path, capsys):
     code, err = run(capsys, "compress", str(bad), "--output", str(tmp_path / "o"), "--calib", str(bad / "calib.txt"),
                     "--samples", "2", "--seq-len", "32")
     assert code == 2 and "model.layers.0.mlp.experts expert(s) [2] (down)" in err
+
+
+def test_compressing_a_compressed_model_is_refused(src, tmp_path, capsys):
+    out = tmp_path / "once"
+    assert cli.main(["compress", str(src), "--output", str(out), "--method", "rtn", "--group-size", "32"]) == 0
+    capsys.readouterr()
+    code, err = run(capsys, "compress", str(out), "--output", str(tmp_path / "twice"))
+    assert code == 2 and "already compressed" in err
+
+
+def test_unfused_experts_are_named():
+    from torch import nn
+
+    from compressor.arch.families import UnsupportedArchitecture
+    from compressor.arch.view import find_moe_blocks
+    from tiny import tiny_model
+
+    model = tiny_model("mixtral")
+    model.model.layers[0].mlp.experts = nn.ModuleList([nn.Linear(4, 4)])
+    with pytest.raises(UnsupportedArchitecture, match="layer 0 stores its experts as ModuleList"):
+        find_moe_blocks(model)

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .families import Family, family_for
+from .families import Family, UnsupportedArchitecture, family_for
 
 
 @dataclass
@@ -83,6 +83,10 @@ def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
         experts = getattr(block, "experts", None)
         if experts is None:
             continue
+        if not hasattr(experts, "gate_up_proj"):
+            raise UnsupportedArchitecture(
+                f"{config.model_type}: layer {i} stores its experts as {type(experts).__name__}, not as fused "
+                "gate_up_proj/down_proj tensors; moe-compressor needs transformers>=5, which fuses them")
         blocks.append(
             MoEBlock(
                 name=f"{prefix}.{i}.{fam.block_attr}.experts",
