@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..runtime.experts import Experts
 from .families import Family, UnsupportedArchitecture, family_for
 
 
@@ -83,7 +84,7 @@ def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
         experts = getattr(block, "experts", None)
         if experts is None:
             continue
-        if not hasattr(experts, "gate_up_proj"):
+        if not (hasattr(experts, "gate_up_proj") or isinstance(experts, Experts)):  # ours: packed or dense
             raise UnsupportedArchitecture(
                 f"{config.model_type}: layer {i} stores its experts as {type(experts).__name__}, not as fused "
                 "gate_up_proj/down_proj tensors; moe-compressor needs transformers>=5, which fuses them")
