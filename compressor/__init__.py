@@ -6,7 +6,7 @@ arch (find experts) -> calibration (per-expert statistics) -> analysis (importan
 -> io (packed checkpoint) -> runtime (load, dequantize per expert, dynamic pruning).
 
 Dependency rule: quantize/, allocation/ and analysis/ import torch/numpy and the core types only,
-never transformers. Only arch/, io/, runtime/, calibration/, api.py and cli.py touch transformers.
+never transformers. Only arch/, io/, upcycle/, api.py and cli.py import transformers.
 """
 
 __version__ = "0.1.0"
