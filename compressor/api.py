@@ -228,7 +228,7 @@ def evaluate_perplexity(model_dir: Path | None, text: Path, seq_len: int = 512, 
     result = perplexity(model, tokenize(tokenizer, read_text(text)), seq_len, batch_size)
     result["activation"] = prune.activation_line(model)
     result["resident_bytes"] = sum(t.nbytes for t in unique_state(model).values())
-    result["checkpoint_bytes"] = sum(t.nbytes for t in ckpt.read_tensors(model_dir).values())
+    result["checkpoint_bytes"] = sum(ckpt.tensor_nbytes(model_dir).values())
     return result
 
 
@@ -240,7 +240,7 @@ def inspect_model(model_dir: Path | None) -> dict:
     qc = getattr(model.config, "quantization_config", None) or {}
     dense_names = list(dense) or list(qc.get("dense", {}))
     if qc:  # the bytes as written
-        sizes = {k: v.nbytes for k, v in ckpt.read_tensors(model_dir).items()}
+        sizes = ckpt.tensor_nbytes(model_dir)
     else:  # an original checkpoint, at its stored dtype
         sizes = {k: v.nbytes for k, v in unique_state(model).items()}
     return {

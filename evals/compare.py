@@ -23,7 +23,7 @@ from compressor import api
 from compressor.assets import DEFAULT_MODEL_DIR, HELDOUT_TEXTS
 from compressor.calibration.data import read_text, tokenize
 from compressor.config import Recipe, apply_overrides
-from compressor.io.checkpoint import read_tensors
+from compressor.io.checkpoint import tensor_nbytes
 from compressor.io.models import load_model, load_tokenizer
 
 ROOT = Path(__file__).resolve().parent
@@ -58,7 +58,7 @@ SUITES = {"quant": quant_suite, "budget": budget_suite}
 
 
 def expert_bytes(directory: Path) -> int:
-    return sum(t.nbytes for k, t in read_tensors(directory).items() if ".experts." in k)
+    return sum(n for k, n in tensor_nbytes(directory).items() if ".experts." in k)
 
 
 def evaluate(model_dir: Path, max_tokens: int, seq_len: int) -> dict:
@@ -90,8 +90,7 @@ def run(suite: str, model_dir: Path, max_tokens: int, seq_len: int, samples: int
         t0 = time.time()
         if name == "fp16":
             directory, secs = model_dir, 0.0
-            total = sum(t.nbytes for t in read_tensors(model_dir).values())
-            ebytes = sum(t.nbytes for k, t in read_tensors(model_dir).items() if ".experts." in k)
+            total, ebytes = sum(tensor_nbytes(model_dir).values()), expert_bytes(model_dir)
         else:
             directory = runs / name
             if not (directory / "report.json").exists():

@@ -167,3 +167,11 @@ def test_rtn_needs_no_calibration_and_equals_quantize_rtn(tiny_dirs, tmp_path):
             assert torch.equal(b.block.experts.expert_weights(e)[0], want[e])
     assert all(t == 0 for layer in json.loads((out / "report.json").read_text())["layers"]
                for blk in layer["experts"].values() for t in blk["tokens"])
+
+
+def test_tensor_nbytes_reads_headers_exactly(tiny_dirs, tmp_path):
+    from compressor.io.checkpoint import tensor_nbytes
+
+    out = api.compress(_recipe(src := tiny_dirs["olmoe"], tmp_path / "o"), log=lambda *_: None)
+    for directory in (src, out):
+        assert sum(tensor_nbytes(directory).values()) == file_tensor_bytes(directory)

@@ -94,14 +94,29 @@ def write_tensors(tensors: dict[str, torch.Tensor], directory: Path, max_shard_b
     return sum(t.nbytes for t in tensors.values())
 
 
-def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+def _weight_files(directory: Path) -> list[Path]:
     index = directory / INDEX
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
-    out = {}
     for f in files:
         if not (directory / f).is_file():
             raise ModelDirError(f"{directory}: missing weight file {f}")
-        out.update(load_file(directory / f))
+    return [directory / f for f in files]
+
+
+def read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in _weight_files(Path(directory)):
+        out.update(load_file(f))
+    return out
+
+
+def tensor_nbytes(directory: Path) -> dict[str, int]:
+    """Bytes of every tensor in a checkpoint, from the safetensors headers alone (nothing is loaded)."""
+    out = {}
+    for f in _weight_files(Path(directory)):
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        out.update({k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"})
     return out
 
 
