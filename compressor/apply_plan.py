@@ -115,8 +115,8 @@ class QuantizePass:
         gate_up = self._quantize_part(f"{b.name}.gate_up", dense.gate_up, H_in, formats, with_h, rep)
         down = self._quantize_part(f"{b.name}.down", dense.down, H_mid, formats, with_h, rep)
         _, I2, H = dense.gate_up.shape
-        I = dense.down.shape[-1]
-        pairs = [(PackedMatrix.from_quantized(gu, I2, H), PackedMatrix.from_quantized(d, H, I)) for gu, d in zip(gate_up, down)]
+        O, I = dense.down.shape[-2:]  # O = H, except for an MLPMoE whose output width differs from its input
+        pairs = [(PackedMatrix.from_quantized(gu, I2, H), PackedMatrix.from_quantized(d, O, I)) for gu, d in zip(gate_up, down)]
         b.block.experts = b.experts = PackedExperts(pairs, dense.apply_gate, (dense.gate_up_bias, dense.down_bias))
         rep.experts[b.name] = {"tokens": stats.count.tolist(), "formats": formats}
 
