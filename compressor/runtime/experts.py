@@ -1,5 +1,6 @@
 """Drop-in experts modules: the same call as every transformers-5 experts module,
-`experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]`.
+`experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]` (or [T, O]: an MoE in place
+of a two-layer MLP whose output width differs from its input, runtime/moe.py).
 
 `DenseExperts` runs canonical fp32 weights (calibration, fake quantization); `PackedExperts` keeps
 each expert packed in its own format and dequantizes it when a token is routed to it. Indices
@@ -35,16 +36,19 @@ class Experts(nn.Module):
     def expert_weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:  # [2I, H], [H, I]
         raise NotImplementedError
 
+    def out_features(self) -> int:  # rows of down: H, or the output width of a non-square MLP
+        raise NotImplementedError
+
     def set_biases(self, gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None) -> None:
         for name, b in (("gate_up_bias", gate_up_bias), ("down_bias", down_bias)):
-            if b is not None:
-                setattr(self, name, b.detach().clone())
+            if b is not None:  # a Parameter (a trainable up-cycled MLPMoE) stays one; a tensor becomes a buffer
+                setattr(self, name, b if isinstance(b, nn.Parameter) else b.detach().clone())
 
     def _bias(self, b: torch.Tensor | None, e: int, dtype: torch.dtype) -> torch.Tensor | None:
         return None if b is None else b[e].to(dtype)
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(hidden)
+        out = hidden.new_zeros(hidden.shape[0], self.out_features())
         valid = (top_k_index >= 0) & (top_k_index < self.num_experts)
         for e in torch.unique(top_k_index[valid]).tolist():
             tok, pos = torch.where(top_k_index == e)
@@ -60,7 +64,8 @@ class Experts(nn.Module):
 
 
 class DenseExperts(Experts):
-    """Canonical dense weights, gate_up [E, 2I, H] and down [E, H, I] (not registered: never saved)."""
+    """Canonical dense weights, gate_up [E, 2I, H] and down [E, H, I]. Tensors are not registered (calibration
+    copies, never saved); nn.Parameters are (the weights of an up-cycled MLPMoE, saved as `gate_up`, `down`)."""
 
     def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, apply_gate, biases=(None, None)):
         super().__init__(gate_up.shape[0], apply_gate)
@@ -76,6 +81,9 @@ class DenseExperts(Experts):
 
     def expert_weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.gate_up[e], self.down[e]
+
+    def out_features(self) -> int:
+        return self.down.shape[-2]
 
 
 class PackedMatrix(nn.Module):
@@ -133,15 +141,18 @@ class PackedExperts(Experts):
         from ..quantize.rtn import quantize_rtn
 
         dense = DenseExperts.from_view(view)
-        (E, I2, H), I = dense.gate_up.shape, dense.down.shape[-1]
+        (E, I2, H), (O, I) = dense.gate_up.shape, dense.down.shape[-2:]
         gu, d = quantize_rtn(dense.gate_up, spec), quantize_rtn(dense.down, spec)
-        pairs = [(PackedMatrix.from_quantized(gu.select(e), I2, H), PackedMatrix.from_quantized(d.select(e), H, I))
+        pairs = [(PackedMatrix.from_quantized(gu.select(e), I2, H), PackedMatrix.from_quantized(d.select(e), O, I))
                  for e in range(E)]
         return cls(pairs, dense.apply_gate, (dense.gate_up_bias, dense.down_bias))
 
     def expert_weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         pair = getattr(self, str(e))
         return pair.gate_up.weight(), pair.down.weight()
+
+    def out_features(self) -> int:
+        return getattr(self, "0").down.out_features
 
     def formats(self) -> list[str]:
         return [getattr(self, str(e)).gate_up.spec.format for e in range(self.num_experts)]
