@@ -32,6 +32,9 @@ FAMILIES: tuple[Family, ...] = (
     Family("gpt_oss", ("gpt_oss",), router_attr="router"),
 )
 
+# Our MLPMoE (runtime/moe.py), up-cycled from a two-layer MLP anywhere in a model of any type: not a model type.
+MLP_MOE = Family("mlp_moe", (), block_attr="", router_attr="router")
+
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for f in FAMILIES for t in f.model_types)
 
 
@@ -45,5 +48,7 @@ def family_for(model_type: str) -> Family:
             return fam
     raise UnsupportedArchitecture(
         f"unsupported architecture {model_type!r}: moe-compressor supports "
-        f"{', '.join(SUPPORTED_MODEL_TYPES)}. Adding one is a new entry in compressor/arch/families.py."
+        f"{', '.join(SUPPORTED_MODEL_TYPES)}. Adding one is a new entry in compressor/arch/families.py. "
+        "A dense model of another architecture (a CLIP vision encoder, a LLaVA) gets MoE blocks it can compress "
+        "with `cli.py upcycle DIR --modules REGEX`."
     )

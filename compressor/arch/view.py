@@ -6,6 +6,8 @@ Canonical layout, whatever the storage: per expert an `[out, in]` matrix, as `nn
                           irrelevant and the module's own `_apply_gate` reads the output as it expects)
     down     [E, H, I]
 Transposed storage (GPT-OSS) is transposed on read and write; nothing is unfused for good.
+An MLPMoE (runtime/moe.py, up-cycled from a two-layer MLP anywhere in a model) has gate_up = fc1 [E, I, H_in],
+down = fc2 [E, H_out, I], and the MLP's activation as its gate; find_moe_blocks finds it wherever it sits.
 """
 
 from __future__ import annotations
@@ -16,14 +18,15 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..runtime.experts import Experts
-from .families import Family, UnsupportedArchitecture, family_for
+from ..runtime.experts import DenseExperts, Experts
+from ..runtime.moe import MLPMoE
+from .families import MLP_MOE, SUPPORTED_MODEL_TYPES, Family, UnsupportedArchitecture, family_for
 
 
 @dataclass
 class MoEBlock:
     name: str  # module path of the experts module, e.g. "model.layers.3.mlp.experts"
-    layer_idx: int
+    layer_idx: int  # decoder layer; for MLPMoE blocks, their position among the model's MLPMoE blocks
     family: Family
     block: nn.Module
     router: nn.Module
@@ -39,20 +42,27 @@ class MoEBlock:
     def transposed(self) -> bool:
         return bool(getattr(self.experts, "is_transposed", False))
 
+    @property
+    def param_names(self) -> tuple[str, str]:
+        """The state-dict names (under `name`) of the gate_up and down weights."""
+        return ("gate_up", "down") if isinstance(self.experts, DenseExperts) else ("gate_up_proj", "down_proj")
+
     def gate_up(self) -> torch.Tensor:  # [E, 2I, H]
-        w = self.experts.gate_up_proj
+        w = getattr(self.experts, self.param_names[0])
         return w.transpose(-1, -2) if self.transposed else w
 
     def down(self) -> torch.Tensor:  # [E, H, I]
-        w = self.experts.down_proj
+        w = getattr(self.experts, self.param_names[1])
         return w.transpose(-1, -2) if self.transposed else w
 
     def biases(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # [E, 2I], [E, H]
+        if isinstance(self.experts, Experts):  # ours
+            return self.experts.gate_up_bias, self.experts.down_bias
         return getattr(self.experts, "gate_up_proj_bias", None), getattr(self.experts, "down_proj_bias", None)
 
     @property
     def apply_gate(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        return self.experts._apply_gate
+        return self.experts.apply_gate if isinstance(self.experts, Experts) else self.experts._apply_gate
 
     def router_probs(self, router_logits: torch.Tensor) -> torch.Tensor:  # [T, E]
         if self.family.router_score == "sigmoid":
@@ -72,10 +82,24 @@ def layers_prefix(model: nn.Module) -> str:
     return "model.layers" if hasattr(model, "model") else "layers"
 
 
+def mlp_moe_blocks(model: nn.Module) -> list[MoEBlock]:
+    """The MLPMoE blocks of any model (a vision tower's, a projector's), in module order."""
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, MLPMoE)]
+    return [MoEBlock(name=f"{n}.experts", layer_idx=k, family=MLP_MOE, block=m, router=m.router, experts=m.experts,
+                     shared=None, top_k=m.top_k) for k, (n, m) in enumerate(found)]
+
+
 def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
     """Every MoE block of a supported model, in layer order. Dense layers (DeepSeek's first layers,
-    Qwen's mlp_only_layers) have no block and are skipped here."""
+    Qwen's mlp_only_layers) have no block and are skipped here. A model holding MLPMoE blocks (up-cycled
+    with `upcycle --modules`) may be of any architecture: its blocks are those."""
     config = model.config
+    own = mlp_moe_blocks(model)
+    if own and config.model_type in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedArchitecture(f"{config.model_type}: a model with both its own MoE layers and up-cycled "
+                                      f"MLP blocks ({own[0].name}, ...) is not supported")
+    if own:
+        return own
     fam = family_for(config.model_type)
     prefix = layers_prefix(model)
     blocks = []
@@ -107,8 +131,11 @@ def find_moe_blocks(model: nn.Module) -> list[MoEBlock]:
 
 def dense_linears(model: nn.Module, blocks: list[MoEBlock]) -> dict[str, nn.Linear]:
     """The dense FFN linears quantized like dense layers: shared experts and the MLPs of dense layers.
-    Attention, embeddings, norms, routers and the LM head stay 16-bit."""
+    Attention, embeddings, norms, routers and the LM head stay 16-bit; so does everything but the experts
+    in a model holding MLPMoE blocks."""
     fam = blocks[0].family
+    if fam is MLP_MOE:
+        return {}
     prefix = layers_prefix(model)
     out: dict[str, nn.Linear] = {}
     for i, layer in enumerate(decoder_layers(model)):

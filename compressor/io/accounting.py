@@ -65,7 +65,7 @@ def bytes_by_component(tensors: dict[str, int], expert_prefixes, dense_prefixes)
 def predict_bytes(model: nn.Module, blocks: list[MoEBlock], dense: dict[str, nn.Linear], plan: Plan,
                   dtype: torch.dtype) -> dict[str, int]:
     """Bytes by tensor name that `plan` will write, from the unquantized model's shapes alone."""
-    expert_params = {f"{b.name}.{p}" for b in blocks for p in ("gate_up_proj", "down_proj")}
+    expert_params = {f"{b.name}.{p}" for b in blocks for p in b.param_names}
     dense_weights = {f"{n}.weight" for n in dense}
     out: dict[str, int] = {}
     for name, t in unique_state(model).items():
@@ -84,6 +84,6 @@ def predict_bytes(model: nn.Module, blocks: list[MoEBlock], dense: dict[str, nn.
 def expert_matrix_bytes(b: MoEBlock, fmt: str, group_size: int, sym: bool) -> int:
     """Bytes of one expert of block `b` in format `fmt` (gate_up + down)."""
     _, I2, H = b.gate_up().shape
-    I = b.down().shape[-1]
+    O, I = b.down().shape[-2:]  # O = H, except for an MLPMoE whose output width differs from its input
     spec = QuantSpec(fmt, group_size, sym)
-    return packed_nbytes(spec, I2, H) + packed_nbytes(spec, H, I)
+    return packed_nbytes(spec, I2, H) + packed_nbytes(spec, O, I)

@@ -5,6 +5,8 @@ Layout of an output directory:
   config.json        the model's config + quantization_config (format of every packed module)
   tokenizer files, plan.json, recipe.yaml, report.json, report.md
 The checkpoint's tensors are the packed model's state dict: `<experts>.<e>.gate_up.qweight`, ...
+An up-cycled model holding MLPMoE blocks (runtime/moe.py) is written the same way, unquantized: its state dict
+as safetensors and config.json with `moe_modules`; `skeleton` rebuilds its structure for either kind.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from .. import __version__, prune
 from ..arch.view import find_moe_blocks
 from ..quantize.formats import QuantSpec
 from ..runtime.experts import PackedExperts, PackedLinear, PackedMatrix
+from ..runtime.moe import CONFIG_KEY as MOE_MODULES, MLPMoE, replace_module, two_layer_mlp
 from .accounting import checkpoint_tensors
-from .models import QUANT_METHOD, ModelDirError
+from .models import QUANT_METHOD, ModelDirError, architecture_class
 
 INDEX = "model.safetensors.index.json"
 
@@ -120,31 +123,69 @@ def tensor_nbytes(directory: Path) -> dict[str, int]:
     return out
 
 
-def save_compressed(model: nn.Module, tmp: Path, dtype: torch.dtype, qconfig: dict, max_shard_bytes: int) -> int:
-    nbytes = write_tensors(checkpoint_tensors(model, dtype), tmp, max_shard_bytes)
+def save_model(model: nn.Module, directory: Path, dtype: torch.dtype, max_shard_bytes: int,
+               extra_config: dict | None = None) -> int:
+    """The model's tensors (packed ones as they are, other floats in `dtype`) and its config.json."""
+    nbytes = write_tensors(checkpoint_tensors(model, dtype), directory, max_shard_bytes)
     cfg = model.config.to_dict()
-    cfg["quantization_config"] = qconfig
+    cfg.update(extra_config or {})
     cfg["dtype"] = str(dtype).removeprefix("torch.")
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
     return nbytes
+
+
+def save_compressed(model: nn.Module, tmp: Path, dtype: torch.dtype, qconfig: dict, max_shard_bytes: int) -> int:
+    return save_model(model, tmp, dtype, max_shard_bytes, {"quantization_config": qconfig})
+
+
+def skeleton(config, dtype: torch.dtype | None = None) -> nn.Module:
+    """The architecture of a transformers config on the meta device: a causal LM of a supported family, or, when
+    the config lists up-cycled modules (`moe_modules`), the class its `architectures` names with those modules
+    replaced by MLPMoE blocks of the recorded experts and top-k. dtype None: the config's."""
+    from transformers import AutoModelForCausalLM
+
+    entry = getattr(config, MOE_MODULES, None)
+    kw = {} if dtype is None else {"dtype": dtype}
+    with torch.device("meta"):
+        if not entry:
+            return AutoModelForCausalLM.from_config(config, **kw)
+        model = architecture_class(config.architectures)._from_config(config, **kw)
+    for name, spec in entry.items():
+        try:
+            mlp = two_layer_mlp(model.get_submodule(name))
+        except AttributeError:
+            mlp = None
+        if mlp is None:
+            raise ModelDirError(f"config.json lists {name!r} under {MOE_MODULES}, but {type(model).__name__} has no "
+                                "two-layer MLP of that name; was the model written by another version?")
+        replace_module(model, name, MLPMoE.like(mlp, spec["experts"], spec["top_k"]))
+    return model
+
+
+def load_upcycled(model_dir: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """An up-cycled model holding MLPMoE blocks (not compressed): skeleton, then its safetensors."""
+    from transformers import AutoConfig
+
+    model = skeleton(AutoConfig.from_pretrained(model_dir), dtype)
+    _load_weights(model, Path(model_dir))
+    return model.eval()
 
 
 def load_compressed(model_dir: Path, dtype: torch.dtype = torch.float32, dynamic_pruning: bool = True) -> nn.Module:
     """Rebuild the architecture on the meta device, swap in packed modules of the recorded formats,
     and load the tensors: experts stay packed in memory and are dequantized per expert in the forward."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir)
     qc = config.quantization_config
     del config.quantization_config
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = skeleton(config, dtype)
     gs, sym = qc["group_size"], qc["sym"]
     for b in find_moe_blocks(model):
         formats = qc["experts"][b.name]
         _, I2, H = b.gate_up().shape
-        I = b.down().shape[-1]
-        pairs = [(PackedMatrix.empty(QuantSpec(f, gs, sym), I2, H), PackedMatrix.empty(QuantSpec(f, gs, sym), H, I))
+        O, I = b.down().shape[-2:]
+        pairs = [(PackedMatrix.empty(QuantSpec(f, gs, sym), I2, H), PackedMatrix.empty(QuantSpec(f, gs, sym), O, I))
                  for f in formats]
         biases = tuple(None if t is None else torch.zeros(t.shape, dtype=dtype) for t in b.biases())
         b.block.experts = PackedExperts(pairs, b.apply_gate, biases)
@@ -154,20 +195,36 @@ def load_compressed(model_dir: Path, dtype: torch.dtype = torch.float32, dynamic
         parent, attr = name.rsplit(".", 1)
         matrix = PackedMatrix.empty(QuantSpec(fmt, gs, sym), lin.out_features, lin.in_features)
         setattr(model.get_submodule(parent), attr, PackedLinear(matrix, bias))
+    _load_weights(model, Path(model_dir))
+    model.config.quantization_config = qc
+    prune.apply_saved(model, enabled=dynamic_pruning)
+    return model.eval()
+
+
+def _load_weights(model: nn.Module, model_dir: Path) -> None:
+    """Materialise a meta-device skeleton and load the checkpoint's tensors into it, exactly."""
     model.to_empty(device="cpu")
-    for m in model.modules():  # non-persistent buffers (rotary inv_freq) are not in the checkpoint
-        if m._non_persistent_buffers_set:
-            model._init_weights(m)
-    tensors = read_tensors(Path(model_dir))
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    init_non_persistent_buffers(model)
+    missing, unexpected = model.load_state_dict(read_tensors(model_dir), strict=False)
     model.tie_weights()
     missing = [k for k in missing if not _is_tied(model, k)]
     if missing or unexpected:
         raise ModelDirError(f"{model_dir}: checkpoint does not match its config (missing {missing[:5]}, "
                             f"unexpected {unexpected[:5]}); was it written by another version?")
-    model.config.quantization_config = qc
-    prune.apply_saved(model, enabled=dynamic_pruning)
-    return model.eval()
+
+
+def init_non_persistent_buffers(model: nn.Module) -> None:
+    """Non-persistent buffers (rotary inv_freq, CLIP's position_ids) are not in a checkpoint: each module holding
+    some is initialised by its innermost transformers model (a LLaVA's vision tower is a model of its own)."""
+    from transformers import PreTrainedModel
+
+    owner = {}
+    for top in (m for m in model.modules() if isinstance(m, PreTrainedModel)):  # outer models first
+        for m in top.modules():
+            if m._non_persistent_buffers_set:
+                owner[m] = top
+    for m, top in owner.items():
+        top._init_weights(m)
 
 
 def _is_tied(model: nn.Module, key: str) -> bool:

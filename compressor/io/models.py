@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..arch.families import family_for
+from ..runtime.moe import CONFIG_KEY as MOE_MODULES
 
 QUANT_METHOD = "moe-compressor"
 
@@ -46,24 +47,58 @@ def _check_weights(model_dir: Path) -> None:
     raise ModelDirError(f"{model_dir} has no *.safetensors weights")
 
 
+def architecture_class(architectures: list[str] | None):
+    """The transformers model class a config.json's `architectures` names, looked up in transformers itself
+    (never remote code): how models of any type holding up-cycled MLPMoE blocks are built."""
+    import transformers
+
+    name = (architectures or [None])[0]
+    cls = getattr(transformers, name, None) if name else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ModelDirError(f"config.json names architecture {name!r}, which is not a model class of transformers "
+                            f"{transformers.__version__}")
+    return cls
+
+
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
                dynamic_pruning: bool = True) -> nn.Module:
-    """Any supported model: an original transformers checkpoint, or one this project compressed (with
-    its saved dynamic-pruning rule applied unless `dynamic_pruning` is False)."""
+    """Any supported model: an original transformers checkpoint, one up-cycled with MLPMoE blocks
+    (`upcycle --modules`, any architecture), or one this project compressed (with its saved
+    dynamic-pruning rule applied unless `dynamic_pruning` is False)."""
     from transformers import AutoModelForCausalLM
 
     model_dir = Path(model_dir)
     config = read_config(model_dir)
-    family_for(config.get("model_type", "<missing model_type>"))  # unsupported -> error listing the supported ones
+    if MOE_MODULES not in config:
+        family_for(config.get("model_type", "<missing model_type>"))  # unsupported -> error listing the supported ones
     if is_compressed(model_dir):
         from .checkpoint import load_compressed
 
         return load_compressed(model_dir, dtype, dynamic_pruning)
     _check_weights(model_dir)
+    if MOE_MODULES in config:
+        from .checkpoint import load_upcycled
+
+        return load_upcycled(model_dir, dtype)
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
     )
     return model.eval()
+
+
+SIDECAR_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
+                 "preprocessor_config.json", "processor_config.json", "chat_template.*", "generation_config.json")
+
+
+def copy_sidecars(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer and processor files of a model directory (the ones present) unchanged: for models
+    whose tokenizer the pipeline never loads (an up-cycled vision tower or LLaVA)."""
+    import shutil
+
+    names = sorted({f.name for pattern in SIDECAR_FILES for f in Path(src).glob(pattern) if f.is_file()})
+    for name in names:
+        shutil.copy2(Path(src) / name, Path(dst) / name)
+    return names
 
 
 def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False):

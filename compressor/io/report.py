@@ -45,7 +45,8 @@ def format_report(r: dict) -> str:
 
 def format_inspect(info: dict) -> str:
     lines = [f"model: {info['model']}", f"architecture: {info['architecture']}",
-             f"layers: {info['layers']} (MoE layers: {len(info['moe_layers'])})",
+             f"layers: {info['layers']} (MoE layers: {len(info['moe_layers'])})" if info["layers"] is not None
+             else f"up-cycled MLP blocks: {len(info['moe_layers'])}",
              f"experts per layer: {info['experts_per_layer']}, top-k: {info['top_k']}, "
              f"shared experts: {'yes' if info['shared_experts'] else 'no'}", "bytes by component:"]
     lines += [f"  {comp:<15} {nb:>14,}" for comp, nb in info["bytes"].items()]
