@@ -90,7 +90,8 @@ def _eval_parser(sub) -> None:
 
 
 def _upcycle_parser(sub) -> None:
-    p = sub.add_parser("upcycle", help="turn a dense Llama-style model into an MoE (CuMo), or a MoTE with --ternary")
+    p = sub.add_parser("upcycle", help="turn a dense Llama-style model into an MoE (CuMo), or a MoTE with --ternary; "
+                                       "in any other model (CLIP vision, LLaVA) up-cycle its two-layer MLPs")
     p.add_argument("model", help="dense model directory")
     p.add_argument("--output", "-o", required=True)
     p.add_argument("--experts", type=int, default=8)
@@ -100,7 +101,9 @@ def _upcycle_parser(sub) -> None:
     p.add_argument("--train-text", help="text file to train on after up-cycling")
     p.add_argument("--steps", type=int, default=0)
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--modules", help="regex over model.layers.<i>.mlp selecting the MLPs to up-cycle")
+    p.add_argument("--modules", help="regex (re.search) over module names selecting the MLPs to up-cycle: "
+                                     "model.layers.<i>.mlp of a Llama; any two-layer MLP elsewhere, e.g. "
+                                     "'encoder\\.layers\\.\\d+\\.mlp' (CLIP) or 'multi_modal_projector' (LLaVA)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--checkpoint-every", type=int, default=50)

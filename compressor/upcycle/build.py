@@ -29,7 +29,8 @@ from torch.nn.utils import parametrize
 from ..quantize.formats import DEFAULT_GROUP_SIZE
 from .ternary import TernarySTE
 
-SUPPORTED_DENSE = ("llama",)
+SUPPORTED_DENSE = ("llama",)  # other architectures: two-layer MLPs anywhere become MLPMoE blocks (modules.py)
+DEFAULT_TOP_K = 2  # CuMo's top-2; MoTE (with a shared expert) routes top-1
 COPIED_CONFIG = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                  "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps", "tie_word_embeddings",
                  "rope_parameters", "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id")
@@ -93,7 +94,7 @@ def upcycle(dense_model: nn.Module, experts: int = 8, top_k: int | None = None, 
     from transformers import AutoModelForCausalLM
 
     _check_dense(dense_model)
-    top_k = top_k or (1 if shared_expert else 2)
+    top_k = top_k or (1 if shared_expert else DEFAULT_TOP_K)
     if not 1 <= top_k <= experts:
         raise UpcycleError(f"top_k must be in [1, experts={experts}], got {top_k}")
     layers = select_layers(dense_model, modules)

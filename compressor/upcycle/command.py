@@ -1,5 +1,7 @@
 """`cli.py upcycle`: load a dense model -> upcycle -> optional training -> save (safetensors + tokenizer),
-written to a temporary directory beside the output and renamed when complete; never into the input."""
+written to a temporary directory beside the output and renamed when complete; never into the input.
+A Llama language model goes to a transformers MoE layout (build.py); a model of any other architecture
+(CLIP vision encoder, LLaVA) gets MLPMoE blocks in place of its two-layer MLPs (modules.py)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ..quantize.formats import DEFAULT_GROUP_SIZE
-from .build import bake_ternary, ternary_experts, upcycle
+from .build import DEFAULT_TOP_K, SUPPORTED_DENSE, UpcycleError, bake_ternary, ternary_experts, upcycle
 from ..quantize.ternary import is_ternary
 from .train import train
 
@@ -40,6 +42,15 @@ def upcycle_cli(dense_dir: str | Path, out_dir: str | Path, experts: int = 8, to
     cfg = read_config(dense_dir)
     save_dtype = getattr(torch, str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"))  # the dense model's
     _check_weights(dense_dir)
+    if cfg.get("model_type") not in SUPPORTED_DENSE:
+        llama_only = [flag for flag, given in (("--ternary", ternary), ("--shared-expert", shared_expert),
+                                               ("--train-text/--steps", train_text or steps),
+                                               ("--freeze-shared", freeze_shared)) if given]
+        if llama_only:
+            raise UpcycleError(f"{', '.join(llama_only)}: for Llama language models only; the two-layer MLPs of a "
+                               f"{cfg.get('model_type')!r} model become plain copies (CuMo), untrained")
+        return _upcycle_mlps(dense_dir, out_dir, cfg, save_dtype, experts, top_k or DEFAULT_TOP_K, modules, seed,
+                             overwrite, log)
     tmp = prepare_output(out_dir, dense_dir, overwrite)  # refuses out_dir == / inside / containing dense_dir
     try:
         dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32, use_safetensors=True).eval()
@@ -79,4 +90,33 @@ def upcycle_cli(dense_dir: str | Path, out_dir: str | Path, experts: int = 8, to
     shutil.rmtree(checkpoint_dir_for(out_dir), ignore_errors=True)
     log(f"wrote {out_dir} ({info['model_type']}, {experts} experts, top-{info['top_k']}"
         f"{', ternary routed experts' if ternary else ''}{', shared expert' if shared_expert else ''})")
+    return out_dir
+
+
+def _upcycle_mlps(dense_dir: Path, out_dir: Path, cfg: dict, save_dtype: torch.dtype, experts: int, top_k: int,
+                  modules: str | None, seed: int, overwrite: bool, log) -> Path:
+    """Any architecture: the two-layer MLPs matching `modules` become MLPMoE blocks; written as safetensors
+    with `moe_modules` in config.json (io.models.load_model rebuilds them), plus tokenizer / processor files."""
+    from ..api import MAX_SHARD_BYTES
+    from ..io.checkpoint import commit_output, prepare_output, save_model
+    from ..io.models import architecture_class, copy_sidecars
+    from ..runtime.moe import CONFIG_KEY, config_entry
+    from .modules import upcycle_modules
+
+    cls = architecture_class(cfg.get("architectures"))
+    tmp = prepare_output(out_dir, dense_dir, overwrite)  # refuses out_dir == / inside / containing dense_dir
+    try:
+        model = cls.from_pretrained(dense_dir, dtype=torch.float32, use_safetensors=True).eval()
+        names = upcycle_modules(model, experts, top_k, modules, seed=seed)
+        save_model(model, tmp, save_dtype, MAX_SHARD_BYTES, {CONFIG_KEY: config_entry(model)})
+        copy_sidecars(dense_dir, tmp)
+        info = {"source": str(dense_dir.resolve()), "experts": experts, "top_k": top_k, "modules": modules,
+                "upcycled": names, "model_type": cfg.get("model_type"), "architecture": cls.__name__, "steps": 0}
+        (tmp / UPCYCLE_JSON).write_text(json.dumps(info, indent=1))
+        commit_output(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"wrote {out_dir} ({cls.__name__}, {len(names)} MLPs up-cycled to {experts} experts, top-{top_k}: "
+        f"{', '.join(names)})")
     return out_dir
