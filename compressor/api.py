@@ -14,20 +14,22 @@ from tqdm.auto import tqdm
 
 from . import prune
 from .apply_plan import QuantizePass
-from .arch.families import family_for
-from .arch.view import dense_linears, find_moe_blocks
+from .arch.families import MLP_MOE, UnsupportedArchitecture, family_for
+from .arch.view import decoder_layers, dense_linears, find_moe_blocks
 from .assets import CALIB_TEXT, DEFAULT_MODEL_DIR
 from .calibration.data import calibration_windows, eval_windows, read_text, tokenize
 from .calibration.layerwise import layerwise
 from .config import Recipe, dump_recipe
 from .io import checkpoint as ckpt
 from .io.accounting import bytes_by_component, predict_bytes, unique_state
-from .io.models import ModelDirError, is_compressed, load_model, load_tokenizer, read_config
+from .io.models import ModelDirError, copy_sidecars, is_compressed, load_model, load_tokenizer, read_config
 from .io.report import build_report, format_report
 from .measure import MeasurePass, synthetic_measurements
 from .plan import Plan
 from .planning import candidate_formats, plan_budget, ternary_experts
 from .runtime.experts import PackedExperts
+from .runtime.moe import CONFIG_KEY as MOE_MODULES
+from .weight_measure import weight_measurements
 
 MAX_SHARD_BYTES = 4 * 2**30
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -60,8 +62,29 @@ def calibration_data(recipe: Recipe, tokenizer) -> torch.Tensor:
     return calibration_windows(ids, c.samples, c.seq_len, c.seed)
 
 
-def make_plan(recipe: Recipe, model: nn.Module, blocks, dense, windows: torch.Tensor, dtype: torch.dtype) -> Plan:
-    """A plan from --plan, from the budget LP over pass-1 measurements, or uniform."""
+def data_free(blocks) -> bool:
+    """MLPMoE blocks (upcycle --modules: a vision tower's MLPs, a projector) are not driven by the calibration
+    pass, which runs the decoder layers of the supported MoE language models; they are compressed without data."""
+    return blocks[0].family is MLP_MOE
+
+
+def check_data_free(recipe: Recipe, blocks) -> None:
+    """What needs calibration inputs for these blocks is refused with the alternative, never run on made-up data."""
+    names = ", ".join(b.name for b in blocks[:2]) + (", ..." if len(blocks) > 2 else "")
+    why = (f"this model's MoE blocks ({names}) are up-cycled MLPs that the calibration pass does not reach (it runs "
+           "the decoder layers of MoE language models on text; a vision tower or projector takes images, which "
+           "moe-compressor does not take yet)")
+    if recipe.quantization.method == "gptq":
+        raise UnsupportedArchitecture(f"{why}, so GPTQ has no Hessians: use --method rtn or --method ternary (with "
+                                      "--budget, the allocation then uses data-free weight errors)")
+    if recipe.pruning.target is not None:
+        raise UnsupportedArchitecture(f"{why}, so --dynamic-pruning cannot be calibrated")
+
+
+def make_plan(recipe: Recipe, model: nn.Module, blocks, dense, windows: torch.Tensor | None,
+              dtype: torch.dtype) -> Plan:
+    """A plan from --plan, from the budget LP over pass-1 measurements (data-free weight errors when there are
+    no calibration windows: see weight_measure.py), or uniform."""
     q, a = recipe.quantization, recipe.allocation
     if a.plan is not None:
         return Plan.load(a.plan)
@@ -72,6 +95,10 @@ def make_plan(recipe: Recipe, model: nn.Module, blocks, dense, windows: torch.Te
             plan.experts[name] = ["ternary" if t else f for t, f in zip(flags, plan.experts[name])]
         return plan
     formats = candidate_formats(a.formats, ternary_experts(blocks, q.group_size))
+    if windows is None:
+        plan = plan_budget(recipe, model, blocks, dense, weight_measurements(blocks, formats, q.group_size, q.sym), dtype)
+        plan.allocation["measurements"] = "data-free weight errors, uniform routing"
+        return plan
     measure = MeasurePass(blocks, formats, q.group_size, q.sym)
     layerwise(model, windows, measure, desc="measure")
     return plan_budget(recipe, model, blocks, dense, measure.results, dtype)
@@ -79,13 +106,12 @@ def make_plan(recipe: Recipe, model: nn.Module, blocks, dense, windows: torch.Te
 
 def meta_model(config: dict) -> nn.Module:
     """The architecture of a config.json on the meta device: shapes without weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     config = {k: v for k, v in config.items() if k != "quantization_config"}  # e.g. DeepSeek-V3's FP8 block format
-    family_for(config.get("model_type", "<missing model_type>"))
-    cfg = AutoConfig.for_model(config.pop("model_type"), **config)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(cfg)
+    if MOE_MODULES not in config:
+        family_for(config.get("model_type", "<missing model_type>"))
+    return ckpt.skeleton(AutoConfig.for_model(config.pop("model_type"), **config))
 
 
 def plan_synthetic(recipe: Recipe, config: dict, seed: int = 0) -> Plan:
@@ -136,16 +162,20 @@ def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = 
         raise ModelDirError(f"{model_dir} is already compressed by moe-compressor; compress the original model "
                             "(its path is in the compressed model's recipe.yaml)")
     model = load_model(model_dir, _load_dtype(model_dir), trust_remote_code)
-    tokenizer = load_tokenizer(model_dir, trust_remote_code)
     blocks = find_moe_blocks(model)
+    no_data = data_free(blocks)
+    if no_data:
+        check_data_free(recipe, blocks)
+    tokenizer = None if no_data else load_tokenizer(model_dir, trust_remote_code)
     if recipe.pruning.target is not None:
         prune.check_prunable(blocks)  # top-1 routing: say so before the long work
     dense = dense_linears(model, blocks)
     dtype = DTYPES[recipe.dtype]
     original = {k: v.numel() * (dtype.itemsize if v.is_floating_point() else v.element_size())
                 for k, v in unique_state(model).items()}
-    windows = calibration_data(recipe, tokenizer)
-    log(f"calibration: {windows.shape[0]} x {windows.shape[1]} tokens; {len(blocks)} MoE layers")
+    windows = None if no_data else calibration_data(recipe, tokenizer)
+    log(f"calibration: {windows.shape[0]} x {windows.shape[1]} tokens; {len(blocks)} MoE layers" if windows is not None
+        else f"no calibration data: {len(blocks)} up-cycled MLP blocks, compressed from their weights alone")
     if not dry_run:
         ckpt.check_output(out_dir, model_dir, overwrite)  # fail before the long work, not after
     plan = make_plan(recipe, model, blocks, dense, windows, dtype)
@@ -162,7 +192,11 @@ def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = 
     tmp = ckpt.prepare_output(out_dir, model_dir, overwrite)
     try:
         qpass = QuantizePass(model, blocks, dense, plan, recipe)
-        layerwise(model, windows if qpass.needs_data() else None, qpass, desc="quantize")
+        if no_data:  # no decoder layers to walk: each block on its own (the pass then runs no forward)
+            for i in sorted({b.layer_idx for b in blocks}):
+                qpass(i, None, None)
+        else:
+            layerwise(model, windows if qpass.needs_data() else None, qpass, desc="quantize")
         rule = calibrate_pruning(recipe, model, windows, log)
         qconfig = ckpt.quantization_config(model, plan.group_size, plan.sym, prune.config_entry(rule))
         written = ckpt.save_compressed(model, tmp, dtype, qconfig, MAX_SHARD_BYTES)
@@ -170,7 +204,7 @@ def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = 
             raise AssertionError(f"internal error: wrote {written} bytes, plan predicted {plan.predicted_bytes}")
         report = build_report(model_dir, original, predicted, blocks, dense, plan, qpass.reports, time.time() - t0)
         report["dynamic_pruning"] = rule.to_dict() if rule else None
-        _write_sidecars(tmp, tokenizer, plan, recipe, report)
+        _write_sidecars(tmp, model_dir, tokenizer, plan, recipe, report)
         ckpt.commit_output(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -191,8 +225,11 @@ def calibrate_pruning(recipe: Recipe, model: nn.Module, windows: torch.Tensor, l
     return rule
 
 
-def _write_sidecars(directory: Path, tokenizer, plan: Plan, recipe: Recipe, report: dict) -> None:
-    tokenizer.save_pretrained(directory)
+def _write_sidecars(directory: Path, model_dir: Path, tokenizer, plan: Plan, recipe: Recipe, report: dict) -> None:
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    else:  # a model whose tokenizer / image processor the pipeline never loaded
+        copy_sidecars(model_dir, directory)
     plan.save(directory / "plan.json")
     (directory / "recipe.yaml").write_text(dump_recipe(recipe))
     (directory / "report.json").write_text(json.dumps(report, indent=1))
@@ -246,7 +283,7 @@ def inspect_model(model_dir: Path | None) -> dict:
     return {
         "model": str(model_dir),
         "architecture": model.config.model_type,
-        "layers": len(getattr(model.model, "layers")),
+        "layers": len(decoder_layers(model)) if not data_free(blocks) else None,
         "moe_layers": [b.layer_idx for b in blocks],
         "experts_per_layer": blocks[0].num_experts,
         "top_k": blocks[0].top_k,
