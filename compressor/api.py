@@ -36,7 +36,8 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 
 
 def model_or_default(model_dir: str | Path | None) -> Path:
-    return Path(model_dir) if model_dir else DEFAULT_MODEL_DIR
+    """The model directory (`~` expanded, so a shared recipe can name one in the cache), or the default model."""
+    return Path(model_dir).expanduser() if model_dir else DEFAULT_MODEL_DIR
 
 
 def model_dir_of(recipe: Recipe) -> Path:

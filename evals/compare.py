@@ -2,8 +2,9 @@
 
 Suites
   quant   full precision, RTN and GPTQ at 8, 4, 3, 2 bits (uniform, group 128): the foundation table.
-  budget  at expert budgets equal to uniform int2 / int3 sizes: uniform RTN, uniform
-          GPTQ, frequency-only LP, MC-MoE per-layer LP and the global LP (all GPTQ-applied).
+  budget  at expert budgets equal to what uniform GPTQ writes at each --points entry (2.25b = int2/g128,
+          2.5b = int2/g64, 3.25b = int3/g128, 3.5b = int3/g64): uniform RTN, uniform GPTQ,
+          frequency-only LP, MC-MoE per-layer LP and the global LP (all GPTQ-applied).
 
 Each variant is compressed into evals/runs/<suite>/<model>/<variant>/ (kept, so an interrupted run resumes
 where it stopped) and evaluated on the held-out texts; results accumulate in
@@ -38,20 +39,38 @@ def quant_suite() -> dict[str, dict]:
     return out
 
 
-def budget_suite() -> dict[str, dict]:
-    """Expert-scope budgets at the exact size of uniform int2 (2.25 bits at group 128) and int3 (3.25). The LP
-    may also use ternary (1.625 bits with scales), so at the int2 size it can still trade between experts."""
+# Budget points: (tag, uniform bits, uniform group size). The tag is the uniform format's average bits per
+# expert weight with its fp16 scale and zero per group: 2 + 32/128 = 2.25, 2 + 32/64 = 2.5, 3 + 32/128 = 3.25,
+# 3 + 32/64 = 3.5 (plus padding where the input width is not a multiple of the group).
+BUDGET_POINTS = {"2.25b": (2, 128), "2.5b": (2, 64), "3.25b": (3, 128), "3.5b": (3, 64)}
+DEFAULT_POINTS = ("2.25b", "3.25b")
+LP_FORMATS = ["keep", "int8", "int4", "int3", "int2", "ternary"]
+
+
+def budget_suite(points=DEFAULT_POINTS) -> dict[str, dict]:
+    """At each point: uniform RTN and GPTQ, then the frequency-only, MC-MoE per-layer and global LPs with an
+    expert budget of exactly the bytes uniform GPTQ wrote there (`"=<variant>"`, resolved when run), so every
+    row of a point has the same expert bytes. The LPs choose among LP_FORMATS at group 128 (ternary: 1.625
+    bits with scales, so even at the int2 size they can trade between experts), all applied with GPTQ."""
     out = {}
-    for bits, uniform in ((2.25, 2), (3.25, 3)):
-        tag = f"{bits}b"
+    for tag in points:
+        bits, group = BUDGET_POINTS[tag]
         for method in ("rtn", "gptq"):
-            out[f"{tag}-uniform-{method}"] = {"quantization.method": method, "quantization.bits": uniform,
-                                              "quantization.dense_bits": 16}
+            out[f"{tag}-uniform-{method}"] = {"quantization.method": method, "quantization.bits": bits,
+                                              "quantization.group_size": group, "quantization.dense_bits": 16}
         for objective in ("frequency", "per_layer", "global"):
-            out[f"{tag}-{objective}"] = {"allocation.budget": f"{bits}bits", "allocation.scope": "experts",
+            out[f"{tag}-{objective}"] = {"allocation.budget": f"={tag}-uniform-gptq", "allocation.scope": "experts",
                                          "allocation.objective": objective, "quantization.dense_bits": 16,
-                                         "allocation.formats": ["keep", "int8", "int4", "int3", "int2", "ternary"]}
+                                         "allocation.formats": LP_FORMATS}
     return out
+
+
+def resolve_budget(overrides: dict, results: dict) -> dict:
+    """`allocation.budget: "=<variant>"` -> that variant's written expert bytes (it runs earlier in the suite)."""
+    budget = overrides.get("allocation.budget")
+    if not (isinstance(budget, str) and budget.startswith("=")):
+        return overrides
+    return {**overrides, "allocation.budget": str(results[budget[1:]]["expert_bytes"])}
 
 
 SUITES = {"quant": quant_suite, "budget": budget_suite}
@@ -79,11 +98,12 @@ def task_accuracy(model_dir: Path, tasks: list[str], limit: int | None) -> dict:
 
 
 def run(suite: str, model_dir: Path, max_tokens: int, seq_len: int, samples: int, tasks: list[str],
-        limit: int | None) -> dict:
+        limit: int | None, points=DEFAULT_POINTS) -> dict:
     runs = ROOT / "runs" / suite / model_dir.name
     results_path = RESULTS / f"{suite}_{model_dir.name}.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    for name, overrides in SUITES[suite]().items():
+    variants = SUITES[suite](points) if suite == "budget" else SUITES[suite]()
+    for name, overrides in variants.items():
         if name in results:
             print(f"[resume] {name}: done")
             continue
@@ -93,6 +113,7 @@ def run(suite: str, model_dir: Path, max_tokens: int, seq_len: int, samples: int
             total, ebytes = sum(tensor_nbytes(model_dir).values()), expert_bytes(model_dir)
         else:
             directory = runs / name
+            overrides = resolve_budget(overrides, results)
             if not (directory / "report.json").exists():
                 recipe = apply_overrides(Recipe(), {"model": str(model_dir), "output": str(directory),
                                                     "calibration.samples": samples, **overrides})
@@ -155,9 +176,12 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=128)
     p.add_argument("--tasks", default="", help="comma-separated local lm-eval tasks, e.g. piqa,arc_easy")
     p.add_argument("--limit", type=int, default=None, help="examples per task")
+    p.add_argument("--points", default=",".join(DEFAULT_POINTS),
+                   help=f"budget suite: comma-separated points among {', '.join(BUDGET_POINTS)}")
     a = p.parse_args()
     torch.manual_seed(0)
-    run(a.suite, a.model, a.max_tokens, a.seq_len, a.samples, [t for t in a.tasks.split(",") if t], a.limit)
+    run(a.suite, a.model, a.max_tokens, a.seq_len, a.samples, [t for t in a.tasks.split(",") if t], a.limit,
+        tuple(t for t in a.points.split(",") if t))
 
 
 if __name__ == "__main__":
