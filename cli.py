@@ -34,6 +34,7 @@ FLAG_FIELDS = {
     "formats": "allocation.formats",
     "objective": "allocation.objective",
     "solver": "allocation.solver",
+    "eps_quantizer": "allocation.eps_quantizer",
     "plan": "allocation.plan",
     "dynamic_pruning": "pruning.target",
 }
@@ -66,6 +67,8 @@ def _compress_parser(sub) -> None:
     p.add_argument("--formats", type=lambda s: s.split(","), help="allowed formats, e.g. keep,int4,int3,int2")
     p.add_argument("--objective", choices=["global", "per_layer", "frequency"])
     p.add_argument("--solver", choices=["highs", "cbc", "auto"])
+    p.add_argument("--eps-quantizer", choices=["rtn", "gptq"],
+                   help="quantizer behind the per-expert output-error table (default rtn; gptq: slower, closer to what is applied)")
     p.add_argument("--plan", help="reuse a plan.json")
     p.add_argument("--dry-run", action="store_true", default=False, help="stop after the plan")
     p.add_argument("--synthetic-stats", action="store_true", default=False,

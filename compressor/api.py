@@ -100,7 +100,8 @@ def make_plan(recipe: Recipe, model: nn.Module, blocks, dense, windows: torch.Te
         plan = plan_budget(recipe, model, blocks, dense, weight_measurements(blocks, formats, q.group_size, q.sym), dtype)
         plan.allocation["measurements"] = "data-free weight errors, uniform routing"
         return plan
-    measure = MeasurePass(blocks, formats, q.group_size, q.sym)
+    measure = MeasurePass(blocks, formats, q.group_size, q.sym, a.eps_quantizer,
+                          {"damp": q.damp, "block_size": q.block_size, "act_order": q.act_order})
     layerwise(model, windows, measure, desc="measure")
     return plan_budget(recipe, model, blocks, dense, measure.results, dtype)
 

@@ -1,6 +1,8 @@
 """Pass 1: measure every expert on full-precision inputs, before anything is quantized, so the
 allocator sees the whole model. Per MoE block: routing statistics, Hessians, and the output error
-table eps[e, f] of each candidate format (a cheap quantizer, RTN, by default)."""
+table eps[e, f] of each candidate format, quantized by RTN (cheap, the default) or by GPTQ with each
+expert's routed-token Hessian (`quantizer="gptq"`: one more forward of the layer to collect the Hessians
+first, then a GPTQ run per format batched over the experts)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from .arch.view import MoEBlock
 from .calibration.layerwise import LayerInputs, run_layer
 from .calibration.stats import ExpertStats, RoutedObserver
 from .quantize.formats import QuantSpec
-from .quantize.gptq import hessian_error
+from .quantize.gptq import gptq_quantize, hessian_error
 from .quantize.rtn import quantize_rtn
 from .quantize.ternary import quantize_ternary
 from .runtime.experts import DenseExperts
@@ -33,9 +35,13 @@ class BlockMeasurement:
     out_energy: float  # sum over tokens of ||block output||^2 (normalises eps across layers)
 
 
-def candidates(W: torch.Tensor, fmt: str, group_size: int, sym: bool) -> torch.Tensor:
-    """Dequantized RTN (or ternary) version of W [E, out, in] in format `fmt`."""
+def candidates(W: torch.Tensor, fmt: str, group_size: int, sym: bool, H: torch.Tensor | None = None,
+               **gptq: float | int | bool) -> torch.Tensor:
+    """Dequantized version of W [E, out, in] in format `fmt`: RTN (or absmean ternary), or GPTQ with the
+    per-expert Hessians H [E, in, in] when given (`gptq`: damp, block_size, act_order)."""
     spec = QuantSpec(fmt, group_size, sym)
+    if H is not None:
+        return gptq_quantize(W, H, spec, **gptq).qweight.dequantize()
     quant = quantize_ternary if fmt == "ternary" else quantize_rtn
     return quant(W, spec).dequantize()
 
@@ -59,9 +65,28 @@ class ErrorObserver(RoutedObserver):
 class MeasurePass:
     """`on_layer` callback of `layerwise`; leaves the model unchanged."""
 
-    def __init__(self, blocks: list[MoEBlock], formats: list[str], group_size: int, sym: bool):
+    def __init__(self, blocks: list[MoEBlock], formats: list[str], group_size: int, sym: bool,
+                 quantizer: str = "rtn", gptq: dict | None = None):
+        if quantizer not in ("rtn", "gptq"):
+            raise ValueError(f"eps quantizer must be 'rtn' or 'gptq', got {quantizer!r}")
         self.blocks, self.formats, self.group_size, self.sym = blocks, formats, group_size, sym
+        self.quantizer, self.gptq = quantizer, gptq or {}
         self.results: list[BlockMeasurement] = []
+
+    def _hessians(self, b: MoEBlock, layer: nn.Module, inputs: LayerInputs, dense: DenseExperts, i: int):
+        """Routed-token Hessians of every expert from a forward of the layer (the GPTQ candidates need them
+        before the forward that measures eps)."""
+        E, _, H = dense.gate_up.shape
+        stats = ExpertStats.zeros(E, H, dense.down.shape[-1])
+        dense.observer, original, b.block.experts = RoutedObserver(stats, f"layer {i}"), b.block.experts, dense
+        try:
+            run_layer(layer, inputs)
+        finally:
+            b.block.experts, dense.observer = original, None
+        return stats.hessians()
+
+    def _candidates(self, W: torch.Tensor, H: torch.Tensor | None) -> torch.Tensor:  # [F, E, out, in]
+        return torch.stack([candidates(W, f, self.group_size, self.sym, H, **self.gptq) for f in self.formats])
 
     def __call__(self, i: int, layer: nn.Module, inputs: LayerInputs) -> LayerInputs | None:
         """Measures the layer's MoE block; returns the layer's outputs (the model is unchanged, so they
@@ -72,8 +97,8 @@ class MeasurePass:
             dense = DenseExperts.from_view(b)
             E, _, H = dense.gate_up.shape
             I = dense.down.shape[-1]
-            cand_gu = torch.stack([candidates(dense.gate_up, f, self.group_size, self.sym) for f in self.formats])
-            cand_d = torch.stack([candidates(dense.down, f, self.group_size, self.sym) for f in self.formats])
+            H_gu, H_d = self._hessians(b, layer, inputs, dense, i) if self.quantizer == "gptq" else (None, None)
+            cand_gu, cand_d = self._candidates(dense.gate_up, H_gu), self._candidates(dense.down, H_d)
             stats, eps_sq = ExpertStats.zeros(E, H, I), torch.zeros(E, len(self.formats))
             dense.observer = ErrorObserver(stats, f"layer {i}", dense, cand_gu, cand_d, eps_sq)
             energy = [0.0]

@@ -62,6 +62,9 @@ class Allocation(Section):
     objective: Literal["global", "per_layer", "frequency"] = Field(
         "global", description="global LP, MC-MoE per-layer LP, or frequency-only importance"
     )
+    eps_quantizer: Literal["rtn", "gptq"] = Field(
+        "rtn", description="quantizer of the eps[expert][format] table: rtn (cheap) or gptq (per-expert Hessians; "
+                           "one more forward per layer and a GPTQ run per format)")
     solver: Literal["highs", "cbc", "auto"] = "highs"
     rel_gap: float = Field(1e-3, ge=0, description="relative optimality gap at which the solver may stop")
     plan: Path | None = Field(None, description="reuse a plan.json instead of solving")
