@@ -52,7 +52,7 @@ def budget_suite(points=DEFAULT_POINTS) -> dict[str, dict]:
     expert budget of exactly the bytes uniform GPTQ wrote there (`"=<variant>"`, resolved when run), so every
     row of a point has the same expert bytes. The LPs choose among LP_FORMATS at group 128 (ternary: 1.625
     bits with scales, so even at the int2 size they can trade between experts), all applied with GPTQ."""
-    out = {}
+    out = {"fp16": {}}
     for tag in points:
         bits, group = BUDGET_POINTS[tag]
         for method in ("rtn", "gptq"):

@@ -143,6 +143,7 @@ def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 25, seed: int = 0, re
     return best, (u @ best.T).argmax(1)
 
 
+@torch.no_grad()
 def build_moe(dense_dir: Path, out: Path, experts: int, top_k: int, router_tokens: int, seed: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
