@@ -18,7 +18,7 @@ import torch
 
 from compressor.assets import DEFAULT_MODEL_DIR, REFERENCE_MODEL_DIR, SMOLLM2_DIR
 from compressor.io.checkpoint import tensor_nbytes
-from compressor.io.models import load_model, load_tokenizer
+from compressor.io.models import load_model
 from evals.compare import RESULTS, evaluate, task_accuracy
 
 MODELS = {"default (shipped)": DEFAULT_MODEL_DIR, "SmolLM2-135M dense": SMOLLM2_DIR, "reference MoE": REFERENCE_MODEL_DIR}

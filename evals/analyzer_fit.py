@@ -1,0 +1,107 @@
+"""Which importance signal predicts the real damage? `python -m evals.analyzer_fit [--model DIR]`.
+
+Ground truth: the increase in held-out NLL (nats/token) when ONE expert is quantized (RTN, --format, group 128)
+and every other weight stays 16-bit; measured for the most and the least used expert of every --layer-step-th
+layer. Predictors: the LP cost columns of that format for each objective (compressor.planning.costs, the same
+numbers the LPs minimise: global = eps^2 / layer output energy; per_layer = MC-MoE phi * w^1.5 * eps;
+frequency = phi * mean error), the Hessian-weighted weight error tr(dW H dW^T) / layer output energy, and
+the routing statistics alone. Reports Spearman rank correlation over the ablated experts (all layers pooled:
+the global LP compares experts across layers, so that is the ranking that matters) and within layers
+(pairs: does the predictor order the two experts of a layer right).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compressor import api
+from compressor.arch.view import find_moe_blocks
+from compressor.assets import HELDOUT_TEXTS, REFERENCE_MODEL_DIR
+from compressor.calibration.data import read_text, tokenize
+from compressor.calibration.layerwise import layerwise
+from compressor.config import Recipe, apply_overrides
+from compressor.io.models import load_model, load_tokenizer
+from compressor.measure import MeasurePass, candidates
+from compressor.planning import costs
+from evals.compare import RESULTS
+
+
+def spearman(a, b) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def nll(model, ids: torch.Tensor, seq_len: int) -> float:
+    return math.log(api.perplexity(model, ids, seq_len, progress=False)["perplexity"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, default=REFERENCE_MODEL_DIR)
+    p.add_argument("--format", default="int2")
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--samples", type=int, default=16, help="calibration windows of 512 for the measurements")
+    p.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens per text for the ground truth")
+    p.add_argument("--layer-step", type=int, default=3)
+    a = p.parse_args()
+    torch.manual_seed(0)
+    torch.set_grad_enabled(False)  # the ablations edit expert weights in place
+    t0 = time.time()
+    model, tok = load_model(a.model), load_tokenizer(a.model)
+    blocks = find_moe_blocks(model)
+    recipe = apply_overrides(Recipe(), {"model": str(a.model), "calibration.samples": a.samples})
+    measure = MeasurePass(blocks, [a.format], a.group_size, False)
+    layerwise(model, api.calibration_data(recipe, tok), measure)
+    ms = measure.results
+    energy = np.concatenate([np.full(m.count.shape[0], m.out_energy) for m in ms])
+    predictors = {obj: costs(ms, obj)[:, 0] for obj in ("global", "per_layer", "frequency")}
+    predictors["hessian"] = torch.cat([m.hess_err[:, 0] for m in ms]).double().numpy() / energy
+    predictors["frequency alone"] = torch.cat([m.count.double() / m.total_tokens for m in ms]).numpy()
+    predictors["routing weight alone"] = torch.cat([m.weight_sum.double() for m in ms]).numpy()
+
+    ids = torch.cat([tokenize(tok, read_text(path))[:a.eval_tokens] for path in HELDOUT_TEXTS.values()])
+    base = nll(model, ids, 512)
+    offsets = np.cumsum([0] + [b.num_experts for b in blocks])
+    rows = []
+    for li in range(0, len(blocks), a.layer_step):
+        b, m = blocks[li], ms[li]
+        for e in (int(m.count.argmax()), int(m.count.argmin())):
+            gu, d = b.gate_up(), b.down()
+            saved = gu[e].clone(), d[e].clone()
+            for w in (gu, d):
+                w[e].copy_(candidates(w[e:e + 1].float(), a.format, a.group_size, False)[0].to(w.dtype))
+            delta = nll(model, ids, 512) - base
+            gu[e].copy_(saved[0])
+            d[e].copy_(saved[1])
+            i = int(offsets[li] + e)
+            rows.append({"layer": b.layer_idx, "expert": e, "share": float(m.count[e]) / m.total_tokens,
+                         "delta_nll": delta, **{k: float(v[i]) for k, v in predictors.items()}})
+            print(f"layer {b.layer_idx} expert {e}: share {rows[-1]['share']:.3f} dNLL {delta:+.5f}", flush=True)
+    truth = [r["delta_nll"] for r in rows]
+    pooled = {k: spearman([r[k] for r in rows], truth) for k in predictors}
+    pairs = [(rows[j], rows[j + 1]) for j in range(0, len(rows), 2)]
+    within = {k: float(np.mean([(x[k] > y[k]) == (x["delta_nll"] > y["delta_nll"]) for x, y in pairs]))
+              for k in predictors}
+    out = {"model": str(a.model), "format": a.format, "group_size": a.group_size, "eval_tokens": int(ids.numel()),
+           "base_nll": base, "spearman_pooled": pooled, "within_layer_pair_accuracy": within, "rows": rows,
+           "seconds": round(time.time() - t0, 1)}
+    RESULTS.mkdir(exist_ok=True)
+    name = f"analyzers_{a.model.name}"
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1))
+    lines = ["| predictor | Spearman vs dNLL (pooled) | within-layer pair order right |", "|---|---|---|"]
+    lines += [f"| {k} | {pooled[k]:+.3f} | {within[k]:.2f} |" for k in predictors]
+    lines.append(f"\n{len(rows)} single-expert ablations ({a.format} RTN, group {a.group_size}) on {a.model.name}; "
+                 f"dNLL on {ids.numel()} held-out tokens, base NLL {base:.4f}.")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
