@@ -98,12 +98,14 @@ def task_accuracy(model_dir: Path, tasks: list[str], limit: int | None) -> dict:
 
 
 def run(suite: str, model_dir: Path, max_tokens: int, seq_len: int, samples: int, tasks: list[str],
-        limit: int | None, points=DEFAULT_POINTS) -> dict:
+        limit: int | None, points=DEFAULT_POINTS, only: set[str] | None = None) -> dict:
     runs = ROOT / "runs" / suite / model_dir.name
     results_path = RESULTS / f"{suite}_{model_dir.name}.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     variants = SUITES[suite](points) if suite == "budget" else SUITES[suite]()
     for name, overrides in variants.items():
+        if only and name not in only:
+            continue
         if name in results:
             print(f"[resume] {name}: done")
             continue
@@ -178,10 +180,11 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None, help="examples per task")
     p.add_argument("--points", default=",".join(DEFAULT_POINTS),
                    help=f"budget suite: comma-separated points among {', '.join(BUDGET_POINTS)}")
+    p.add_argument("--variants", default="", help="run only these variants (comma-separated names); others are kept")
     a = p.parse_args()
     torch.manual_seed(0)
     run(a.suite, a.model, a.max_tokens, a.seq_len, a.samples, [t for t in a.tasks.split(",") if t], a.limit,
-        tuple(t for t in a.points.split(",") if t))
+        tuple(t for t in a.points.split(",") if t), {v for v in a.variants.split(",") if v})
 
 
 if __name__ == "__main__":
