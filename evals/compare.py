@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from compressor import api
+from compressor import api, prune
 from compressor.assets import DEFAULT_MODEL_DIR, HELDOUT_TEXTS
 from compressor.calibration.data import read_text, tokenize
 from compressor.config import Recipe, apply_overrides
@@ -45,6 +45,13 @@ def quant_suite() -> dict[str, dict]:
 BUDGET_POINTS = {"2.25b": (2, 128), "2.5b": (2, 64), "3.25b": (3, 128), "3.5b": (3, 64)}
 DEFAULT_POINTS = ("2.25b", "3.25b")
 LP_FORMATS = ["keep", "int8", "int4", "int3", "int2", "ternary"]
+ODP_TARGET = 0.2  # share of activated expert parameters online dynamic pruning skips in the "+odp" rows
+
+
+def pruned(of: str) -> tuple[str, dict]:
+    """A row that takes variant `of` as written, calibrates online dynamic pruning on it (calibration text)
+    and evaluates it with the pruning hooks on: no new checkpoint, same bytes, fewer expert FLOPs."""
+    return f"{of}+odp{round(ODP_TARGET * 100)}", {"from": of, "pruning.target": ODP_TARGET}
 
 
 def budget_suite(points=DEFAULT_POINTS) -> dict[str, dict]:
@@ -52,7 +59,7 @@ def budget_suite(points=DEFAULT_POINTS) -> dict[str, dict]:
     expert budget of exactly the bytes uniform GPTQ wrote there (`"=<variant>"`, resolved when run), so every
     row of a point has the same expert bytes. The LPs choose among LP_FORMATS at group 128 (ternary: 1.625
     bits with scales, so even at the int2 size they can trade between experts), all applied with GPTQ."""
-    out = {"fp16": {}}
+    out = dict([("fp16", {}), pruned("fp16")])
     for tag in points:
         bits, group = BUDGET_POINTS[tag]
         for method in ("rtn", "gptq"):
@@ -62,6 +69,7 @@ def budget_suite(points=DEFAULT_POINTS) -> dict[str, dict]:
             out[f"{tag}-{objective}"] = {"allocation.budget": f"={tag}-uniform-gptq", "allocation.scope": "experts",
                                          "allocation.objective": objective, "quantization.dense_bits": 16,
                                          "allocation.formats": LP_FORMATS}
+        out.update([pruned(f"{tag}-uniform-gptq"), pruned(f"{tag}-global")])
     return out
 
 
@@ -81,7 +89,10 @@ def expert_bytes(directory: Path) -> int:
 
 
 def evaluate(model_dir: Path, max_tokens: int, seq_len: int) -> dict:
-    model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    return evaluate_model(load_model(model_dir), load_tokenizer(model_dir), max_tokens, seq_len)
+
+
+def evaluate_model(model, tok, max_tokens: int, seq_len: int) -> dict:
     out = {}
     for name, path in HELDOUT_TEXTS.items():
         ids = tokenize(tok, read_text(path))[:max_tokens]
@@ -89,11 +100,13 @@ def evaluate(model_dir: Path, max_tokens: int, seq_len: int) -> dict:
     return out
 
 
-def task_accuracy(model_dir: Path, tasks: list[str], limit: int | None) -> dict:
-    """lm-eval accuracy (acc) per local task, on the model as the project loads it."""
+def task_accuracy(model_dir: Path | None, tasks: list[str], limit: int | None, model=None, tok=None) -> dict:
+    """lm-eval accuracy (acc) per local task, on the model as the project loads it (or on `model`)."""
     from evals.lm_eval_runner import run_tasks
 
-    results = run_tasks(load_model(model_dir), load_tokenizer(model_dir), tasks, limit=limit, batch_size=16)
+    if model is None:
+        model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    results = run_tasks(model, tok, tasks, limit=limit, batch_size=16)
     return {task: round(r.get("acc,none", float("nan")), 4) for task, r in results["results"].items()}
 
 
@@ -110,22 +123,38 @@ def run(suite: str, model_dir: Path, max_tokens: int, seq_len: int, samples: int
             print(f"[resume] {name}: done")
             continue
         t0 = time.time()
-        if name == "fp16":
-            directory, secs = model_dir, 0.0
-            total, ebytes = sum(tensor_nbytes(model_dir).values()), expert_bytes(model_dir)
+        extra = {}
+        if "from" in overrides and overrides["from"] not in results:
+            print(f"skip {name}: needs {overrides['from']} first")
+            continue
+        if "from" in overrides:  # an earlier row's model with online dynamic pruning calibrated and on
+            src = model_dir if overrides["from"] == "fp16" else runs / overrides["from"]
+            secs, total, ebytes = 0.0, results[overrides["from"]]["total_bytes"], results[overrides["from"]]["expert_bytes"]
+            model, tok = load_model(src, dynamic_pruning=False), load_tokenizer(src)
+            recipe = apply_overrides(Recipe(), {"model": str(model_dir), "calibration.samples": samples,
+                                                "pruning.target": overrides["pruning.target"]})
+            prune.attach(model, api.calibrate_pruning(recipe, model, api.calibration_data(recipe, tok), log=lambda *_: None))
+            ppl = evaluate_model(model, tok, max_tokens, seq_len)
+            extra["activation"] = prune.activation_line(model)
+            acc = task_accuracy(None, tasks, limit, model, tok) if tasks else {}
         else:
-            directory = runs / name
-            overrides = resolve_budget(overrides, results)
-            if not (directory / "report.json").exists():
-                recipe = apply_overrides(Recipe(), {"model": str(model_dir), "output": str(directory),
-                                                    "calibration.samples": samples, **overrides})
-                api.compress(recipe, overwrite=True, log=lambda *_: None)
-            report = json.loads((directory / "report.json").read_text())
-            secs, total, ebytes = report["seconds"], report["total_compressed"], expert_bytes(directory)
-        ppl = evaluate(directory, max_tokens, seq_len)
-        acc = task_accuracy(directory, tasks, limit) if tasks else {}
+            if name == "fp16":
+                directory, secs = model_dir, 0.0
+                total, ebytes = sum(tensor_nbytes(model_dir).values()), expert_bytes(model_dir)
+            else:
+                directory = runs / name
+                overrides = resolve_budget(overrides, results)
+                if not (directory / "report.json").exists():
+                    recipe = apply_overrides(Recipe(), {"model": str(model_dir), "output": str(directory),
+                                                        "calibration.samples": samples, **overrides})
+                    api.compress(recipe, overwrite=True, log=lambda *_: None)
+                report = json.loads((directory / "report.json").read_text())
+                secs, total, ebytes = report["seconds"], report["total_compressed"], expert_bytes(directory)
+            ppl = evaluate(directory, max_tokens, seq_len)
+            acc = task_accuracy(directory, tasks, limit) if tasks else {}
         results[name] = {"total_bytes": total, "expert_bytes": ebytes, "compress_seconds": secs, "perplexity": ppl,
-                         "accuracy": acc, "eval_seconds": round(time.time() - t0 - secs, 1), "settings": overrides}
+                         "accuracy": acc, "eval_seconds": round(time.time() - t0 - secs, 1), "settings": overrides,
+                         **extra}
         RESULTS.mkdir(exist_ok=True)
         results_path.write_text(json.dumps(results, indent=1))
         print(f"{name}: {ppl}  ({total:,} bytes)")
