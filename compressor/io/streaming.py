@@ -35,6 +35,7 @@ class StreamedModel:
     def __init__(self, model_dir: str | Path, dtype: torch.dtype):
         from transformers import AutoConfig
 
+        _check_loader()
         self.model_dir, self.dtype = Path(model_dir), dtype
         _check_weights(self.model_dir)  # pickle-only or no weights: an error saying what to do
         config = AutoConfig.from_pretrained(self.model_dir)
@@ -119,6 +120,20 @@ class StreamedModel:
             if not t.is_meta:
                 seen[t.data_ptr()] = t.nbytes
         return sum(seen.values())
+
+
+def _check_loader() -> None:
+    """Streaming reuses transformers' own loader (key conversion and loading of a subset of a checkpoint)."""
+    import transformers
+
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping  # noqa: F401
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model, rename_source_key  # noqa: F401
+        from transformers.modeling_utils import LoadStateDictConfig  # noqa: F401
+    except ImportError as err:
+        raise ImportError(f"streaming a model needs transformers' weight loader (core_model_loading, tested with "
+                          f"5.24), which transformers {transformers.__version__} lacks ({err}): "
+                          "pip install 'transformers>=5.24,<6'") from None
 
 
 def _conversions(model: nn.Module) -> list:
