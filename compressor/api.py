@@ -18,15 +18,16 @@ from .arch.families import MLP_MOE, UnsupportedArchitecture, family_for
 from .arch.view import decoder_layers, dense_linears, find_moe_blocks
 from .assets import CALIB_TEXT, DEFAULT_MODEL_DIR
 from .calibration.data import calibration_windows, eval_windows, read_text, tokenize
-from .calibration.layerwise import layerwise
+from .calibration.layerwise import Resident, in_memory, layerwise
 from .config import Recipe, dump_recipe
 from .io import checkpoint as ckpt
 from .io.accounting import bytes_by_component, predict_bytes, unique_state
 from .io.models import ModelDirError, copy_sidecars, is_compressed, load_model, load_tokenizer, read_config
+from .io.streaming import StreamedModel
 from .io.report import build_report, format_report
-from .measure import MeasurePass, synthetic_measurements
+from .measure import BlockMeasurement, MeasurePass, synthetic_measurements
 from .plan import Plan
-from .planning import candidate_formats, plan_budget, ternary_experts
+from .planning import TernaryScan, candidate_formats, plan_budget, ternary_experts
 from .runtime.experts import PackedExperts
 from .runtime.moe import CONFIG_KEY as MOE_MODULES
 from .weight_measure import weight_measurements
@@ -83,27 +84,71 @@ def check_data_free(recipe: Recipe, blocks) -> None:
 
 
 def make_plan(recipe: Recipe, model: nn.Module, blocks, dense, windows: torch.Tensor | None,
-              dtype: torch.dtype) -> Plan:
+              dtype: torch.dtype, stream: StreamedModel | None = None) -> Plan:
     """A plan from --plan, from the budget LP over pass-1 measurements (data-free weight errors when there are
-    no calibration windows: see weight_measure.py), or uniform."""
+    no calibration windows: see weight_measure.py), or uniform. With `stream`, `model` is that streamed model's
+    (meta device): what needs weights reads them one decoder layer at a time."""
     q, a = recipe.quantization, recipe.allocation
+    resident = stream.resident if stream is not None else in_memory
     if a.plan is not None:
         return Plan.load(a.plan)
     if a.budget is None:
         plan = Plan.uniform({b.name: b.num_experts for b in blocks}, list(dense), q.expert_format, q.dense_format,
                             group_size=q.group_size, sym=q.sym)
-        for name, flags in ternary_experts(blocks, q.group_size).items():  # MoTE experts stay ternary
+        for name, flags in pinned_ternary(model, blocks, q.group_size, resident).items():  # MoTE experts stay ternary
             plan.experts[name] = ["ternary" if t else f for t, f in zip(flags, plan.experts[name])]
         return plan
-    formats = candidate_formats(a.formats, ternary_experts(blocks, q.group_size))
     if windows is None:
+        formats = candidate_formats(a.formats, ternary_experts(blocks, q.group_size))
         plan = plan_budget(recipe, model, blocks, dense, weight_measurements(blocks, formats, q.group_size, q.sym), dtype)
         plan.allocation["measurements"] = "data-free weight errors, uniform routing"
         return plan
-    measure = MeasurePass(blocks, formats, q.group_size, q.sym, a.eps_quantizer,
-                          {"damp": q.damp, "block_size": q.block_size, "act_order": q.act_order})
-    layerwise(model, windows, measure, desc="measure")
-    return plan_budget(recipe, model, blocks, dense, measure.results, dtype)
+    measurements, ternary = measure(recipe, model, blocks, windows, resident)
+    return plan_budget(recipe, model, blocks, dense, measurements, dtype, ternary)
+
+
+def measure(recipe: Recipe, model: nn.Module, blocks, windows: torch.Tensor, resident: Resident = in_memory
+            ) -> tuple[list[BlockMeasurement], dict[str, list[bool]]]:
+    """Pass 1 over the candidate formats, and which experts are already ternary. A streamed model's weights are
+    read only during the pass, so its ternary experts are found on the way; should there be some (a MoTE
+    checkpoint) while ternary was not an allowed format, the pass runs again with ternary as a candidate."""
+    q, a = recipe.quantization, recipe.allocation
+    ternary = ternary_experts(blocks, q.group_size)  # none on the meta device
+    while True:
+        formats = candidate_formats(a.formats, ternary)
+        scan = TernaryScan(blocks, q.group_size, MeasurePass(
+            blocks, formats, q.group_size, q.sym, a.eps_quantizer,
+            {"damp": q.damp, "block_size": q.block_size, "act_order": q.act_order}))
+        layerwise(model, windows, scan, desc="measure", resident=resident)
+        if candidate_formats(a.formats, scan.flags) == formats:
+            return scan.inner.results, scan.flags
+        ternary = scan.flags
+
+
+def pinned_ternary(model: nn.Module, blocks, group_size: int, resident: Resident = in_memory) -> dict[str, list[bool]]:
+    """The experts already ternary; on a streamed model, read one layer at a time."""
+    if resident is in_memory:
+        return ternary_experts(blocks, group_size)
+    scan = TernaryScan(blocks, group_size)
+    layerwise(model, None, scan, desc="ternary experts", resident=resident)
+    return scan.flags
+
+
+def streamed_model(recipe: Recipe, model_dir: Path, trust_remote_code: bool, dry_run: bool,
+                   log=print) -> StreamedModel | None:
+    """The model streamed from disk one decoder layer at a time, when everything before pass 2 can work that way:
+    a dry run, or pass 1 of a budget. None: the model is loaded (pass 2 always loads it)."""
+    a = recipe.allocation
+    if not dry_run and (a.budget is None or a.plan is not None):
+        return None  # no pass 1: pass 2 loads the model anyway
+    config = read_config(model_dir)
+    why = ("it holds up-cycled MLP blocks, measured without data from all their weights at once" if MOE_MODULES in config
+           else "--trust-remote-code (streaming builds transformers' own model classes)" if trust_remote_code
+           else "its config.json has a quantization_config" if config.get("quantization_config") else None)
+    if why:
+        log(f"loading the whole model before the plan: {why}")
+        return None
+    return StreamedModel(model_dir, _load_dtype(model_dir))
 
 
 def meta_model(config: dict) -> nn.Module:
@@ -163,7 +208,8 @@ def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = 
     if is_compressed(model_dir):
         raise ModelDirError(f"{model_dir} is already compressed by moe-compressor; compress the original model "
                             "(its path is in the compressed model's recipe.yaml)")
-    model = load_model(model_dir, _load_dtype(model_dir), trust_remote_code)
+    stream = streamed_model(recipe, model_dir, trust_remote_code, dry_run, log)
+    model = stream.model if stream is not None else load_model(model_dir, _load_dtype(model_dir), trust_remote_code)
     blocks = find_moe_blocks(model)
     no_data = data_free(blocks)
     if no_data:
@@ -180,7 +226,7 @@ def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = 
         else f"no calibration data: {len(blocks)} up-cycled MLP blocks, compressed from their weights alone")
     if not dry_run:
         ckpt.check_output(out_dir, model_dir, overwrite)  # fail before the long work, not after
-    plan = make_plan(recipe, model, blocks, dense, windows, dtype)
+    plan = make_plan(recipe, model, blocks, dense, windows, dtype, stream)
     predicted = predict_bytes(model, blocks, dense, plan, dtype)
     plan.predicted_bytes = sum(predicted.values())
     if plan.budget_bytes is not None and scope_bytes(plan, predicted, blocks) > plan.budget_bytes:
@@ -191,6 +237,11 @@ def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = 
         plan.save(out_dir / "plan.json")
         log(f"dry run: plan written to {out_dir / 'plan.json'}")
         return out_dir
+    if stream is not None:  # pass 1 streamed; pass 2 quantizes the loaded model
+        del stream, model
+        model = load_model(model_dir, _load_dtype(model_dir), trust_remote_code)
+        blocks = find_moe_blocks(model)
+        dense = dense_linears(model, blocks)
     tmp = ckpt.prepare_output(out_dir, model_dir, overwrite)
     try:
         qpass = QuantizePass(model, blocks, dense, plan, recipe)

@@ -114,6 +114,7 @@ class MeasurePass:
             finally:
                 handle.remove()
                 b.block.experts = original
+                dense.observer = None  # the observer refers back to dense: a cycle holding the candidates until a GC
             H_in, H_mid = stats.hessians()
             hess = (hessian_error(dense.gate_up[None], cand_gu, H_in[None]) +
                     hessian_error(dense.down[None], cand_d, H_mid[None])).T  # [E, F]

@@ -38,6 +38,19 @@ def ternary_experts(blocks: list[MoEBlock], group_size: int) -> dict[str, list[b
     return out
 
 
+class TernaryScan:
+    """`on_layer` callback of `layerwise` recording which experts of the layer are already ternary (on a streamed
+    model the weights exist only while their layer is resident), then calling `inner` (e.g. MeasurePass)."""
+
+    def __init__(self, blocks: list[MoEBlock], group_size: int, inner=None):
+        self.blocks, self.group_size, self.inner = blocks, group_size, inner
+        self.flags: dict[str, list[bool]] = {}
+
+    def __call__(self, i: int, layer: nn.Module, inputs):
+        self.flags.update(ternary_experts([b for b in self.blocks if b.layer_idx == i], self.group_size))
+        return self.inner(i, layer, inputs) if self.inner is not None else None
+
+
 def candidate_formats(allowed: list[str], ternary: dict[str, list[bool]]) -> list[str]:
     """The allowed formats, plus ternary when some experts are already ternary (they keep it)."""
     has_ternary = any(any(flags) for flags in ternary.values())
@@ -64,9 +77,11 @@ def costs(measurements: list[BlockMeasurement], objective: str) -> np.ndarray:  
 
 
 def plan_budget(recipe: Recipe, model: nn.Module, blocks: list[MoEBlock], dense: dict[str, nn.Linear],
-                measurements: list[BlockMeasurement], dtype: torch.dtype) -> Plan:
+                measurements: list[BlockMeasurement], dtype: torch.dtype,
+                ternary: dict[str, list[bool]] | None = None) -> Plan:
+    """`ternary`: the experts already ternary (TernaryScan's flags); None: read off the blocks' weights."""
     a, q = recipe.allocation, recipe.quantization
-    ternary = ternary_experts(blocks, q.group_size)
+    ternary = ternary_experts(blocks, q.group_size) if ternary is None else ternary
     pinned = np.array([t for b in blocks for t in ternary[b.name]], dtype=bool)  # [N]
     formats = list(measurements[0].formats)  # what pass 1 measured: candidate_formats(...)
     base = Plan.uniform({b.name: b.num_experts for b in blocks}, list(dense), "drop", q.dense_format,

@@ -54,11 +54,11 @@ CONFIGS = {
 }
 
 
-def tiny_model(model_type: str, seed: int = 0):
+def tiny_model(model_type: str, seed: int = 0, **overrides):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(model_type, **{**COMMON, **CONFIGS[model_type]})
+    config = AutoConfig.for_model(model_type, **{**COMMON, **CONFIGS[model_type], **overrides})
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # router weights large enough that routing is uneven, like a trained model
         for name, p in model.named_parameters():
@@ -67,9 +67,10 @@ def tiny_model(model_type: str, seed: int = 0):
     return model
 
 
-def save_tiny(model_type: str, directory: Path, dtype=torch.float16) -> Path:
-    model = tiny_model(model_type).to(dtype)
-    model.save_pretrained(directory)
+def save_tiny(model_type: str, directory: Path, dtype=torch.float16, max_shard_size: str | None = None,
+              **overrides) -> Path:
+    model = tiny_model(model_type, **overrides).to(dtype)
+    model.save_pretrained(directory, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     tiny_tokenizer().save_pretrained(directory)
     (directory / "calib.txt").write_text(tiny_text(6000, seed=1))
     (directory / "heldout.txt").write_text(tiny_text(3000, seed=2))

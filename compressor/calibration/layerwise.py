@@ -2,11 +2,13 @@
 the layers before it as they were left by `on_layer` (quantized, in the quantize pass).
 
 Peak memory is one layer in fp32 plus the calibration activations [samples, seq_len, hidden],
-whatever the number of layers.
+whatever the number of layers, on top of the model held in 16 bits; with a streamed model
+(io/streaming.py: `resident` reads each layer from disk and releases it after) the model is not held.
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -41,8 +43,10 @@ def capture(model: nn.Module, windows: torch.Tensor, batch_size: int) -> Capture
     """The first layer's input for every mini-batch, and every layer's keyword arguments.
 
     Layers may differ in their arguments (GPT-OSS alternates sliding and full attention masks), and
-    the arguments depend only on the batch shape: one full forward per distinct shape records them
-    for every layer; the other mini-batches stop at the first layer."""
+    the arguments depend only on the batch shape, never on what a layer computes: for the first
+    mini-batch of each shape every layer is called with its forward replaced by the identity, which
+    records its arguments; the other mini-batches stop at the first layer. No layer computes, so the
+    layers of a streamed model may still be on the meta device (only the embeddings and rotary tables run)."""
     layers = decoder_layers(model)
     by_shape: dict[tuple, list[dict[str, Any]]] = {}
     hidden, shapes, memo = [], [], {}
@@ -57,10 +61,13 @@ def capture(model: nn.Module, windows: torch.Tensor, batch_size: int) -> Capture
             if not record:
                 raise _Stop
             recorded.append({k: _to_float(v, memo) for k, v in kwargs.items() if k != "hidden_states"})
+            if module is layers[-1]:
+                raise _Stop  # nothing after the layers is needed (and a streamed model has no LM head)
 
         handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in layers]
         try:
-            model(input_ids=batch, use_cache=False)
+            with _identity_layers(layers):
+                model(input_ids=batch, use_cache=False)
         except _Stop:
             pass
         finally:
@@ -70,6 +77,25 @@ def capture(model: nn.Module, windows: torch.Tensor, batch_size: int) -> Capture
             by_shape[shape] = recorded
         shapes.append(shape)
     return Captured(hidden, [[by_shape[s][i] for s in shapes] for i in range(len(layers))])
+
+
+@contextmanager
+def _identity_layers(layers: nn.ModuleList):
+    """Each layer's forward returns its input (its hooks still run); restored on exit."""
+    def identity(*args, **kwargs):
+        return args[0] if args else kwargs["hidden_states"]
+
+    own = [layer.__dict__.get("forward") for layer in layers]
+    for layer in layers:
+        layer.forward = identity
+    try:
+        yield
+    finally:
+        for layer, forward in zip(layers, own):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
 
 
 def _to_float(v: Any, memo: dict[int, Any]) -> Any:
@@ -93,22 +119,40 @@ def run_layer(layer: nn.Module, inputs: LayerInputs) -> LayerInputs:
 
 
 OnLayer = Callable[[int, nn.Module, LayerInputs | None], LayerInputs | None]
+# resident(i, layer): holds layer i's weights while it is worked on (StreamedModel.resident reads them from disk)
+Resident = Callable[[int, nn.Module], AbstractContextManager]
+
+
+@contextmanager
+def in_memory(_i: int, _layer: nn.Module):
+    """The layer's weights are already in memory (a loaded model)."""
+    yield
+
+
+@contextmanager
+def in_fp32(layer: nn.Module):
+    """The layer in fp32 while it is worked on, then back in its own dtype."""
+    dtype = next(layer.parameters()).dtype
+    layer.float()
+    try:
+        yield
+    finally:
+        layer.to(dtype)
 
 
 @torch.no_grad()
 def layerwise(model: nn.Module, windows: torch.Tensor | None, on_layer: OnLayer, batch_size: int = 8,
-              desc: str = "layers"):
+              desc: str = "layers", resident: Resident = in_memory):
     """Call `on_layer(i, layer, inputs)` for each decoder layer in order, the layer in fp32; then
     propagate the inputs through the layer as `on_layer` left it. Returns the final hidden states.
-    With `windows` None nothing runs through the model: `on_layer` gets inputs None (RTN needs no data)."""
+    With `windows` None nothing runs through the model: `on_layer` gets inputs None (RTN needs no data).
+    `resident` makes each layer's weights present while it is worked on (default: they are)."""
     captured = capture(model, windows, batch_size) if windows is not None else None
     hidden = captured.hidden if captured else None
     for i, layer in enumerate(tqdm(decoder_layers(model), desc=desc, unit="layer")):
-        dtype = next(layer.parameters()).dtype
-        layer.float()
-        inputs = captured.inputs(i, hidden) if captured else None
-        outputs = on_layer(i, layer, inputs)  # a callback that leaves the layer unchanged may return its outputs
-        if inputs is not None:
-            hidden = (outputs or run_layer(layer, inputs)).hidden
-        layer.to(dtype)
+        with resident(i, layer), in_fp32(layer):
+            inputs = captured.inputs(i, hidden) if captured else None
+            outputs = on_layer(i, layer, inputs)  # a callback that leaves the layer unchanged may return its outputs
+            if inputs is not None:
+                hidden = (outputs or run_layer(layer, inputs)).hidden
     return hidden

@@ -213,17 +213,22 @@ def _load_weights(model: nn.Module, model_dir: Path) -> None:
                             f"unexpected {unexpected[:5]}); was it written by another version?")
 
 
-def init_non_persistent_buffers(model: nn.Module) -> None:
+def init_non_persistent_buffers(model: nn.Module, only: set[nn.Module] | None = None) -> None:
     """Non-persistent buffers (rotary inv_freq, CLIP's position_ids) are not in a checkpoint: each module holding
-    some is initialised by its innermost transformers model (a LLaVA's vision tower is a model of its own)."""
+    some is initialised by its innermost transformers model (a LLaVA's vision tower is a model of its own).
+    `only`: just these modules (a part of a streamed model), whose buffers still on the meta device are allocated
+    on the CPU first."""
     from transformers import PreTrainedModel
 
     owner = {}
     for top in (m for m in model.modules() if isinstance(m, PreTrainedModel)):  # outer models first
         for m in top.modules():
-            if m._non_persistent_buffers_set:
+            if m._non_persistent_buffers_set and (only is None or m in only):
                 owner[m] = top
     for m, top in owner.items():
+        for name in m._non_persistent_buffers_set:
+            if m._buffers.get(name) is not None and m._buffers[name].is_meta:
+                m._buffers[name] = torch.empty_like(m._buffers[name], device="cpu")
         top._init_weights(m)
 
 
