@@ -18,21 +18,28 @@ import torch
 
 from compressor.assets import DEFAULT_MODEL_DIR, REFERENCE_MODEL_DIR, SMOLLM2_DIR
 from compressor.io.checkpoint import tensor_nbytes
-from compressor.io.models import load_model
-from evals.compare import RESULTS, evaluate, task_accuracy
+from compressor.arch.families import SUPPORTED_MODEL_TYPES
+from compressor.io.models import load_model, load_tokenizer
+from evals.compare import RESULTS, evaluate_model, task_accuracy
 
 MODELS = {"default (shipped)": DEFAULT_MODEL_DIR, "SmolLM2-135M dense": SMOLLM2_DIR, "reference MoE": REFERENCE_MODEL_DIR}
 
 
 def row(model_dir: Path, max_tokens: int, tasks: list[str], limit: int | None) -> dict:
     t0 = time.time()
-    model = load_model(model_dir)
-    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     config = json.loads((model_dir / "config.json").read_text())
+    if config["model_type"] in SUPPORTED_MODEL_TYPES:
+        model = load_model(model_dir)
+    else:  # the dense SmolLM2: plain transformers (the compressor itself refuses models without MoE blocks)
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = load_tokenizer(model_dir)
+    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     return {"architecture": config["architectures"][0], "params": params,
             "bytes": sum(tensor_nbytes(model_dir).values()), "dtype": config.get("dtype") or config.get("torch_dtype"),
-            "perplexity": evaluate(model_dir, max_tokens, 512),
-            "accuracy": task_accuracy(model_dir, tasks, limit) if tasks else {},
+            "perplexity": evaluate_model(model, tok, max_tokens, 512),
+            "accuracy": task_accuracy(None, tasks, limit, model, tok) if tasks else {},
             "max_tokens": max_tokens, "limit": limit, "seconds": round(time.time() - t0, 1)}
 
 
