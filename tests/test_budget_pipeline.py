@@ -9,11 +9,10 @@ import pytest
 
 from compressor import api
 from compressor.allocation.lp import InfeasibleBudget
-from compressor.config import Recipe, apply_overrides
 from compressor.io.accounting import expert_matrix_bytes
 from compressor.io.models import load_model
 from compressor.arch.view import find_moe_blocks
-from tiny import file_tensor_bytes, save_tiny
+from tiny import budget_recipe as recipe, file_tensor_bytes, save_tiny
 
 QUIET = dict(log=lambda *_: None)
 
@@ -23,11 +22,6 @@ def src(tmp_path_factory):
     return save_tiny("qwen2_moe", tmp_path_factory.mktemp("qwen2_moe"))
 
 
-def recipe(src, out, **over) -> Recipe:
-    base = {"model": str(src), "output": str(out), "quantization.group_size": 16, "calibration.samples": 6,
-            "calibration.seq_len": 48, "calibration.text": str(src / "calib.txt"),
-            "allocation.formats": ["keep", "int8", "int4", "int3", "int2", "ternary", "drop"]}
-    return apply_overrides(Recipe(), {**base, **over})
 
 
 def test_model_budget_fits_to_the_byte(src, tmp_path):

@@ -12,13 +12,13 @@ from safetensors.torch import load_file, save_file
 from compressor import api
 from compressor.arch.view import decoder_layers, dense_linears, find_moe_blocks
 from compressor.calibration.layerwise import layerwise
-from compressor.config import Recipe, apply_overrides
+from compressor.config import Recipe
 from compressor.io.accounting import predict_bytes
 from compressor.io.checkpoint import INDEX
 from compressor.io.models import ModelDirError, load_model, load_tokenizer
 from compressor.io.streaming import StreamedModel
 from compressor.measure import MeasurePass
-from tiny import file_tensor_bytes, save_tiny
+from tiny import budget_recipe as recipe, file_tensor_bytes, save_tiny
 
 FORMATS = ["int2", "int3", "int4", "ternary"]
 QUIET = dict(log=lambda *_: None)
@@ -105,11 +105,6 @@ def src(tmp_path_factory):
     return save_tiny("qwen2_moe", tmp_path_factory.mktemp("qwen2_moe"))
 
 
-def recipe(src, out, **over) -> Recipe:
-    base = {"model": str(src), "output": str(out), "quantization.group_size": 16, "calibration.samples": 6,
-            "calibration.seq_len": 48, "calibration.text": str(src / "calib.txt"),
-            "allocation.formats": ["keep", "int8", "int4", "int3", "int2", "ternary", "drop"]}
-    return apply_overrides(Recipe(), {**base, **over})
 
 
 def in_memory_plan(r: Recipe):

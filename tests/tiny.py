@@ -86,3 +86,13 @@ def file_tensor_bytes(directory: Path) -> int:
         with safe_open(f, "pt") as st:
             total += sum(st.get_tensor(k).nbytes for k in st.keys())
     return total
+
+
+def budget_recipe(src: Path, out: Path, **over):
+    """A small budget-path recipe for a saved tiny model (its own calibration text, every format allowed)."""
+    from compressor.config import Recipe, apply_overrides
+
+    base = {"model": str(src), "output": str(out), "quantization.group_size": 16, "calibration.samples": 6,
+            "calibration.seq_len": 48, "calibration.text": str(src / "calib.txt"),
+            "allocation.formats": ["keep", "int8", "int4", "int3", "int2", "ternary", "drop"]}
+    return apply_overrides(Recipe(), {**base, **over})
