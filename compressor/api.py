@@ -117,8 +117,7 @@ def measure(recipe: Recipe, model: nn.Module, blocks, windows: torch.Tensor, res
     while True:
         formats = candidate_formats(a.formats, ternary)
         scan = TernaryScan(blocks, q.group_size, MeasurePass(
-            blocks, formats, q.group_size, q.sym, a.eps_quantizer,
-            {"damp": q.damp, "block_size": q.block_size, "act_order": q.act_order}))
+            blocks, formats, q.group_size, q.sym, a.eps_quantizer, q.gptq_options))
         layerwise(model, windows, scan, desc="measure", resident=resident)
         if candidate_formats(a.formats, scan.flags) == formats:
             return scan.inner.results, scan.flags

@@ -34,7 +34,7 @@ def quantize_matrices(W: torch.Tensor, H: torch.Tensor | None, spec: QuantSpec, 
     if spec.format in NO_HESSIAN_FORMATS or H is None:
         quant = quantize_ternary if spec.format == "ternary" else quantize_rtn
         return _named(where, quant, W, spec), None
-    res = _named(where, gptq_quantize, W, H, spec, damp=q.damp, block_size=q.block_size, act_order=q.act_order)
+    res = _named(where, gptq_quantize, W, H, spec, **q.gptq_options)
     return res.qweight, res.damp_used
 
 

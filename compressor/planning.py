@@ -112,8 +112,8 @@ def plan_budget(recipe: Recipe, model: nn.Module, blocks: list[MoEBlock], dense:
         experts[b.name] = [formats[c] for c in choice[k:k + b.num_experts]]
         k += b.num_experts
     return Plan(experts, dict(base.dense), q.group_size, q.sym, budget_bytes=budget_bytes, scope=a.scope,
-                allocation={"objective": a.objective, "eps_quantizer": a.eps_quantizer, "solver": alloc.solver, "seconds": round(alloc.seconds, 3),
-                            "gap": alloc.gap, "status": alloc.status, "cost": alloc.objective,
+                allocation={"objective": a.objective, "eps_quantizer": a.eps_quantizer, "solver": alloc.solver,
+                            "seconds": round(alloc.seconds, 3), "gap": alloc.gap, "status": alloc.status, "cost": alloc.objective,
                             "expert_bytes": alloc.total_bytes, "capacity": int(capacity), "fixed_bytes": int(fixed)},
                 analysis=analysis_table(measurements, blocks, nbytes, formats))
 

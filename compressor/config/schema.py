@@ -54,6 +54,11 @@ class Quantization(Section):
     def dense_format(self) -> str:
         return BITS_TO_FORMAT[self.dense_bits if self.dense_bits is not None else self.bits]
 
+    @property
+    def gptq_options(self) -> dict:
+        """Keyword arguments of quantize.gptq.gptq_quantize: the same wherever GPTQ runs (pass 1 or pass 2)."""
+        return {"damp": self.damp, "block_size": self.block_size, "act_order": self.act_order}
+
 
 class Allocation(Section):
     budget: str | None = Field(None, description="e.g. 3.4GB, 3.4GiB, 512MB, 2.5bits; None: uniform `bits`")
