@@ -88,10 +88,6 @@ def expert_bytes(directory: Path) -> int:
     return sum(n for k, n in tensor_nbytes(directory).items() if ".experts." in k)
 
 
-def evaluate(model_dir: Path, max_tokens: int, seq_len: int) -> dict:
-    return evaluate_model(load_model(model_dir), load_tokenizer(model_dir), max_tokens, seq_len)
-
-
 def evaluate_model(model, tok, max_tokens: int, seq_len: int) -> dict:
     out = {}
     for name, path in HELDOUT_TEXTS.items():
@@ -100,12 +96,10 @@ def evaluate_model(model, tok, max_tokens: int, seq_len: int) -> dict:
     return out
 
 
-def task_accuracy(model_dir: Path | None, tasks: list[str], limit: int | None, model=None, tok=None) -> dict:
-    """lm-eval accuracy (acc) per local task, on the model as the project loads it (or on `model`)."""
+def task_accuracy(model, tok, tasks: list[str], limit: int | None) -> dict:
+    """lm-eval accuracy (acc) per local task, on the model as the project loads it."""
     from evals.lm_eval_runner import run_tasks
 
-    if model is None:
-        model, tok = load_model(model_dir), load_tokenizer(model_dir)
     results = run_tasks(model, tok, tasks, limit=limit, batch_size=16)
     return {task: round(r.get("acc,none", float("nan")), 4) for task, r in results["results"].items()}
 
@@ -134,9 +128,6 @@ def run(suite: str, model_dir: Path, max_tokens: int, seq_len: int, samples: int
             recipe = apply_overrides(Recipe(), {"model": str(model_dir), "calibration.samples": samples,
                                                 "pruning.target": overrides["pruning.target"]})
             prune.attach(model, api.calibrate_pruning(recipe, model, api.calibration_data(recipe, tok), log=lambda *_: None))
-            ppl = evaluate_model(model, tok, max_tokens, seq_len)
-            extra["activation"] = prune.activation_line(model)
-            acc = task_accuracy(None, tasks, limit, model, tok) if tasks else {}
         else:
             if name == "fp16":
                 directory, secs = model_dir, 0.0
@@ -150,8 +141,11 @@ def run(suite: str, model_dir: Path, max_tokens: int, seq_len: int, samples: int
                     api.compress(recipe, overwrite=True, log=lambda *_: None)
                 report = json.loads((directory / "report.json").read_text())
                 secs, total, ebytes = report["seconds"], report["total_compressed"], expert_bytes(directory)
-            ppl = evaluate(directory, max_tokens, seq_len)
-            acc = task_accuracy(directory, tasks, limit) if tasks else {}
+            model, tok = load_model(directory), load_tokenizer(directory)
+        ppl = evaluate_model(model, tok, max_tokens, seq_len)
+        if "from" in overrides:  # what pruning skipped over the perplexity evaluation
+            extra["activation"] = prune.activation_line(model)
+        acc = task_accuracy(model, tok, tasks, limit) if tasks else {}
         results[name] = {"total_bytes": total, "expert_bytes": ebytes, "compress_seconds": secs, "perplexity": ppl,
                          "accuracy": acc, "eval_seconds": round(time.time() - t0 - secs, 1), "settings": overrides,
                          **extra}

@@ -39,7 +39,7 @@ def row(model_dir: Path, max_tokens: int, tasks: list[str], limit: int | None) -
     return {"architecture": config["architectures"][0], "params": params,
             "bytes": sum(tensor_nbytes(model_dir).values()), "dtype": config.get("dtype") or config.get("torch_dtype"),
             "perplexity": evaluate_model(model, tok, max_tokens, 512),
-            "accuracy": task_accuracy(None, tasks, limit, model, tok) if tasks else {},
+            "accuracy": task_accuracy(model, tok, tasks, limit) if tasks else {},
             "max_tokens": max_tokens, "limit": limit, "seconds": round(time.time() - t0, 1)}
 
 
