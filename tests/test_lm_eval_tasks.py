@@ -183,3 +183,22 @@ def test_end_to_end_copa_and_lambada(task_manager, tmp_path):
     assert out.is_file() and "local_copa" in out.read_text()
     table = runner.format_table(results)
     assert "local_copa" in table and "acc" in table and "perplexity" in table
+
+
+def test_a_compressed_model_runs_in_lm_eval(task_manager, tmp_path):
+    """lm-eval's HFLM reads config.quantization_config as a transformers quantizer: ours must not trip it,
+    and stays on the model afterwards (the packed model is what is evaluated)."""
+    from compressor import api
+    from compressor.config import Recipe, apply_overrides
+    from compressor.io.models import QUANT_METHOD, load_model, load_tokenizer
+    from tiny import save_tiny
+
+    src = save_tiny("mixtral", tmp_path / "src")
+    out = api.compress(apply_overrides(Recipe(), {"model": str(src), "output": str(tmp_path / "rtn"),
+                                                  "quantization.method": "rtn", "quantization.bits": 4,
+                                                  "quantization.group_size": 16}), log=lambda *_: None)
+    model = load_model(out)
+    results = runner.run_tasks(model, load_tokenizer(out), ["copa"], limit=4, batch_size=4, task_manager=task_manager)
+    assert results["n-samples"]["local_copa"]["effective"] == 4
+    assert 0.0 <= results["results"]["local_copa"]["acc,none"] <= 1.0
+    assert model.config.quantization_config["quant_method"] == QUANT_METHOD
