@@ -36,6 +36,7 @@ FLAG_FIELDS = {
     "solver": "allocation.solver",
     "eps_quantizer": "allocation.eps_quantizer",
     "plan": "allocation.plan",
+    "reuse_measurements": "allocation.reuse_measurements",
     "dynamic_pruning": "pruning.target",
 }
 
@@ -70,6 +71,8 @@ def _compress_parser(sub) -> None:
     p.add_argument("--eps-quantizer", choices=["rtn", "gptq"],
                    help="quantizer behind the per-expert output-error table (default rtn; gptq: slower, closer to what is applied)")
     p.add_argument("--plan", help="reuse a plan.json")
+    p.add_argument("--no-measurement-cache", dest="reuse_measurements", action="store_false",
+                   help="measure pass 1 again instead of reusing (and keeping) cached measurements")
     p.add_argument("--dry-run", action="store_true", default=False, help="stop after the plan")
     p.add_argument("--synthetic-stats", action="store_true", default=False,
                    help="with --dry-run: plan from the config alone (meta device, synthetic statistics), for models "

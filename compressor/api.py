@@ -16,13 +16,14 @@ from . import prune
 from .apply_plan import QuantizePass
 from .arch.families import MLP_MOE, UnsupportedArchitecture, family_for
 from .arch.view import decoder_layers, dense_linears, find_moe_blocks
-from .assets import CALIB_TEXT, DEFAULT_MODEL_DIR
+from .assets import CALIB_TEXT, DEFAULT_MODEL_DIR, MEASUREMENTS_DIR
 from .calibration.data import calibration_windows, eval_windows, read_text, tokenize
 from .calibration.layerwise import Resident, in_memory, layerwise
 from .config import Recipe, dump_recipe
 from .io import checkpoint as ckpt
 from .io.accounting import bytes_by_component, predict_bytes, unique_state
 from .io.models import ModelDirError, copy_sidecars, is_compressed, load_model, load_tokenizer, read_config
+from .io.measure_cache import MeasurementCache
 from .io.streaming import StreamedModel
 from .io.report import build_report, format_report
 from .measure import BlockMeasurement, MeasurePass, synthetic_measurements
@@ -84,10 +85,11 @@ def check_data_free(recipe: Recipe, blocks) -> None:
 
 
 def make_plan(recipe: Recipe, model: nn.Module, blocks, dense, windows: torch.Tensor | None,
-              dtype: torch.dtype, stream: StreamedModel | None = None) -> Plan:
+              dtype: torch.dtype, stream: StreamedModel | None = None, log=print) -> Plan:
     """A plan from --plan, from the budget LP over pass-1 measurements (data-free weight errors when there are
     no calibration windows: see weight_measure.py), or uniform. With `stream`, `model` is that streamed model's
-    (meta device): what needs weights reads them one decoder layer at a time."""
+    (meta device): what needs weights reads them one decoder layer at a time. Pass 1's measurements are
+    reused from the measurement cache when its inputs are unchanged (io/measure_cache.py)."""
     q, a = recipe.quantization, recipe.allocation
     resident = stream.resident if stream is not None else in_memory
     if a.plan is not None:
@@ -103,8 +105,12 @@ def make_plan(recipe: Recipe, model: nn.Module, blocks, dense, windows: torch.Te
         plan = plan_budget(recipe, model, blocks, dense, weight_measurements(blocks, formats, q.group_size, q.sym), dtype)
         plan.allocation["measurements"] = "data-free weight errors, uniform routing"
         return plan
-    measurements, ternary = measure(recipe, model, blocks, windows, resident)
-    return plan_budget(recipe, model, blocks, dense, measurements, dtype, ternary)
+    cache = MeasurementCache(MEASUREMENTS_DIR if a.reuse_measurements else None)
+    measurements, ternary = cache.get_or_measure(model_dir_of(recipe), recipe, windows,
+                                                 lambda: measure(recipe, model, blocks, windows, resident), log)
+    plan = plan_budget(recipe, model, blocks, dense, measurements, dtype, ternary)
+    plan.allocation["measurements"] = f"pass 1 {cache.outcome}"
+    return plan
 
 
 def measure(recipe: Recipe, model: nn.Module, blocks, windows: torch.Tensor, resident: Resident = in_memory
@@ -225,7 +231,7 @@ def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = 
         else f"no calibration data: {len(blocks)} up-cycled MLP blocks, compressed from their weights alone")
     if not dry_run:
         ckpt.check_output(out_dir, model_dir, overwrite)  # fail before the long work, not after
-    plan = make_plan(recipe, model, blocks, dense, windows, dtype, stream)
+    plan = make_plan(recipe, model, blocks, dense, windows, dtype, stream, log)
     predicted = predict_bytes(model, blocks, dense, plan, dtype)
     plan.predicted_bytes = sum(predicted.values())
     if plan.budget_bytes is not None and scope_bytes(plan, predicted, blocks) > plan.budget_bytes:

@@ -1,4 +1,7 @@
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -7,8 +10,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # tests/tiny.py
 sys.path.insert(0, str(Path(__file__).parent.parent))  # cli.py, evals/
 
+# The tests (and the CLI subprocesses they start) keep cached pass-1 measurements in a directory of their own,
+# never the user's cache; set before compressor.assets reads it.
+CACHE = tempfile.mkdtemp(prefix="moe-compressor-test-cache-")
+os.environ["MOE_COMPRESSOR_CACHE"] = CACHE
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_cache():
+    yield
+    shutil.rmtree(CACHE, ignore_errors=True)
 
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():

@@ -9,7 +9,8 @@ Pure pathlib, no heavy imports, so anything (including tests and the CLI) can im
 - ``HELDOUT_TEXTS``: held-out evaluation texts, name -> path. Disjoint (by document) from the
   calibration text and from the default model's training text.
 - ``CACHE_DIR`` and what is built there, never shipped: the training text, the dense SmolLM2-135M and
-  the reference MoE derived from it (``python -m evals.models.build_reference``).
+  the reference MoE derived from it (``python -m evals.models.build_reference``), and pass-1 measurements
+  kept for reuse (``MEASUREMENTS_DIR``).
 
 Corpora are rebuilt by ``evals/data/build_corpora.py``; sources and licences are in
 ``corpora/SOURCES.md``.
@@ -27,6 +28,7 @@ CACHE_DIR: Path = Path(os.environ.get("MOE_COMPRESSOR_CACHE", Path.home() / ".ca
 TRAIN_TEXT: Path = CACHE_DIR / "corpora" / "train.txt"  # evals/data/build_corpora.py
 SMOLLM2_DIR: Path = CACHE_DIR / "smollm2-135m"  # dense SmolLM2-135M-Instruct, evals/models/build_reference.py
 REFERENCE_MODEL_DIR: Path = CACHE_DIR / "reference-moe"  # the reference MoE derived from it, same script
+MEASUREMENTS_DIR: Path = CACHE_DIR / "measurements"  # pass-1 measurements, compressor/io/measure_cache.py
 HELDOUT_TEXTS: dict[str, Path] = {
     "pydocs": CORPORA_DIR / "heldout_pydocs.txt",
     "austen": CORPORA_DIR / "heldout_austen.txt",
@@ -43,4 +45,5 @@ __all__ = [
     "TRAIN_TEXT",
     "SMOLLM2_DIR",
     "REFERENCE_MODEL_DIR",
+    "MEASUREMENTS_DIR",
 ]

@@ -73,6 +73,9 @@ class Allocation(Section):
     solver: Literal["highs", "cbc", "auto"] = "highs"
     rel_gap: float = Field(1e-3, ge=0, description="relative optimality gap at which the solver may stop")
     plan: Path | None = Field(None, description="reuse a plan.json instead of solving")
+    reuse_measurements: bool = Field(
+        True, description="keep pass 1's measurements in the cache directory ($MOE_COMPRESSOR_CACHE/measurements) and "
+                          "reuse them while the model files, calibration, grid and formats are unchanged")
 
     @field_validator("budget")
     @classmethod

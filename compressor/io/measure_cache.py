@@ -1,0 +1,114 @@
+"""Pass-1 measurements kept on disk, so that plans differing only in budget, scope or objective, and a compress
+interrupted after pass 1, do not measure the model again (on a 692M-parameter MoE pass 1 is most of a budget
+compress: ~15 min here).
+
+An entry is keyed by everything the measurements depend on: the model's files (name, size, modification time of
+config.json and the weight files), the calibration token windows themselves (so text, tokenizer, samples, length and
+seed), the quantization grid, the requested formats, the eps quantizer (and GPTQ's options when it is GPTQ) and
+MEASURE_VERSION, raised whenever pass 1 changes what it computes. It is one safetensors file (tensors, plus the rest as JSON metadata): nothing is unpickled, and a file
+that does not parse or does not match its key is measured again, never trusted."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from ..measure import BlockMeasurement
+
+MEASURE_VERSION = 1
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")
+
+
+def _stat(path: Path) -> list:
+    s = path.stat()
+    return [path.name, s.st_size, s.st_mtime_ns]
+
+
+def model_fingerprint(model_dir: Path) -> list:
+    """config.json, the weight files and their index: what a re-trained or re-written model changes."""
+    return sorted(_stat(p) for p in Path(model_dir).iterdir()
+                  if p.is_file() and p.suffix in WEIGHT_SUFFIXES and not p.name.startswith("tokenizer"))
+
+
+def cache_key(model_dir: Path, recipe, windows: torch.Tensor) -> tuple[str, dict]:
+    """(hex digest, the inputs it digests): the inputs are stored with the entry so it explains itself."""
+    q, a = recipe.quantization, recipe.allocation
+    inputs = {
+        "version": MEASURE_VERSION,
+        "model": str(Path(model_dir).resolve()),
+        "files": model_fingerprint(model_dir),
+        "windows": [list(windows.shape), hashlib.sha256(windows.long().numpy().tobytes()).hexdigest()],
+        "group_size": q.group_size,
+        "sym": q.sym,
+        "formats": list(a.formats),
+        "eps_quantizer": a.eps_quantizer,
+        "gptq": q.gptq_options if a.eps_quantizer == "gptq" else None,
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24], inputs
+
+
+def save(path: Path, key: str, inputs: dict, measurements: list[BlockMeasurement],
+         ternary: dict[str, list[bool]]) -> None:
+    """Atomic: a half-written entry is never read (written beside, then renamed)."""
+    tensors, blocks = {}, []
+    for i, m in enumerate(measurements):
+        for field in ("count", "weight_sum", "eps_sq", "hess_err"):
+            tensors[f"{i}.{field}"] = getattr(m, field).contiguous()
+        blocks.append({"name": m.name, "layer_idx": m.layer_idx, "formats": m.formats,
+                       "total_tokens": m.total_tokens, "out_energy": m.out_energy})
+    meta = {"key": key, "inputs": json.dumps(inputs), "blocks": json.dumps(blocks), "ternary": json.dumps(ternary)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def load(path: Path, key: str) -> tuple[list[BlockMeasurement], dict[str, list[bool]]] | None:
+    """The entry at `path` if it is a complete entry for `key`; None otherwise (then pass 1 runs)."""
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("key") != key:
+            return None
+        tensors = load_file(str(path))
+        blocks, ternary = json.loads(meta["blocks"]), json.loads(meta["ternary"])
+        out = [BlockMeasurement(b["name"], b["layer_idx"], b["formats"], tensors[f"{i}.count"],
+                                tensors[f"{i}.weight_sum"], b["total_tokens"], tensors[f"{i}.eps_sq"],
+                                tensors[f"{i}.hess_err"], b["out_energy"]) for i, b in enumerate(blocks)]
+    except (SafetensorError, OSError, KeyError, ValueError, TypeError):
+        return None
+    return out, ternary
+
+
+class MeasurementCache:
+    """`directory/<key>.safetensors`; `directory` None: no cache (every call measures)."""
+
+    def __init__(self, directory: Path | None):
+        self.directory = Path(directory) if directory is not None else None
+        self.outcome = "measured"  # of the last call, for the plan's record: measured / reused <entry> / kept in <entry>
+
+    def get_or_measure(self, model_dir: Path, recipe, windows: torch.Tensor, measure, log=print):
+        """`measure()` -> (measurements, ternary flags), run only when no valid entry exists."""
+        if self.directory is None:
+            self.outcome = "measured"
+            return measure()
+        key, inputs = cache_key(model_dir, recipe, windows)
+        path = self.directory / f"{key}.safetensors"
+        hit = load(path, key)
+        if hit is not None:
+            self.outcome = f"reused {path}"
+            log(f"pass 1: reusing the measurements in {path}")
+            return hit
+        measurements, ternary = measure()
+        save(path, key, inputs, measurements, ternary)
+        self.outcome = f"measured, kept in {path}"
+        log(f"pass 1: measurements kept in {path}")
+        return measurements, ternary

@@ -1,0 +1,82 @@
+"""The pass-1 measurement cache: a plan that differs only in budget or objective reuses the measurements (the
+same analysis as measuring again); anything pass 1 depends on changing, or a damaged entry, measures again."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from compressor import api
+from compressor.assets import MEASUREMENTS_DIR
+from tiny import budget_recipe, save_tiny
+
+FORMATS = ["keep", "int4", "int3", "int2"]  # group 16: int2 costs 4 bits per weight, int3 5, int4 6
+
+
+@pytest.fixture()
+def src(tmp_path):
+    return save_tiny("mixtral", tmp_path / "m")
+
+
+@pytest.fixture()
+def passes(monkeypatch):
+    """How many times pass 1 really ran."""
+    calls = []
+    real = api.measure
+
+    def counting(*args, **kw):
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(api, "measure", counting)
+    return calls
+
+
+def plan(src, out, **over):
+    r = budget_recipe(src, out, **{"allocation.budget": "5.5bits", "allocation.scope": "experts",
+                                   "allocation.formats": FORMATS, **over})
+    directory = api.compress(r, dry_run=True, log=lambda *_: None)
+    return json.loads((directory / "plan.json").read_text())
+
+
+def test_reused_measurements_give_the_same_analysis(src, tmp_path, passes):
+    first = plan(src, tmp_path / "a")
+    again = plan(src, tmp_path / "b")
+    other = plan(src, tmp_path / "c", **{"allocation.objective": "per_layer", "allocation.budget": "4.5bits"})
+    fresh = plan(src, tmp_path / "d", **{"allocation.reuse_measurements": False})
+    assert len(passes) == 2, "the 2nd and 3rd plans reuse pass 1; the 4th was told not to"
+    assert first["analysis"] == again["analysis"] == other["analysis"] == fresh["analysis"]
+    assert first["experts"] == again["experts"]
+    assert other["allocation"]["objective"] == "per_layer"
+    assert first["allocation"]["measurements"].startswith("pass 1 measured, kept in")
+    assert again["allocation"]["measurements"].startswith("pass 1 reused")
+
+
+@pytest.mark.parametrize("change", [{"calibration.seed": 1}, {"calibration.samples": 5},
+                                    {"allocation.formats": ["keep", "int4", "int2"]}, {"quantization.group_size": 32},
+                                    {"allocation.eps_quantizer": "gptq"}])
+def test_what_pass_1_depends_on_invalidates(src, tmp_path, passes, change):
+    plan(src, tmp_path / "a")
+    plan(src, tmp_path / "b", **change)
+    assert len(passes) == 2
+
+
+def test_rewritten_weights_invalidate(src, tmp_path, passes):
+    plan(src, tmp_path / "a")
+    weights = src / "model.safetensors"
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # re-written: a new modification time
+    plan(src, tmp_path / "b")
+    assert len(passes) == 2
+
+
+def test_damaged_entry_is_measured_again(src, tmp_path, passes):
+    plan(src, tmp_path / "a")
+    (entry,) = [p for p in MEASUREMENTS_DIR.glob("*.safetensors")
+                if str(src.resolve()) in open(p, "rb").read().decode("latin-1")]
+    entry.write_bytes(entry.read_bytes()[:200])  # truncated, e.g. a full disk
+    second = plan(src, tmp_path / "b")
+    assert len(passes) == 2 and second["analysis"]
+    assert entry.stat().st_size > 200, "the entry was written again"
