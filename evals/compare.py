@@ -104,6 +104,37 @@ def task_accuracy(model, tok, tasks: list[str], limit: int | None) -> dict:
     return {task: round(r.get("acc,none", float("nan")), 4) for task, r in results["results"].items()}
 
 
+def row_model(model_dir: Path, runs: Path, name: str, overrides: dict, results: dict, samples: int):
+    """(model, tokenizer, row) of one variant: compressed into runs/<name> unless already there; a "+odp" row
+    takes an earlier row's model and calibrates online dynamic pruning on it (same bytes)."""
+    row = {"settings": overrides}
+    if "from" in overrides:
+        src = model_dir if overrides["from"] == "fp16" else runs / overrides["from"]
+        row.update(total_bytes=results[overrides["from"]]["total_bytes"], compress_seconds=0.0,
+                   expert_bytes=results[overrides["from"]]["expert_bytes"])
+        model, tok = load_model(src, dynamic_pruning=False), load_tokenizer(src)
+        recipe = apply_overrides(Recipe(), {"model": str(model_dir), "calibration.samples": samples,
+                                            "pruning.target": overrides["pruning.target"]})
+        prune.attach(model, api.calibrate_pruning(recipe, model, api.calibration_data(recipe, tok), log=lambda *_: None))
+        return model, tok, row
+    if name == "fp16":
+        row.update(total_bytes=sum(tensor_nbytes(model_dir).values()), expert_bytes=expert_bytes(model_dir),
+                   compress_seconds=0.0)
+        return load_model(model_dir), load_tokenizer(model_dir), row
+    directory = runs / name
+    if not (directory / "report.json").exists():
+        recipe = apply_overrides(Recipe(), {"model": str(model_dir), "output": str(directory),
+                                            "calibration.samples": samples, **overrides})
+        api.compress(recipe, overwrite=True, log=lambda *_: None)
+    report = json.loads((directory / "report.json").read_text())
+    row.update(total_bytes=report["total_compressed"], expert_bytes=expert_bytes(directory),
+               compress_seconds=report["seconds"])
+    measured = json.loads((directory / "plan.json").read_text())["allocation"].get("measurements", "")
+    if measured.startswith("pass 1 reused"):  # its compress seconds exclude pass 1
+        row["pass1_reused"] = True
+    return load_model(directory), load_tokenizer(directory), row
+
+
 def run(suite: str, model_dir: Path, max_tokens: int, seq_len: int, samples: int, tasks: list[str],
         limit: int | None, points=DEFAULT_POINTS, only: set[str] | None = None) -> dict:
     runs = ROOT / "runs" / suite / model_dir.name
@@ -113,48 +144,31 @@ def run(suite: str, model_dir: Path, max_tokens: int, seq_len: int, samples: int
     for name, overrides in variants.items():
         if only and name not in only:
             continue
-        if name in results:
+        missing = [t for t in tasks if t not in results.get(name, {}).get("accuracy", {})]
+        if name in results and not missing:
             print(f"[resume] {name}: done")
             continue
-        t0 = time.time()
-        extra = {}
         if "from" in overrides and overrides["from"] not in results:
             print(f"skip {name}: needs {overrides['from']} first")
             continue
-        if "from" in overrides:  # an earlier row's model with online dynamic pruning calibrated and on
-            src = model_dir if overrides["from"] == "fp16" else runs / overrides["from"]
-            secs, total, ebytes = 0.0, results[overrides["from"]]["total_bytes"], results[overrides["from"]]["expert_bytes"]
-            model, tok = load_model(src, dynamic_pruning=False), load_tokenizer(src)
-            recipe = apply_overrides(Recipe(), {"model": str(model_dir), "calibration.samples": samples,
-                                                "pruning.target": overrides["pruning.target"]})
-            prune.attach(model, api.calibrate_pruning(recipe, model, api.calibration_data(recipe, tok), log=lambda *_: None))
+        t0 = time.time()
+        model, tok, row = row_model(model_dir, runs, name, resolve_budget(overrides, results), results, samples)
+        if name in results:  # a finished row without some of the requested tasks: add their accuracy
+            results[name].setdefault("accuracy", {}).update(task_accuracy(model, tok, missing, limit))
+            results[name]["task_limit"] = limit
         else:
-            if name == "fp16":
-                directory, secs = model_dir, 0.0
-                total, ebytes = sum(tensor_nbytes(model_dir).values()), expert_bytes(model_dir)
-            else:
-                directory = runs / name
-                overrides = resolve_budget(overrides, results)
-                if not (directory / "report.json").exists():
-                    recipe = apply_overrides(Recipe(), {"model": str(model_dir), "output": str(directory),
-                                                        "calibration.samples": samples, **overrides})
-                    api.compress(recipe, overwrite=True, log=lambda *_: None)
-                report = json.loads((directory / "report.json").read_text())
-                secs, total, ebytes = report["seconds"], report["total_compressed"], expert_bytes(directory)
-                measured = json.loads((directory / "plan.json").read_text())["allocation"].get("measurements", "")
-                if measured.startswith("pass 1 reused"):  # its compress seconds exclude pass 1
-                    extra["pass1_reused"] = True
-            model, tok = load_model(directory), load_tokenizer(directory)
-        ppl = evaluate_model(model, tok, max_tokens, seq_len)
-        if "from" in overrides:  # what pruning skipped over the perplexity evaluation
-            extra["activation"] = prune.activation_line(model)
-        acc = task_accuracy(model, tok, tasks, limit) if tasks else {}
-        results[name] = {"total_bytes": total, "expert_bytes": ebytes, "compress_seconds": secs, "perplexity": ppl,
-                         "accuracy": acc, "eval_seconds": round(time.time() - t0 - secs, 1), "settings": overrides,
-                         **extra}
+            row["perplexity"] = evaluate_model(model, tok, max_tokens, seq_len)
+            if "from" in overrides:  # what pruning skipped over the perplexity evaluation
+                row["activation"] = prune.activation_line(model)
+            row["accuracy"] = task_accuracy(model, tok, tasks, limit) if tasks else {}
+            row["task_limit"] = limit if tasks else None
+            row["eval_seconds"] = round(time.time() - t0 - row["compress_seconds"], 1)
+            results[name] = row
+        order = list(variants)  # rows in the suite's order (point by point), whatever order they ran in
+        results = dict(sorted(results.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
         RESULTS.mkdir(exist_ok=True)
         results_path.write_text(json.dumps(results, indent=1))
-        print(f"{name}: {ppl}  ({total:,} bytes)")
+        print(f"{name}: {results[name]['perplexity']} {results[name]['accuracy']} ({results[name]['total_bytes']:,} bytes)")
     (RESULTS / f"{suite}_{model_dir.name}.md").write_text(markdown(results, max_tokens, seq_len, limit))
     plot(results, RESULTS / f"{suite}_{model_dir.name}.png")
     return results

