@@ -14,7 +14,7 @@ from torch import nn
 from .analysis.importance import output_error_sq
 from .arch.view import MoEBlock
 from .calibration.layerwise import LayerInputs, run_layer
-from .calibration.stats import ExpertStats, RoutedObserver
+from .calibration.stats import ExpertStats, RoutedObserver, check_finite
 from .quantize.formats import QuantSpec
 from .quantize.gptq import gptq_quantize, hessian_error
 from .quantize.rtn import quantize_rtn
@@ -47,14 +47,20 @@ def candidates(W: torch.Tensor, fmt: str, group_size: int, sym: bool, H: torch.T
 
 
 class ErrorObserver(RoutedObserver):
-    """Routing statistics and Hessians (as RoutedObserver) plus eps[e, f] for every candidate."""
+    """eps[e, f] for every candidate, plus routing statistics and Hessians (as RoutedObserver) unless `stats`
+    already holds them (`accumulate=False`: a forward before this one collected them)."""
 
-    def __init__(self, stats: ExpertStats, where: str, dense: DenseExperts, cand_gu, cand_d, eps_sq):
+    def __init__(self, stats: ExpertStats, where: str, dense: DenseExperts, cand_gu, cand_d, eps_sq,
+                 accumulate: bool = True):
         super().__init__(stats, where)
         self.dense, self.cand_gu, self.cand_d, self.eps_sq = dense, cand_gu, cand_d, eps_sq
+        self.accumulate = accumulate
 
     def __call__(self, e, x, h, tok, weights) -> None:
-        super().__call__(e, x, h, tok, weights)
+        if self.accumulate:
+            super().__call__(e, x, h, tok, weights)
+        else:
+            check_finite(x, f"{self.where} expert {e}")
         d = self.dense
         b_gu = None if d.gate_up_bias is None else d.gate_up_bias[e]
         b_d = None if d.down_bias is None else d.down_bias[e]
@@ -73,9 +79,10 @@ class MeasurePass:
         self.quantizer, self.gptq = quantizer, gptq or {}
         self.results: list[BlockMeasurement] = []
 
-    def _hessians(self, b: MoEBlock, layer: nn.Module, inputs: LayerInputs, dense: DenseExperts, i: int):
-        """Routed-token Hessians of every expert from a forward of the layer (the GPTQ candidates need them
-        before the forward that measures eps)."""
+    def _routed_stats(self, b: MoEBlock, layer: nn.Module, inputs: LayerInputs, dense: DenseExperts, i: int
+                      ) -> ExpertStats:
+        """Routing statistics and routed-token Hessians of every expert from a forward of the layer (the GPTQ
+        candidates need the Hessians before the forward that measures eps, which then reuses them)."""
         E, _, H = dense.gate_up.shape
         stats = ExpertStats.zeros(E, H, dense.down.shape[-1])
         dense.observer, original, b.block.experts = RoutedObserver(stats, f"layer {i}"), b.block.experts, dense
@@ -83,7 +90,7 @@ class MeasurePass:
             run_layer(layer, inputs)
         finally:
             b.block.experts, dense.observer = original, None
-        return stats.hessians()
+        return stats
 
     def _candidates(self, W: torch.Tensor, H: torch.Tensor | None) -> torch.Tensor:  # [F, E, out, in]
         return torch.stack([candidates(W, f, self.group_size, self.sym, H, **self.gptq) for f in self.formats])
@@ -97,10 +104,11 @@ class MeasurePass:
             dense = DenseExperts.from_view(b)
             E, _, H = dense.gate_up.shape
             I = dense.down.shape[-1]
-            H_gu, H_d = self._hessians(b, layer, inputs, dense, i) if self.quantizer == "gptq" else (None, None)
+            pre = self._routed_stats(b, layer, inputs, dense, i) if self.quantizer == "gptq" else None
+            H_gu, H_d = pre.hessians() if pre is not None else (None, None)
             cand_gu, cand_d = self._candidates(dense.gate_up, H_gu), self._candidates(dense.down, H_d)
-            stats, eps_sq = ExpertStats.zeros(E, H, I), torch.zeros(E, len(self.formats))
-            dense.observer = ErrorObserver(stats, f"layer {i}", dense, cand_gu, cand_d, eps_sq)
+            stats, eps_sq = pre if pre is not None else ExpertStats.zeros(E, H, I), torch.zeros(E, len(self.formats))
+            dense.observer = ErrorObserver(stats, f"layer {i}", dense, cand_gu, cand_d, eps_sq, accumulate=pre is None)
             energy = [0.0]
 
             def on_output(_m, args, out, stats=stats, energy=energy):

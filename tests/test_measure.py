@@ -33,6 +33,7 @@ def test_gptq_candidates_lower_the_measured_output_error(tmp_path):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()), "measurement changed the model"
     for r, g in zip(rtn, gptq):
         assert torch.equal(r.count, g.count) and r.total_tokens == g.total_tokens  # same tokens, counted once
+        assert torch.allclose(r.weight_sum, g.weight_sum)  # routing statistics of the Hessian forward, reused
         assert torch.allclose(r.out_energy * torch.ones(()), g.out_energy * torch.ones(()))
         # GPTQ minimises the Hessian-weighted error: never above RTN's per expert (up to float noise) ...
         assert (g.hess_err <= r.hess_err * (1 + 1e-4) + 1e-6).all()
