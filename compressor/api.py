@@ -139,19 +139,18 @@ def pinned_ternary(model: nn.Module, blocks, group_size: int, resident: Resident
     return scan.flags
 
 
-def streamed_model(recipe: Recipe, model_dir: Path, trust_remote_code: bool, dry_run: bool,
-                   log=print) -> StreamedModel | None:
-    """The model streamed from disk one decoder layer at a time, when everything before pass 2 can work that way:
-    a dry run, or pass 1 of a budget. None: the model is loaded (pass 2 always loads it)."""
-    a = recipe.allocation
-    if not dry_run and (a.budget is None or a.plan is not None):
-        return None  # no pass 1: pass 2 loads the model anyway
+def streamed_model(model_dir: Path, trust_remote_code: bool, log=print) -> StreamedModel | None:
+    """The model streamed from disk one decoder layer at a time: pass 1 reads each layer and releases it, pass 2
+    reads each layer and keeps it quantized, so the 16-bit model is never whole in memory. None (with the reason
+    logged): the model is loaded whole."""
     config = read_config(model_dir)
+    if MOE_MODULES not in config:  # unsupported: the error lists the supported families (as load_model's)
+        family_for(config.get("model_type", "<missing model_type>"))
     why = ("it holds up-cycled MLP blocks, measured without data from all their weights at once" if MOE_MODULES in config
            else "--trust-remote-code (streaming builds transformers' own model classes)" if trust_remote_code
            else "its config.json has a quantization_config" if config.get("quantization_config") else None)
     if why:
-        log(f"loading the whole model before the plan: {why}")
+        log(f"loading the whole model: {why}")
         return None
     return StreamedModel(model_dir, _load_dtype(model_dir))
 
@@ -213,7 +212,7 @@ def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = 
     if is_compressed(model_dir):
         raise ModelDirError(f"{model_dir} is already compressed by moe-compressor; compress the original model "
                             "(its path is in the compressed model's recipe.yaml)")
-    stream = streamed_model(recipe, model_dir, trust_remote_code, dry_run, log)
+    stream = streamed_model(model_dir, trust_remote_code, log)
     model = stream.model if stream is not None else load_model(model_dir, _load_dtype(model_dir), trust_remote_code)
     blocks = find_moe_blocks(model)
     no_data = data_free(blocks)
@@ -242,11 +241,7 @@ def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = 
         plan.save(out_dir / "plan.json")
         log(f"dry run: plan written to {out_dir / 'plan.json'}")
         return out_dir
-    if stream is not None:  # pass 1 streamed; pass 2 quantizes the loaded model
-        del stream, model
-        model = load_model(model_dir, _load_dtype(model_dir), trust_remote_code)
-        blocks = find_moe_blocks(model)
-        dense = dense_linears(model, blocks)
+    resident = stream.kept if stream is not None else in_memory  # pass 2 keeps each layer it quantized
     tmp = ckpt.prepare_output(out_dir, model_dir, overwrite)
     try:
         qpass = QuantizePass(model, blocks, dense, plan, recipe)
@@ -254,7 +249,9 @@ def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = 
             for i in sorted({b.layer_idx for b in blocks}):
                 qpass(i, None, None)
         else:
-            layerwise(model, windows if qpass.needs_data() else None, qpass, desc="quantize")
+            layerwise(model, windows if qpass.needs_data() else None, qpass, desc="quantize", resident=resident)
+        if stream is not None:
+            model = stream.complete()  # the LM head, read last
         rule = calibrate_pruning(recipe, model, windows, log)
         qconfig = ckpt.quantization_config(model, plan.group_size, plan.sym, prune.config_entry(rule))
         written = ckpt.save_compressed(model, tmp, dtype, qconfig, MAX_SHARD_BYTES)

@@ -145,7 +145,7 @@ def test_streamed_plan_predicts_the_written_bytes(src, tmp_path, monkeypatch):
     plan = json.loads((dry / "plan.json").read_text())
     out = api.compress(recipe(src, tmp_path / "q", **{"allocation.plan": str(dry / "plan.json")}), **QUIET)
     assert file_tensor_bytes(out) == plan["predicted_bytes"] <= plan["budget_bytes"]
-    # a real budget compress measures pass 1 streamed too (then loads the model for pass 2), and plans the same
+    # a real budget compress streams both passes, and plans the same
     used = []
     monkeypatch.setattr(api, "StreamedModel", lambda *a: used.append(a) or StreamedModel(*a))
     again = api.compress(recipe(src, tmp_path / "b", **over), **QUIET)
@@ -209,3 +209,46 @@ def test_missing_weights_are_errors_naming_the_fix(tmp_path):
     shard.unlink()
     with pytest.raises(ModelDirError, match=f"missing weight file {shard.name}"):
         StreamedModel(sharded, F16)
+
+
+def tensors_of(directory) -> dict:
+    return {k: v for f in sorted(directory.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+@pytest.mark.parametrize("model_type,over", [
+    ("mixtral", {"quantization.bits": 3}),
+    ("qwen2_moe", {"allocation.budget": "10bits", "allocation.scope": "model"}),  # shared experts, dense linears
+    ("gpt_oss", {"quantization.bits": 2, "calibration.seq_len": 48}),
+    ("mixtral", {"quantization.method": "rtn", "tie_word_embeddings": True}),
+])
+def test_streamed_pass_2_writes_what_the_loaded_model_writes(model_type, over, tmp_path, monkeypatch):
+    """compress never holds the 16-bit model whole (pass 2 reads each layer and keeps it quantized, then the LM
+    head), and writes exactly the tensors it writes with the model loaded."""
+    over = dict(over)
+    tied = over.pop("tie_word_embeddings", False)
+    src = save_tiny(model_type, tmp_path / "src", **({"tie_word_embeddings": True} if tied else {}))
+    reads, held = [], []
+    real_load = StreamedModel._load
+
+    def load(self, part):
+        reads.append(part)
+        held.append(self.resident_bytes())  # before this part is read
+        return real_load(self, part)
+
+    monkeypatch.setattr(StreamedModel, "_load", load)
+    no_full_load(monkeypatch)
+    streamed = api.compress(recipe(src, tmp_path / "s", **over), **QUIET)
+    monkeypatch.undo()
+    layers = [p for p in reads if isinstance(p, int)]
+    n = len(decoder_layers(load_model(src)))
+    assert layers[-n:] == list(range(n)) and reads[-1] == "head", "pass 2 reads every layer once, in order, then the head"
+    whole = sum(t.nbytes for t in tensors_of(src).values())  # the 16-bit checkpoint
+    assert max(held) < whole - sum(t.nbytes for k, t in tensors_of(src).items() if ".layers.1." in k)
+    monkeypatch.setattr(api, "streamed_model", lambda *a, **k: None)  # the whole model loaded
+    loaded = api.compress(recipe(src, tmp_path / "l", **over), **QUIET)
+    a, b = tensors_of(streamed), tensors_of(loaded)
+    assert a.keys() == b.keys() and a
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    assert json.loads((streamed / "plan.json").read_text())["experts"] == json.loads(
+        (loaded / "plan.json").read_text())["experts"]

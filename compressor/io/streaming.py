@@ -1,4 +1,4 @@
-"""A model streamed from its safetensors one decoder layer at a time: pass 1 without the model in memory.
+"""A model streamed from its safetensors one decoder layer at a time: compression without the 16-bit model in memory.
 
 The architecture is built on the meta device from config.json. The stem (everything outside the decoder
 layers but the LM head: embeddings, rotary tables, final norm) is read at once; it is what runs before the
@@ -6,8 +6,12 @@ first layer. Each decoder layer's tensors are read when `resident` enters it (on
 shard holds them) and released back to the meta device when it exits. Checkpoint keys go through transformers'
 own conversion (Mixtral's per-expert w1/w2/w3 fused into gate_up_proj/down_proj, GPT-OSS's transposed storage
 as it is), so a layer holds exactly what `from_pretrained` would give it; non-persistent buffers (rotary
-inv_freq) are computed as `from_pretrained` computes them. Peak memory: the stem, one layer (16-bit while read,
-fp32 while worked on) and the calibration activations, whatever the number of layers.
+inv_freq) are computed as `from_pretrained` computes them.
+
+Pass 1 (`resident`) releases each layer after its turn: peak memory is the stem, one layer (16-bit while read,
+fp32 while worked on) and the calibration activations, whatever the number of layers. Pass 2 (`kept`) keeps each
+layer once it is quantized, since it is part of the output: the compressed model grows layer by layer, and the
+16-bit model is never whole in memory; `complete()` then reads the LM head.
 """
 
 from __future__ import annotations
@@ -112,6 +116,26 @@ class StreamedModel:
             yield
         finally:
             layer.to_empty(device="meta")
+
+    @contextmanager
+    def kept(self, i: int, layer: nn.Module):
+        """Decoder layer i read from disk (unless it already is) and kept: pass 2 replaces its experts by packed
+        ones, and the layer stays as part of the compressed model."""
+        if layer is not decoder_layers(self.model)[i]:
+            raise ValueError(f"layer {i} is not a decoder layer of this streamed model")
+        if any(t.is_meta for t in layer.state_dict().values()):
+            self._load(i)
+        yield
+
+    def complete(self) -> nn.Module:
+        """The model with every tensor in memory, once pass 2 has kept every layer: reads the LM head (tied heads
+        are the embedding again). An error if a layer was never read."""
+        self._load(HEAD)
+        self.model.tie_weights()
+        left = sorted({str(self.part_of(n)) for n, t in self.model.state_dict().items() if t.is_meta})
+        if left:
+            raise RuntimeError(f"internal error: parts {left} of the streamed model were never read")
+        return self.model
 
     def resident_bytes(self) -> int:
         """Bytes of the tensors currently in memory (not on the meta device), tied tensors once."""
