@@ -62,7 +62,9 @@ def main() -> None:
     ms = measure.results
     energy = np.concatenate([np.full(m.count.shape[0], m.out_energy) for m in ms])
     predictors = {obj: costs(ms, obj)[:, 0] for obj in ("global", "per_layer", "frequency")}
-    predictors["hessian"] = torch.cat([m.hess_err[:, 0] for m in ms]).double().numpy() / energy
+    hess = torch.cat([m.hess_err[:, 0] for m in ms]).double().numpy() / energy  # per routed token (H is a mean)
+    predictors["hessian per token"] = hess
+    predictors["hessian x tokens"] = hess * torch.cat([m.count for m in ms]).double().numpy()
     predictors["frequency alone"] = torch.cat([m.count.double() / m.total_tokens for m in ms]).numpy()
     predictors["routing weight alone"] = torch.cat([m.weight_sum.double() for m in ms]).numpy()
 
@@ -84,24 +86,28 @@ def main() -> None:
             rows.append({"layer": b.layer_idx, "expert": e, "share": float(m.count[e]) / m.total_tokens,
                          "delta_nll": delta, **{k: float(v[i]) for k, v in predictors.items()}})
             print(f"layer {b.layer_idx} expert {e}: share {rows[-1]['share']:.3f} dNLL {delta:+.5f}", flush=True)
+    out = {"model": str(a.model), "format": a.format, "group_size": a.group_size, "eval_tokens": int(ids.numel()),
+           "base_nll": base, "predictors": list(predictors), "rows": rows, "seconds": round(time.time() - t0, 1)}
+    write(out, f"analyzers_{a.model.name}")
+
+
+def write(out: dict, name: str) -> None:
+    """Spearman over the ablated experts (pooled) and within-layer pair order, then JSON and markdown."""
+    rows, predictors = out["rows"], out["predictors"]
     truth = [r["delta_nll"] for r in rows]
     pooled = {k: spearman([r[k] for r in rows], truth) for k in predictors}
     pairs = [(rows[j], rows[j + 1]) for j in range(0, len(rows), 2)]
     within = {k: float(np.mean([(x[k] > y[k]) == (x["delta_nll"] > y["delta_nll"]) for x, y in pairs]))
               for k in predictors}
-    out = {"model": str(a.model), "format": a.format, "group_size": a.group_size, "eval_tokens": int(ids.numel()),
-           "base_nll": base, "spearman_pooled": pooled, "within_layer_pair_accuracy": within, "rows": rows,
-           "seconds": round(time.time() - t0, 1)}
+    out = {**out, "spearman_pooled": pooled, "within_layer_pair_accuracy": within}
     RESULTS.mkdir(exist_ok=True)
-    name = f"analyzers_{a.model.name}"
     (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1))
     lines = ["| predictor | Spearman vs dNLL (pooled) | within-layer pair order right |", "|---|---|---|"]
     lines += [f"| {k} | {pooled[k]:+.3f} | {within[k]:.2f} |" for k in predictors]
-    lines.append(f"\n{len(rows)} single-expert ablations ({a.format} RTN, group {a.group_size}) on {a.model.name}; "
-                 f"dNLL on {ids.numel()} held-out tokens, base NLL {base:.4f}.")
+    lines.append(f"\n{len(rows)} single-expert ablations ({out['format']} RTN, group {out['group_size']}) on "
+                 f"{Path(out['model']).name}; dNLL on {out['eval_tokens']} held-out tokens, base NLL {out['base_nll']:.4f}.")
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-
 
 if __name__ == "__main__":
     main()
