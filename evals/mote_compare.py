@@ -31,11 +31,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from compressor.assets import CALIB_TEXT, HELDOUT_TEXTS  # noqa: E402
+from compressor.assets import CALIB_TEXT, HELDOUT_TEXTS, TRAIN_TEXT  # noqa: E402
 from compressor.quantize.formats import QuantSpec, packed_nbytes  # noqa: E402
 from compressor.upcycle import bake_ternary, is_ternary, train, upcycle  # noqa: E402
-
-TRAIN_TEXT = Path.home() / ".cache" / "moe-compressor" / "corpora" / "train.txt"
 
 
 def tokenizer_for(text: str, vocab: int):
@@ -93,7 +91,11 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-tokens", type=int, default=16384, help="per held-out text")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=REPO / "evals" / "results" / "mote_compare.json")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plot from --out's JSON")
     args = ap.parse_args(argv)
+    if args.plot_only:
+        plot(json.loads(args.out.read_text()), args.out.with_suffix(".png"))
+        return 0
     torch.set_num_threads(args.threads)
     t0 = time.time()
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -176,8 +178,35 @@ def main(argv=None) -> int:
               "seconds": round(time.time() - t0, 1), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
+    plot(result, args.out.with_suffix(".png"))
     print(f"wrote {args.out} in {result['seconds']} s")
     return 0
+
+
+def plot(result: dict, png: Path) -> None:
+    """Mean held-out perplexity against routed-expert bytes, one point per row (dense rows at 0 bytes are drawn
+    as horizontal reference lines)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for name, r in result["rows"].items():
+        mean = r["ppl"]["mean"]
+        if not r["expert_bytes"]:
+            ax.axhline(mean, ls="--", lw=0.8, color="grey")
+            ax.annotate(name, (0.01, mean), xycoords=("axes fraction", "data"), fontsize=7, va="bottom")
+            continue
+        marker = "s" if "MoTE" in name else ("o" if "@" not in name else "^")
+        ax.scatter(r["expert_bytes"] / 1e6, mean, marker=marker, label=f"{name}: {mean:.1f}")
+    ax.legend(fontsize=7, loc="upper right")
+    ax.set_xscale("log")
+    ax.set_xlabel("routed-expert bytes (MB, log)")
+    ax.set_ylabel("mean held-out perplexity")
+    ax.set_title(f"MoTE vs FP up-cycled MoE ({result['upcycle_tokens']:,} up-cycling tokens)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
 
 
 if __name__ == "__main__":
