@@ -141,6 +141,10 @@ def run(suite: str, model_dir: Path, max_tokens: int, seq_len: int, samples: int
     results_path = RESULTS / f"{suite}_{model_dir.name}.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     variants = SUITES[suite](points) if suite == "budget" else SUITES[suite]()
+    todo = [n for n in variants if (not only or n in only)
+            and (n not in results or any(t not in results[n].get("accuracy", {}) for t in tasks))]
+    print(f"{len(todo)} rows to run: {', '.join(todo) or 'none'}")
+    started, done = time.time(), 0
     for name, overrides in variants.items():
         if only and name not in only:
             continue
@@ -151,6 +155,12 @@ def run(suite: str, model_dir: Path, max_tokens: int, seq_len: int, samples: int
         if "from" in overrides and overrides["from"] not in results:
             print(f"skip {name}: needs {overrides['from']} first")
             continue
+        if done:  # rows differ a lot (an LP row measures pass 1 unless it is cached): a rough estimate
+            per_row = (time.time() - started) / done
+            print(f"[{done + 1}/{len(todo)}] {name}: {(time.time() - started) / 60:.1f} min so far, about "
+                  f"{per_row * (len(todo) - done) / 60:.0f} min left", flush=True)
+        else:
+            print(f"[1/{len(todo)}] {name}", flush=True)
         t0 = time.time()
         model, tok, row = row_model(model_dir, runs, name, resolve_budget(overrides, results), results, samples)
         if name in results:  # a finished row without some of the requested tasks: add their accuracy
@@ -169,6 +179,7 @@ def run(suite: str, model_dir: Path, max_tokens: int, seq_len: int, samples: int
         RESULTS.mkdir(exist_ok=True)
         results_path.write_text(json.dumps(results, indent=1))
         print(f"{name}: {results[name]['perplexity']} {results[name]['accuracy']} ({results[name]['total_bytes']:,} bytes)")
+        done += 1
     (RESULTS / f"{suite}_{model_dir.name}.md").write_text(markdown(results, max_tokens, seq_len, limit))
     plot(results, RESULTS / f"{suite}_{model_dir.name}.png")
     return results
