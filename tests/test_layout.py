@@ -33,3 +33,18 @@ def test_compressor_never_imports_evals():
     for path in ROOT.rglob("*.py"):
         bad = {m for m in imported_modules(path) if m.split(".")[0] == "evals"}
         assert not bad, f"{path} imports {bad}"
+
+
+def test_gptqmodel_stays_an_evals_peer():
+    """GPTQModel (evals/peers, its own venv) is imported nowhere else and is no dependency, not even an extra."""
+    import tomllib
+
+    repo = ROOT.parent
+    for path in [repo / "cli.py", *ROOT.rglob("*.py"), *(repo / "evals").rglob("*.py"), *(repo / "tests").rglob("*.py")]:
+        if "peers" in path.relative_to(repo).parts:
+            continue
+        bad = {m for m in imported_modules(path) if m.split(".")[0] == "gptqmodel"}
+        assert not bad, f"{path} imports {bad}"
+    project = tomllib.loads((repo / "pyproject.toml").read_text())["project"]
+    deps = project["dependencies"] + [d for ds in project.get("optional-dependencies", {}).values() for d in ds]
+    assert not [d for d in deps if d.lower().startswith("gptqmodel")]
