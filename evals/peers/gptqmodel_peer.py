@@ -5,14 +5,14 @@ moe-compressor (not even an optional extra). It pulls in datasets, pyarrow, torc
 numpy, and its newest release wants torch>=2.14.1, which on PyPI is the multi-GB CUDA build; 7.6.0 is the
 newest that accepts the project's torch==2.13.0 CPU build. Set up once (see evals/peers/GPTQMODEL.md):
 
-    python3 -m venv /work/gptqm-venv
-    /work/gptqm-venv/bin/pip install torch==2.13.0
-    /work/gptqm-venv/bin/pip install gptqmodel==7.6.0 torch==2.13.0
-    /work/gptqm-venv/bin/pip install -e . matplotlib torch==2.13.0
+    python3 -m venv .venv-gptqmodel
+    .venv-gptqmodel/bin/pip install torch==2.13.0
+    .venv-gptqmodel/bin/pip install gptqmodel==7.6.0 torch==2.13.0
+    .venv-gptqmodel/bin/pip install -e . matplotlib torch==2.13.0
 
 then, from the repository root:
 
-    /work/gptqm-venv/bin/python -m evals.peers.gptqmodel_peer --points 2.25b,2.5b,3.25b,3.5b --max-tokens 16384
+    .venv-gptqmodel/bin/python -m evals.peers.gptqmodel_peer --points 2.25b,2.5b,3.25b,3.5b --max-tokens 16384
 
 Each point of evals.compare.BUDGET_POINTS (2.5b = int2/g64, ...) is quantized by GPTQModel into
 evals/runs/peers/<model>/<point>-gptqmodel/ (kept; an existing one is evaluated again, not re-quantized)
