@@ -67,3 +67,18 @@ def test_compare_resumes_and_adds_missing_task_accuracy(tmp_path, monkeypatch):
     compare.run("budget", src, 128, 32, 2, ["piqa"], 5, ("2.5b",), rows)
     assert len(asked) == 2, "nothing left to do"
     assert "acc piqa" in (tmp_path / "results/budget_tiny-mixtral.md").read_text()
+
+
+def test_divergence_is_zero_for_the_original_and_grows_under_quantization(tmp_path):
+    from compressor import api
+    from evals import divergence
+    from tiny import budget_recipe, save_tiny
+
+    src = save_tiny("mixtral", tmp_path / "m")
+    rtn2 = api.compress(budget_recipe(src, tmp_path / "q", **{"quantization.method": "rtn", "quantization.bits": 2}),
+                        log=lambda *_: None)
+    ids = torch.randint(0, 300, (1, 32), generator=torch.Generator().manual_seed(0))
+    original = divergence.hidden_states(src, ids)
+    assert divergence.relative_errors(original, original) == [0.0] * len(original)
+    errors = divergence.relative_errors(divergence.hidden_states(rtn2, ids), original)
+    assert errors[0] == 0.0 and all(e > 0.01 for e in errors[1:]), errors  # embeddings untouched, layers not
