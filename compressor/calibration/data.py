@@ -18,7 +18,9 @@ def read_text(path: str | Path) -> str:
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:  # [N] int64
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    """The whole text as one id sequence (cut into windows later, so the model's maximum length does not apply:
+    `verbose=False` keeps the tokenizer from warning that it is exceeded)."""
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
 
 
