@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from . import prune
 from .apply_plan import QuantizePass
-from .arch.families import MLP_MOE, UnsupportedArchitecture, family_for
+from .arch.families import MLP_MOE, UnsupportedArchitecture
 from .arch.view import decoder_layers, dense_linears, find_moe_blocks
 from .assets import CALIB_TEXT, DEFAULT_MODEL_DIR, MEASUREMENTS_DIR
 from .calibration.data import calibration_windows, eval_windows, read_text, tokenize
@@ -22,7 +22,8 @@ from .calibration.layerwise import Resident, in_memory, layerwise
 from .config import Recipe, dump_recipe
 from .io import checkpoint as ckpt
 from .io.accounting import bytes_by_component, predict_bytes, unique_state
-from .io.models import ModelDirError, copy_sidecars, is_compressed, load_model, load_tokenizer, read_config
+from .io.models import (ModelDirError, check_supported, copy_sidecars, is_compressed, load_model, load_tokenizer,
+                        read_config)
 from .io.measure_cache import MeasurementCache
 from .io.streaming import StreamedModel
 from .io.report import build_report, format_report
@@ -144,8 +145,7 @@ def streamed_model(model_dir: Path, trust_remote_code: bool, log=print) -> Strea
     reads each layer and keeps it quantized, so the 16-bit model is never whole in memory. None (with the reason
     logged): the model is loaded whole."""
     config = read_config(model_dir)
-    if MOE_MODULES not in config:  # unsupported: the error lists the supported families (as load_model's)
-        family_for(config.get("model_type", "<missing model_type>"))
+    check_supported(config)
     why = ("it holds up-cycled MLP blocks, measured without data from all their weights at once" if MOE_MODULES in config
            else "--trust-remote-code (streaming builds transformers' own model classes)" if trust_remote_code
            else "its config.json has a quantization_config" if config.get("quantization_config") else None)
@@ -160,8 +160,7 @@ def meta_model(config: dict) -> nn.Module:
     from transformers import AutoConfig
 
     config = {k: v for k, v in config.items() if k != "quantization_config"}  # e.g. DeepSeek-V3's FP8 block format
-    if MOE_MODULES not in config:
-        family_for(config.get("model_type", "<missing model_type>"))
+    check_supported(config)
     return ckpt.skeleton(AutoConfig.for_model(config.pop("model_type"), **config))
 
 

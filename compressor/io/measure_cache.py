@@ -1,12 +1,13 @@
 """Pass-1 measurements kept on disk, so that plans differing only in budget, scope or objective, and a compress
-interrupted after pass 1, do not measure the model again (on a 692M-parameter MoE pass 1 is most of a budget
-compress: ~15 min here).
+interrupted after pass 1, do not measure the model again (on the 692M-parameter reference MoE pass 1 took 11 of a
+budget compress's ~16 minutes here).
 
 An entry is keyed by everything the measurements depend on: the model's files (name, size, modification time of
 config.json and the weight files), the calibration token windows themselves (so text, tokenizer, samples, length and
 seed), the quantization grid, the requested formats, the eps quantizer (and GPTQ's options when it is GPTQ) and
-MEASURE_VERSION, raised whenever pass 1 changes what it computes. It is one safetensors file (tensors, plus the rest as JSON metadata): nothing is unpickled, and a file
-that does not parse or does not match its key is measured again, never trusted."""
+MEASURE_VERSION, raised whenever pass 1 changes what it computes. It is one safetensors file (tensors, plus the
+rest as JSON metadata): nothing is unpickled, and a file that does not parse or does not match its key is measured
+again, never trusted."""
 
 from __future__ import annotations
 

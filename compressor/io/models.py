@@ -60,6 +60,13 @@ def architecture_class(architectures: list[str] | None):
     return cls
 
 
+def check_supported(config: dict) -> None:
+    """An error listing the supported families unless config.json is one of them (or lists up-cycled MLP blocks,
+    which any architecture may hold)."""
+    if MOE_MODULES not in config:
+        family_for(config.get("model_type", "<missing model_type>"))
+
+
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
                dynamic_pruning: bool = True) -> nn.Module:
     """Any supported model: an original transformers checkpoint, one up-cycled with MLPMoE blocks
@@ -69,8 +76,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, trust_
 
     model_dir = Path(model_dir)
     config = read_config(model_dir)
-    if MOE_MODULES not in config:
-        family_for(config.get("model_type", "<missing model_type>"))  # unsupported -> error listing the supported ones
+    check_supported(config)
     if is_compressed(model_dir):
         from .checkpoint import load_compressed
 

@@ -106,11 +106,14 @@ class StreamedModel:
                 f"{missing[:5]}{', ...' if len(missing) > 5 else ''}; {'; '.join(problems[:3]) or 'no other problem'}). "
                 f"Check that every shard in {INDEX} is present and that config.json belongs to these weights.")
 
+    def _check_layer(self, i: int, layer: nn.Module) -> None:
+        if layer is not decoder_layers(self.model)[i]:
+            raise ValueError(f"layer {i} is not a decoder layer of this streamed model")
+
     @contextmanager
     def resident(self, i: int, layer: nn.Module):
         """Decoder layer i read from disk while the block runs, then released back to the meta device."""
-        if layer is not decoder_layers(self.model)[i]:
-            raise ValueError(f"layer {i} is not a decoder layer of this streamed model")
+        self._check_layer(i, layer)
         self._load(i)
         try:
             yield
@@ -121,8 +124,7 @@ class StreamedModel:
     def kept(self, i: int, layer: nn.Module):
         """Decoder layer i read from disk (unless it already is) and kept: pass 2 replaces its experts by packed
         ones, and the layer stays as part of the compressed model."""
-        if layer is not decoder_layers(self.model)[i]:
-            raise ValueError(f"layer {i} is not a decoder layer of this streamed model")
+        self._check_layer(i, layer)
         if any(t.is_meta for t in layer.state_dict().values()):
             self._load(i)
         yield
