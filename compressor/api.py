@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from .arch.view import decoder_layers, dense_linears, find_moe_blocks
 from .assets import CALIB_TEXT, DEFAULT_MODEL_DIR, MEASUREMENTS_DIR
 from .calibration.data import calibration_windows, eval_windows, read_text, tokenize
 from .calibration.layerwise import Resident, in_memory, layerwise
+from .calibration.sensitivity import layer_sensitivity
 from .config import Recipe, dump_recipe
 from .io import checkpoint as ckpt
 from .io.accounting import bytes_by_component, predict_bytes, unique_state
@@ -109,7 +111,13 @@ def make_plan(recipe: Recipe, model: nn.Module, blocks, dense, windows: torch.Te
     cache = MeasurementCache(MEASUREMENTS_DIR if a.reuse_measurements else None)
     measurements, ternary = cache.get_or_measure(model_dir_of(recipe), recipe, windows,
                                                  lambda: measure(recipe, model, blocks, windows, resident), log)
-    plan = plan_budget(recipe, model, blocks, dense, measurements, dtype, ternary)
+    sensitivity = None
+    if a.objective == "global" and a.layer_weights == "sensitivity":
+        head = stream.head if stream is not None else nullcontext
+        some = windows[:a.sensitivity_samples]
+        sensitivity = cache.get_or_compute_sensitivity(
+            model_dir_of(recipe), some, lambda: layer_sensitivity(model, some, resident, head), log)
+    plan = plan_budget(recipe, model, blocks, dense, measurements, dtype, ternary, sensitivity)
     plan.allocation["measurements"] = f"pass 1 {cache.outcome}"
     return plan
 

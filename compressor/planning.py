@@ -1,8 +1,10 @@
 """From measurements to a plan: the multiple-choice knapsack over (expert, format) under the byte budget.
 
 Objectives (cost[i, f] of giving expert i format f; all minimise the summed cost):
-  global     eps^2[i, f] / (block output energy of i's layer): the relative output-error energy the
-             format adds, comparable across layers, under one budget for all layers (ours).
+  global     eps^2[i, f] * s_l / tokens, s_l the loss sensitivity of i's layer (calibration/sensitivity.py): the
+             loss increase the format adds to second order, comparable across layers, under one budget for all
+             layers (ours); with layer_weights "output_energy" (or no sensitivity), eps^2[i, f] / (block output
+             energy of i's layer) instead.
   per_layer  MC-MoE: phi^a * w^b * eps^a (a=1, b=1.5), each layer held to its share of the budget.
   frequency  phi_i * (mean relative error of format f over all experts): importance from frequency only.
 """
@@ -61,8 +63,13 @@ def expert_weight_count(blocks: list[MoEBlock]) -> int:
     return sum(b.gate_up().numel() + b.down().numel() for b in blocks)
 
 
-def costs(measurements: list[BlockMeasurement], objective: str) -> np.ndarray:  # [N, F]
+def costs(measurements: list[BlockMeasurement], objective: str, sensitivity: torch.Tensor | None = None
+          ) -> np.ndarray:  # [N, F]
+    """`sensitivity` [layers]: each decoder layer's loss sensitivity, for the global objective (None: output energy)."""
     rel = [m.eps_sq / max(m.out_energy, 1e-30) for m in measurements]  # [E, F] per block
+    if objective == "global" and sensitivity is not None:
+        return torch.cat([m.eps_sq.double() * float(sensitivity[m.layer_idx]) / max(m.total_tokens, 1)
+                          for m in measurements]).numpy()
     if objective == "global":
         return torch.cat(rel).double().numpy()
     if objective == "frequency":
@@ -78,8 +85,9 @@ def costs(measurements: list[BlockMeasurement], objective: str) -> np.ndarray:  
 
 def plan_budget(recipe: Recipe, model: nn.Module, blocks: list[MoEBlock], dense: dict[str, nn.Linear],
                 measurements: list[BlockMeasurement], dtype: torch.dtype,
-                ternary: dict[str, list[bool]] | None = None) -> Plan:
-    """`ternary`: the experts already ternary (TernaryScan's flags); None: read off the blocks' weights."""
+                ternary: dict[str, list[bool]] | None = None, sensitivity: torch.Tensor | None = None) -> Plan:
+    """`ternary`: the experts already ternary (TernaryScan's flags); None: read off the blocks' weights.
+    `sensitivity`: the layers' loss sensitivity, weighting the global objective (None: output energy)."""
     a, q = recipe.allocation, recipe.quantization
     ternary = ternary_experts(blocks, q.group_size) if ternary is None else ternary
     pinned = np.array([t for b in blocks for t in ternary[b.name]], dtype=bool)  # [N]
@@ -93,7 +101,7 @@ def plan_budget(recipe: Recipe, model: nn.Module, blocks: list[MoEBlock], dense:
     capacity = budget_bytes - (fixed if a.scope == "model" else 0)
     nbytes = np.array([[expert_matrix_bytes(b, f, q.group_size, q.sym) for f in formats]
                        for b in blocks for _ in range(b.num_experts)], dtype=np.int64)
-    cost = costs(measurements, a.objective)
+    cost = costs(measurements, a.objective, sensitivity)
     if pinned.any():  # already-ternary experts: ternary is their only (and lossless) choice
         cost[pinned] = np.inf
         cost[pinned, formats.index("ternary")] = 0.0
@@ -112,10 +120,18 @@ def plan_budget(recipe: Recipe, model: nn.Module, blocks: list[MoEBlock], dense:
         experts[b.name] = [formats[c] for c in choice[k:k + b.num_experts]]
         k += b.num_experts
     return Plan(experts, dict(base.dense), q.group_size, q.sym, budget_bytes=budget_bytes, scope=a.scope,
-                allocation={"objective": a.objective, "eps_quantizer": a.eps_quantizer, "solver": alloc.solver,
+                allocation={"objective": a.objective, "eps_quantizer": a.eps_quantizer,
+                            "layer_weights": layer_weights(a.objective, sensitivity), "solver": alloc.solver,
                             "seconds": round(alloc.seconds, 3), "gap": alloc.gap, "status": alloc.status, "cost": alloc.objective,
                             "expert_bytes": alloc.total_bytes, "capacity": int(capacity), "fixed_bytes": int(fixed)},
                 analysis=analysis_table(measurements, blocks, nbytes, formats))
+
+
+def layer_weights(objective: str, sensitivity: torch.Tensor | None) -> str | list[float] | None:
+    """What the plan records: the sensitivity per layer the global LP weighted eps by, or "output_energy"."""
+    if objective != "global":
+        return None
+    return "output_energy" if sensitivity is None else [float(f"{float(v):.4g}") for v in sensitivity]
 
 
 def solve_per_layer(cost: np.ndarray, nbytes: np.ndarray, capacity: int, blocks: list[MoEBlock], solver: str,

@@ -4,7 +4,8 @@ Suites
   quant   full precision, RTN and GPTQ at 8, 4, 3, 2 bits (uniform, group 128): the foundation table.
   budget  at expert budgets equal to what uniform GPTQ writes at each --points entry (2.25b = int2/g128,
           2.5b = int2/g64, 3.25b = int3/g128, 3.5b = int3/g64): uniform RTN, uniform GPTQ,
-          frequency-only LP, MC-MoE per-layer LP and the global LP (all GPTQ-applied), and the global LP with
+          frequency-only LP, MC-MoE per-layer LP and the global LP (all GPTQ-applied; global weights each layer's
+          errors by its loss sensitivity, global-energy by the block's output energy), each global LP also with
           its error table measured with GPTQ candidates (`allocation.eps_quantizer: gptq`).
 
 Each variant is compressed into evals/runs/<suite>/<model>/<variant>/ (kept, so an interrupted run resumes
@@ -70,8 +71,11 @@ def budget_suite(points=DEFAULT_POINTS) -> dict[str, dict]:
             out[f"{tag}-{objective}"] = {"allocation.budget": f"={tag}-uniform-gptq", "allocation.scope": "experts",
                                          "allocation.objective": objective, "quantization.dense_bits": 16,
                                          "allocation.formats": LP_FORMATS}
-        # the same global LP with its error table measured by GPTQ (what pass 2 applies) instead of RTN
-        out[f"{tag}-global-gptq-eps"] = {**out[f"{tag}-global"], "allocation.eps_quantizer": "gptq"}
+        # the global LP with errors compared across layers by block output energy (blind to where they land)
+        out[f"{tag}-global-energy"] = {**out[f"{tag}-global"], "allocation.layer_weights": "output_energy"}
+        # both with the error table measured by GPTQ (what pass 2 applies) instead of RTN
+        for name in ("global-energy", "global"):
+            out[f"{tag}-{name}-gptq-eps"] = {**out[f"{tag}-{name}"], "allocation.eps_quantizer": "gptq"}
         out.update([pruned(f"{tag}-uniform-gptq"), pruned(f"{tag}-global")])
     return out
 

@@ -13,9 +13,11 @@ from evals.models import build_reference
 def test_lp_variants_get_exactly_the_uniform_gptq_bytes():
     suite = compare.budget_suite(("2.5b",))
     assert list(suite) == ["fp16", "fp16+odp20", "2.5b-uniform-rtn", "2.5b-uniform-gptq", "2.5b-frequency",
-                           "2.5b-per_layer", "2.5b-global", "2.5b-global-gptq-eps", "2.5b-uniform-gptq+odp20",
-                           "2.5b-global+odp20"]
+                           "2.5b-per_layer", "2.5b-global", "2.5b-global-energy", "2.5b-global-energy-gptq-eps",
+                           "2.5b-global-gptq-eps", "2.5b-uniform-gptq+odp20", "2.5b-global+odp20"]
     assert suite["2.5b-global-gptq-eps"] == {**suite["2.5b-global"], "allocation.eps_quantizer": "gptq"}
+    assert suite["2.5b-global-energy"] == {**suite["2.5b-global"], "allocation.layer_weights": "output_energy"}
+    assert "allocation.layer_weights" not in suite["2.5b-global"]  # the default: sensitivity
     assert suite["2.5b-global+odp20"] == {"from": "2.5b-global", "pruning.target": compare.ODP_TARGET}
     assert suite["2.5b-uniform-gptq"]["quantization.group_size"] == 64
     results = {"2.5b-uniform-gptq": {"expert_bytes": 123_457}}

@@ -34,6 +34,20 @@ def passes(monkeypatch):
     return calls
 
 
+@pytest.fixture()
+def sensitivities(monkeypatch):
+    """How many times the layer sensitivity really ran."""
+    calls = []
+    real = api.layer_sensitivity
+
+    def counting(*args, **kw):
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(api, "layer_sensitivity", counting)
+    return calls
+
+
 def plan(src, out, **over):
     r = budget_recipe(src, out, **{"allocation.budget": "5.5bits", "allocation.scope": "experts",
                                    "allocation.formats": FORMATS, **over})
@@ -75,8 +89,27 @@ def test_rewritten_weights_invalidate(src, tmp_path, passes):
 def test_damaged_entry_is_measured_again(src, tmp_path, passes):
     plan(src, tmp_path / "a")
     (entry,) = [p for p in MEASUREMENTS_DIR.glob("*.safetensors")
-                if str(src.resolve()) in open(p, "rb").read().decode("latin-1")]
+                if str(src.resolve()) in open(p, "rb").read().decode("latin-1") and not p.name.startswith("s-")]
     entry.write_bytes(entry.read_bytes()[:200])  # truncated, e.g. a full disk
     second = plan(src, tmp_path / "b")
     assert len(passes) == 2 and second["analysis"]
     assert entry.stat().st_size > 200, "the entry was written again"
+
+
+def test_layer_sensitivity_is_kept_and_reused(src, tmp_path, sensitivities):
+    """Measured once per model and windows, whatever the budget; recorded in the plan; another seed (other
+    windows) or a damaged entry measures it again; the per-layer and output-energy objectives do not need it."""
+    first = plan(src, tmp_path / "a")
+    again = plan(src, tmp_path / "b", **{"allocation.budget": "4.5bits"})
+    assert len(sensitivities) == 1
+    s = first["allocation"]["layer_weights"]
+    assert s == again["allocation"]["layer_weights"] and len(s) == 2 and all(v > 0 for v in s)
+    plan(src, tmp_path / "c", **{"allocation.objective": "per_layer"})
+    energy = plan(src, tmp_path / "d", **{"allocation.layer_weights": "output_energy"})
+    assert len(sensitivities) == 1 and energy["allocation"]["layer_weights"] == "output_energy"
+    plan(src, tmp_path / "e", **{"calibration.seed": 1})
+    assert len(sensitivities) == 2
+    for entry in MEASUREMENTS_DIR.glob("s-*.safetensors"):
+        entry.write_bytes(entry.read_bytes()[:100])
+    assert plan(src, tmp_path / "f")["allocation"]["layer_weights"] == s
+    assert len(sensitivities) == 3

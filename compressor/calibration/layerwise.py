@@ -66,7 +66,7 @@ def capture(model: nn.Module, windows: torch.Tensor, batch_size: int) -> Capture
 
         handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in layers]
         try:
-            with _identity_layers(layers):
+            with skipped_layers(layers):
                 model(input_ids=batch, use_cache=False)
         except _Stop:
             pass
@@ -80,14 +80,17 @@ def capture(model: nn.Module, windows: torch.Tensor, batch_size: int) -> Capture
 
 
 @contextmanager
-def _identity_layers(layers: nn.ModuleList):
-    """Each layer's forward returns its input (its hooks still run); restored on exit."""
+def skipped_layers(layers: nn.ModuleList, last_output: torch.Tensor | None = None):
+    """Each layer's forward returns its input (its hooks still run), the last one `last_output` when given (what
+    follows the layers then runs on it: the model's own head); restored on exit."""
     def identity(*args, **kwargs):
         return args[0] if args else kwargs["hidden_states"]
 
     own = [layer.__dict__.get("forward") for layer in layers]
     for layer in layers:
         layer.forward = identity
+    if last_output is not None:
+        layers[-1].forward = lambda *args, **kwargs: last_output
     try:
         yield
     finally:

@@ -67,6 +67,12 @@ class Allocation(Section):
     objective: Literal["global", "per_layer", "frequency"] = Field(
         "global", description="global LP, MC-MoE per-layer LP, or frequency-only importance"
     )
+    layer_weights: Literal["sensitivity", "output_energy"] = Field(
+        "sensitivity", description="how the global LP compares output errors across layers: sensitivity (each "
+        "layer's errors times its measured loss sensitivity, the mean squared loss gradient at its output; one more "
+        "forward and backward over `sensitivity_samples` windows) or output_energy (errors relative to the block's "
+        "output energy; blind to where an error lands)")
+    sensitivity_samples: int = Field(8, ge=1, description="calibration windows the layer sensitivity is measured on")
     eps_quantizer: Literal["rtn", "gptq"] = Field(
         "rtn", description="quantizer of the eps[expert][format] table: rtn (cheap) or gptq (per-expert Hessians; "
                            "one more forward per layer and a GPTQ run per format)")

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from ..measure import BlockMeasurement
 
 MEASURE_VERSION = 1
+SENSITIVITY_VERSION = 1
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")
 
 
@@ -44,7 +45,7 @@ def cache_key(model_dir: Path, recipe, windows: torch.Tensor) -> tuple[str, dict
         "version": MEASURE_VERSION,
         "model": str(Path(model_dir).resolve()),
         "files": model_fingerprint(model_dir),
-        "windows": [list(windows.shape), hashlib.sha256(windows.long().numpy().tobytes()).hexdigest()],
+        "windows": _windows_digest(windows),
         "group_size": q.group_size,
         "sym": q.sym,
         "formats": list(a.formats),
@@ -52,6 +53,17 @@ def cache_key(model_dir: Path, recipe, windows: torch.Tensor) -> tuple[str, dict
         "gptq": q.gptq_options if a.eps_quantizer == "gptq" else None,
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24], inputs
+
+
+def sensitivity_key(model_dir: Path, windows: torch.Tensor) -> tuple[str, dict]:
+    """The layer sensitivity depends on the model files and its token windows only."""
+    inputs = {"version": SENSITIVITY_VERSION, "kind": "layer sensitivity", "model": str(Path(model_dir).resolve()),
+              "files": model_fingerprint(model_dir), "windows": _windows_digest(windows)}
+    return "s-" + hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24], inputs
+
+
+def _windows_digest(windows: torch.Tensor) -> list:
+    return [list(windows.shape), hashlib.sha256(windows.long().numpy().tobytes()).hexdigest()]
 
 
 def save(path: Path, key: str, inputs: dict, measurements: list[BlockMeasurement],
@@ -63,7 +75,11 @@ def save(path: Path, key: str, inputs: dict, measurements: list[BlockMeasurement
             tensors[f"{i}.{field}"] = getattr(m, field).contiguous()
         blocks.append({"name": m.name, "layer_idx": m.layer_idx, "formats": m.formats,
                        "total_tokens": m.total_tokens, "out_energy": m.out_energy})
-    meta = {"key": key, "inputs": json.dumps(inputs), "blocks": json.dumps(blocks), "ternary": json.dumps(ternary)}
+    _write(path, tensors, {"key": key, "inputs": json.dumps(inputs), "blocks": json.dumps(blocks),
+                           "ternary": json.dumps(ternary)})
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file(tensors, str(tmp), metadata=meta)
@@ -113,3 +129,22 @@ class MeasurementCache:
         self.outcome = f"measured, kept in {path}"
         log(f"pass 1: measurements kept in {path}")
         return measurements, ternary
+
+    def get_or_compute_sensitivity(self, model_dir: Path, windows: torch.Tensor, compute, log=print) -> torch.Tensor:
+        """`compute()` -> the layer sensitivity [layers] (calibration/sensitivity.py), run only when no valid entry
+        exists; kept beside the measurements."""
+        if self.directory is None:
+            return compute()
+        key, inputs = sensitivity_key(model_dir, windows)
+        path = self.directory / f"{key}.safetensors"
+        try:
+            with safe_open(str(path), "pt") as f:
+                if (f.metadata() or {}).get("key") == key:
+                    log(f"layer sensitivity: reusing {path}")
+                    return f.get_tensor("sensitivity")
+        except (SafetensorError, OSError, KeyError, ValueError):
+            pass
+        s = compute()
+        _write(path, {"sensitivity": s.contiguous()}, {"key": key, "inputs": json.dumps(inputs)})
+        log(f"layer sensitivity: kept in {path}")
+        return s

@@ -29,7 +29,7 @@ from .checkpoint import INDEX, _weight_files, init_non_persistent_buffers, skele
 from .models import ModelDirError, _check_weights
 
 STEM = "stem"  # the part of the model outside the decoder layers that runs before them
-HEAD = "head"  # the output embeddings (LM head): never read, pass 1 stops at the last layer
+HEAD = "head"  # the output embeddings (LM head): read by complete() and, for a moment, by head()
 
 
 class StreamedModel:
@@ -128,6 +128,19 @@ class StreamedModel:
         if any(t.is_meta for t in layer.state_dict().values()):
             self._load(i)
         yield
+
+    @contextmanager
+    def head(self):
+        """The LM head read from disk while the block runs (the loss of layer sensitivity), then released; a tied
+        head is the embedding, already in memory."""
+        if not self.keys.get(HEAD):
+            yield
+            return
+        self._load(HEAD)
+        try:
+            yield
+        finally:
+            self.model.get_output_embeddings().to_empty(device="meta")
 
     def complete(self) -> nn.Module:
         """The model with every tensor in memory, once pass 2 has kept every layer: reads the LM head (tied heads
