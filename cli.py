@@ -35,6 +35,7 @@ FLAG_FIELDS = {
     "objective": "allocation.objective",
     "solver": "allocation.solver",
     "eps_quantizer": "allocation.eps_quantizer",
+    "layer_weights": "allocation.layer_weights",
     "plan": "allocation.plan",
     "reuse_measurements": "allocation.reuse_measurements",
     "dynamic_pruning": "pruning.target",
@@ -70,6 +71,9 @@ def _compress_parser(sub) -> None:
     p.add_argument("--solver", choices=["highs", "cbc", "auto"])
     p.add_argument("--eps-quantizer", choices=["rtn", "gptq"],
                    help="quantizer behind the per-expert output-error table (default rtn; gptq: slower, closer to what is applied)")
+    p.add_argument("--layer-weights", choices=["sensitivity", "output_energy"],
+                   help="how the global LP compares errors across layers (default sensitivity: measured loss "
+                        "sensitivity of each layer, one more forward and backward)")
     p.add_argument("--plan", help="reuse a plan.json")
     p.add_argument("--no-measurement-cache", dest="reuse_measurements", action="store_false",
                    help="measure pass 1 again instead of reusing (and keeping) cached measurements")

@@ -7,6 +7,7 @@ import math
 import shutil
 import time
 from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -26,7 +27,8 @@ from .io import checkpoint as ckpt
 from .io.accounting import bytes_by_component, predict_bytes, unique_state
 from .io.models import (ModelDirError, check_supported, copy_sidecars, is_compressed, load_model, load_tokenizer,
                         read_config)
-from .io.measure_cache import MeasurementCache
+from .io.journal import Journal, journal_digest
+from .io.measure_cache import MeasurementCache, model_fingerprint, windows_digest
 from .io.streaming import StreamedModel
 from .io.report import build_report, format_report
 from .measure import BlockMeasurement, MeasurePass, synthetic_measurements
@@ -249,9 +251,11 @@ def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = 
         log(f"dry run: plan written to {out_dir / 'plan.json'}")
         return out_dir
     resident = stream.kept if stream is not None else in_memory  # pass 2 keeps each layer it quantized
+    journal = Journal(out_dir, journal_digest(asdict(plan), recipe, model_fingerprint(model_dir),
+                                              None if windows is None else windows_digest(windows)), log)
     tmp = ckpt.prepare_output(out_dir, model_dir, overwrite)
+    qpass = QuantizePass(model, blocks, dense, plan, recipe, journal)
     try:
-        qpass = QuantizePass(model, blocks, dense, plan, recipe)
         if no_data:  # no decoder layers to walk: each block on its own (the pass then runs no forward)
             for i in sorted({b.layer_idx for b in blocks}):
                 qpass(i, None, None)
@@ -270,7 +274,11 @@ def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = 
         ckpt.commit_output(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if qpass.reports:
+            log(f"interrupted: {len(qpass.reports)} quantized layer(s) kept in {journal.dir}; the same command resumes "
+                "from them")
         raise
+    journal.remove()
     log(format_report(report))
     log(f"wrote {out_dir}")
     return out_dir

@@ -6,7 +6,7 @@ into the model, so the next layer sees the quantized outputs."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -23,7 +23,9 @@ from .quantize.gptq import gptq_quantize
 from .quantize.qweight import QuantizedWeight
 from .quantize.rtn import quantize_rtn
 from .quantize.ternary import quantize_ternary
-from .runtime.experts import DenseExperts, PackedExperts, PackedLinear, PackedMatrix
+from .io.journal import Journal
+from .runtime.experts import (DenseExperts, PackedExperts, PackedLinear, PackedMatrix, empty_packed_experts,
+                              empty_packed_linear)
 
 NO_HESSIAN_FORMATS = ("keep", "drop")
 
@@ -52,15 +54,18 @@ class LayerReport:
     peak_rss_mb: float = 0.0
     experts: dict[str, Any] = field(default_factory=dict)  # block name -> counts, formats
     fallbacks: list[str] = field(default_factory=list)
+    resumed: bool = False  # loaded from the journal of an interrupted run (io/journal.py), not quantized again
 
 
 class QuantizePass:
     """The `on_layer` callback of `layerwise` that quantizes a layer per the plan."""
 
-    def __init__(self, model: nn.Module, blocks: list[MoEBlock], dense: dict[str, nn.Linear], plan: Plan, recipe: Recipe):
+    def __init__(self, model: nn.Module, blocks: list[MoEBlock], dense: dict[str, nn.Linear], plan: Plan, recipe: Recipe,
+                 journal: Journal | None = None):
+        """`journal`: each quantized layer is written to it, and layers it already holds are loaded, not quantized."""
         self.model, self.blocks, self.dense, self.plan, self.recipe = model, blocks, dense, plan, recipe
+        self.journal = journal
         self.reports: list[LayerReport] = []
-        self.stats: dict[str, ExpertStats] = {}
 
     def _spec(self, fmt: str) -> QuantSpec:
         return QuantSpec(fmt, group_size=self.plan.group_size, sym=self.plan.sym)
@@ -72,11 +77,15 @@ class QuantizePass:
         """Only GPTQ uses calibration statistics; RTN, ternary, keep and drop need no forward pass."""
         return self._gptq()
 
-    def __call__(self, i: int, layer: nn.Module, inputs: LayerInputs | None) -> None:
-        t0, rep = time.time(), LayerReport(i)
-        blocks = [b for b in self.blocks if b.layer_idx == i]
+    def _layer(self, i: int) -> tuple[list[MoEBlock], dict[str, nn.Linear]]:
         prefix = f"{layers_prefix(self.model)}.{i}."
-        linears = {n: m for n, m in self.dense.items() if n.startswith(prefix)}
+        return [b for b in self.blocks if b.layer_idx == i], {n: m for n, m in self.dense.items() if n.startswith(prefix)}
+
+    def __call__(self, i: int, layer: nn.Module, inputs: LayerInputs | None) -> None:
+        if self.journal is not None and self._resume(i):
+            return
+        t0, rep = time.time(), LayerReport(i)
+        blocks, linears = self._layer(i)
         observed = [self._observe(b) for b in blocks]
         hessians = {n: LinearHessian(m, n) for n, m in linears.items()} if self._gptq() else {}
         if inputs is not None:
@@ -90,6 +99,37 @@ class QuantizePass:
             self._quantize_linear(name, lin, H, rep)
         rep.seconds, rep.peak_rss_mb = time.time() - t0, peak_rss_mb()
         self.reports.append(rep)
+        if self.journal is not None:
+            self.journal.save(i, self._packed_tensors(blocks, linears), asdict(rep))
+
+    def _packed_tensors(self, blocks: list[MoEBlock], linears: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
+        """The layer's packed experts and linears, as their state dicts under their module names."""
+        out = {f"{b.name}.{k}": v for b in blocks for k, v in b.block.experts.state_dict().items()}
+        return out | {f"{n}.{k}": v for n in linears for k, v in self.model.get_submodule(n).state_dict().items()}
+
+    def _resume(self, i: int) -> bool:
+        """Layer i's packed modules from the journal, if it holds them: swapped in as pass 2 would have left them."""
+        hit = self.journal.load(i)
+        if hit is None:
+            return False
+        tensors, report = hit
+        blocks, linears = self._layer(i)
+        gs, sym = self.plan.group_size, self.plan.sym
+
+        def own(name: str) -> dict[str, torch.Tensor]:
+            return {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+
+        for b in blocks:
+            packed = empty_packed_experts(b, self.plan.experts[b.name], gs, sym, torch.float32)
+            packed.load_state_dict(own(b.name), assign=True)
+            b.block.experts = b.experts = packed
+        for name, lin in linears.items():
+            packed = empty_packed_linear(lin, self.plan.dense[name], gs, sym, torch.float32)
+            packed.load_state_dict(own(name), assign=True)
+            parent, attr = name.rsplit(".", 1)
+            setattr(self.model.get_submodule(parent), attr, packed)
+        self.reports.append(LayerReport(**{**report, "resumed": True}))
+        return True
 
     def _observe(self, b: MoEBlock):
         dense = DenseExperts.from_view(b)
@@ -107,7 +147,6 @@ class QuantizePass:
         return dense, stats, handles
 
     def _quantize_block(self, b: MoEBlock, dense: DenseExperts, stats: ExpertStats, rep: LayerReport) -> None:
-        self.stats[b.name] = stats
         _check_weights(b.name, dense)
         formats = self.plan.experts[b.name]
         with_h = self._hessian_experts(b.name, formats, stats, rep)

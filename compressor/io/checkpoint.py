@@ -22,8 +22,7 @@ from torch import nn
 
 from .. import __version__, prune
 from ..arch.view import find_moe_blocks
-from ..quantize.formats import QuantSpec
-from ..runtime.experts import PackedExperts, PackedLinear, PackedMatrix
+from ..runtime.experts import PackedExperts, PackedLinear, empty_packed_experts, empty_packed_linear
 from ..runtime.moe import CONFIG_KEY as MOE_MODULES, MLPMoE, replace_module, two_layer_mlp
 from .accounting import checkpoint_tensors
 from .models import QUANT_METHOD, ModelDirError, architecture_class
@@ -182,19 +181,10 @@ def load_compressed(model_dir: Path, dtype: torch.dtype = torch.float32, dynamic
     model = skeleton(config, dtype)
     gs, sym = qc["group_size"], qc["sym"]
     for b in find_moe_blocks(model):
-        formats = qc["experts"][b.name]
-        _, I2, H = b.gate_up().shape
-        O, I = b.down().shape[-2:]
-        pairs = [(PackedMatrix.empty(QuantSpec(f, gs, sym), I2, H), PackedMatrix.empty(QuantSpec(f, gs, sym), O, I))
-                 for f in formats]
-        biases = tuple(None if t is None else torch.zeros(t.shape, dtype=dtype) for t in b.biases())
-        b.block.experts = PackedExperts(pairs, b.apply_gate, biases)
+        b.block.experts = empty_packed_experts(b, qc["experts"][b.name], gs, sym, dtype)
     for name, fmt in qc["dense"].items():
-        lin = model.get_submodule(name)
-        bias = None if lin.bias is None else torch.zeros(lin.out_features, dtype=dtype)
         parent, attr = name.rsplit(".", 1)
-        matrix = PackedMatrix.empty(QuantSpec(fmt, gs, sym), lin.out_features, lin.in_features)
-        setattr(model.get_submodule(parent), attr, PackedLinear(matrix, bias))
+        setattr(model.get_submodule(parent), attr, empty_packed_linear(model.get_submodule(name), fmt, gs, sym, dtype))
     _load_weights(model, Path(model_dir))
     model.config.quantization_config = qc
     prune.apply_saved(model, enabled=dynamic_pruning)

@@ -45,7 +45,7 @@ def cache_key(model_dir: Path, recipe, windows: torch.Tensor) -> tuple[str, dict
         "version": MEASURE_VERSION,
         "model": str(Path(model_dir).resolve()),
         "files": model_fingerprint(model_dir),
-        "windows": _windows_digest(windows),
+        "windows": windows_digest(windows),
         "group_size": q.group_size,
         "sym": q.sym,
         "formats": list(a.formats),
@@ -58,11 +58,11 @@ def cache_key(model_dir: Path, recipe, windows: torch.Tensor) -> tuple[str, dict
 def sensitivity_key(model_dir: Path, windows: torch.Tensor) -> tuple[str, dict]:
     """The layer sensitivity depends on the model files and its token windows only."""
     inputs = {"version": SENSITIVITY_VERSION, "kind": "layer sensitivity", "model": str(Path(model_dir).resolve()),
-              "files": model_fingerprint(model_dir), "windows": _windows_digest(windows)}
+              "files": model_fingerprint(model_dir), "windows": windows_digest(windows)}
     return "s-" + hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24], inputs
 
 
-def _windows_digest(windows: torch.Tensor) -> list:
+def windows_digest(windows: torch.Tensor) -> list:
     return [list(windows.shape), hashlib.sha256(windows.long().numpy().tobytes()).hexdigest()]
 
 

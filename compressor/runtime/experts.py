@@ -173,3 +173,20 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.packed.weight().to(x.dtype), b)
+
+
+def empty_packed_experts(view, formats: list[str], group_size: int, sym: bool, dtype: torch.dtype) -> PackedExperts:
+    """Packed experts of a block (a compressor.arch.view.MoEBlock) in the given formats, their tensors uninitialised:
+    the module a saved state dict is loaded into (a compressed checkpoint, a resumed pass 2)."""
+    _, I2, H = view.gate_up().shape
+    O, I = view.down().shape[-2:]
+    pairs = [(PackedMatrix.empty(QuantSpec(f, group_size, sym), I2, H), PackedMatrix.empty(QuantSpec(f, group_size, sym), O, I))
+             for f in formats]
+    biases = tuple(None if t is None else torch.zeros(t.shape, dtype=dtype) for t in view.biases())
+    return PackedExperts(pairs, view.apply_gate, biases)
+
+
+def empty_packed_linear(lin: nn.Linear, fmt: str, group_size: int, sym: bool, dtype: torch.dtype) -> PackedLinear:
+    """A packed replacement of `lin` in format `fmt`, tensors uninitialised (see empty_packed_experts)."""
+    bias = None if lin.bias is None else torch.zeros(lin.out_features, dtype=dtype)
+    return PackedLinear(PackedMatrix.empty(QuantSpec(fmt, group_size, sym), lin.out_features, lin.in_features), bias)

@@ -1,0 +1,96 @@
+"""Pass 2 resumes where it stopped.
+
+Each decoder layer, once quantized, is written to a journal beside the output, `<parent>/.<name>.partial/`: one
+safetensors file per layer with its packed experts and packed dense linears (their tensors exactly as pass 2 left
+them) and the layer's report as metadata. The journal is keyed by a digest of everything pass 2's result depends on:
+the plan's formats and grid, the quantization and calibration settings, the model's files and the calibration
+windows. A compress that finds a journal with its own digest loads the journaled layers instead of quantizing them
+again; since a layer's outputs are computed from what it holds, the layers after it see exactly the inputs they would
+have seen, and the output is the one an uninterrupted run writes (tested). A journal with another digest is
+discarded; the journal is removed once the output is committed. Files are written atomically (beside, then renamed),
+so a kill mid-write leaves at most a stray temporary file, never a half layer; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+JOURNAL_VERSION = 1
+
+
+def journal_digest(plan: dict, recipe, model_fingerprint: list, windows_digest: list | None) -> str:
+    """What pass 2's output depends on (`plan`: the plan as a dict; its allocation record and analysis do not matter)."""
+    inputs = {"version": JOURNAL_VERSION, "experts": plan["experts"], "dense": plan["dense"],
+              "group_size": plan["group_size"], "sym": plan["sym"], "dtype": recipe.dtype,
+              "quantization": recipe.quantization.model_dump(mode="json"),
+              "calibration": recipe.calibration.model_dump(mode="json"),
+              "model": model_fingerprint, "windows": windows_digest}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
+
+
+class Journal:
+    def __init__(self, out_dir: Path, digest: str, log=print):
+        out_dir = Path(out_dir).resolve()
+        self.dir, self.digest = out_dir.parent / f".{out_dir.name}.partial", digest
+        meta = self.dir / "journal.json"
+        if self.dir.exists() and _digest_of(meta) != digest:
+            log(f"pass 2: discarding {self.dir} (written for other settings or another plan)")
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not meta.exists():
+            _atomic_text(meta, json.dumps({"digest": digest}))
+        self.done = sorted(i for i in (self._index(p) for p in self.dir.glob("layer-*.safetensors")) if i is not None)
+        if self.done:
+            log(f"pass 2: resuming, {len(self.done)} quantized layer(s) kept in {self.dir}")
+
+    @staticmethod
+    def _index(path: Path) -> int | None:
+        stem = path.name[len("layer-"):-len(".safetensors")]
+        return int(stem) if stem.isdigit() else None
+
+    def _path(self, i: int) -> Path:
+        return self.dir / f"layer-{i}.safetensors"
+
+    def save(self, i: int, tensors: dict[str, torch.Tensor], report: dict) -> None:
+        path = self._path(i)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"digest": self.digest, "report": json.dumps(report)})
+        os.replace(tmp, path)
+
+    def load(self, i: int) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """Layer i's tensors and report, or None if it is not journaled (or its file is damaged)."""
+        if i not in self.done:
+            return None
+        try:
+            with safe_open(str(self._path(i)), "pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("digest") != self.digest:
+                    return None
+                return {k: f.get_tensor(k) for k in f.keys()}, json.loads(meta["report"])
+        except (SafetensorError, OSError, KeyError, ValueError):
+            return None
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _digest_of(meta: Path) -> str | None:
+    try:
+        return json.loads(meta.read_text()).get("digest")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
