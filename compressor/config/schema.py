@@ -72,7 +72,10 @@ class Allocation(Section):
         "layer's errors times its measured loss sensitivity, the mean squared loss gradient at its output; one more "
         "forward and backward over `sensitivity_samples` windows) or output_energy (errors relative to the block's "
         "output energy; blind to where an error lands)")
-    sensitivity_samples: int = Field(8, ge=1, description="calibration windows the layer sensitivity is measured on")
+    sensitivity_samples: int = Field(
+        8, ge=1, description="calibration windows the layer sensitivity is measured on; it holds every layer's input "
+                             "for them in fp32 (layers x samples x seq_len x hidden x 4 bytes: 0.28 GB on the reference "
+                             "MoE, 7.2 GB for DeepSeek-V3's 61 x 7168; lower it there)")
     eps_quantizer: Literal["rtn", "gptq"] = Field(
         "rtn", description="quantizer of the eps[expert][format] table: rtn (cheap) or gptq (per-expert Hessians; "
                            "one more forward per layer and a GPTQ run per format)")
