@@ -20,32 +20,26 @@ def src(tmp_path):
     return save_tiny("mixtral", tmp_path / "m")
 
 
-@pytest.fixture()
-def passes(monkeypatch):
-    """How many times pass 1 really ran."""
-    calls = []
-    real = api.measure
+def count_calls(monkeypatch, name: str) -> list:
+    """How many times api.<name> really ran."""
+    calls, real = [], getattr(api, name)
 
     def counting(*args, **kw):
         calls.append(1)
         return real(*args, **kw)
 
-    monkeypatch.setattr(api, "measure", counting)
+    monkeypatch.setattr(api, name, counting)
     return calls
+
+
+@pytest.fixture()
+def passes(monkeypatch):
+    return count_calls(monkeypatch, "measure")
 
 
 @pytest.fixture()
 def sensitivities(monkeypatch):
-    """How many times the layer sensitivity really ran."""
-    calls = []
-    real = api.layer_sensitivity
-
-    def counting(*args, **kw):
-        calls.append(1)
-        return real(*args, **kw)
-
-    monkeypatch.setattr(api, "layer_sensitivity", counting)
-    return calls
+    return count_calls(monkeypatch, "layer_sensitivity")
 
 
 def plan(src, out, **over):
