@@ -70,3 +70,31 @@ def test_streamed_equals_loaded(tmp_path, tied):
     s_stream = layer_sensitivity(stream.model, ids, stream.resident, stream.head)
     torch.testing.assert_close(s_stream, layer_sensitivity(loaded, ids), rtol=1e-5, atol=0)
     assert stream.resident_bytes() == stem
+
+
+def test_sensitivity_moves_bits_to_the_sensitive_layer():
+    """Two layers with identical error tables: with output-energy weighting the LP treats them alike; when layer 0
+    is measured 100x more sensitive, the global objective gives it the larger formats at the same bytes."""
+    import numpy as np
+
+    from compressor.allocation.lp import solve_allocation
+    from compressor.measure import BlockMeasurement
+    from compressor.planning import costs
+
+    formats = ["int4", "int2"]
+    eps = torch.tensor([[1.0, 16.0]] * 4)  # [E, F]: int2 costs 16x int4's error
+    ms = [BlockMeasurement(f"layers.{i}.experts", i, formats, torch.full((4,), 10), torch.ones(4), 20, eps.clone(),
+                           eps.clone(), out_energy=100.0) for i in range(2)]
+    nbytes = np.array([[4, 2]] * 8)
+    capacity = 8 * 2 + 4 * 2  # room for int4 on half of the experts
+
+    def int4_per_layer(cost):
+        choice = solve_allocation(cost, nbytes, capacity).choice
+        return [int((choice[4 * i:4 * i + 4] == 0).sum()) for i in range(2)]
+
+    energy = costs(ms, "global")
+    np.testing.assert_allclose(energy[:4], energy[4:])
+    weighted = costs(ms, "global", torch.tensor([100.0, 1.0]))
+    np.testing.assert_allclose(weighted[:4], 100 * weighted[4:])
+    np.testing.assert_allclose(weighted[4:], eps.double().numpy() / 20)  # eps x s_l / tokens
+    assert int4_per_layer(weighted) == [4, 0]
