@@ -98,3 +98,13 @@ def test_sensitivity_moves_bits_to_the_sensitive_layer():
     np.testing.assert_allclose(weighted[:4], 100 * weighted[4:])
     np.testing.assert_allclose(weighted[4:], eps.double().numpy() / 20)  # eps x s_l / tokens
     assert int4_per_layer(weighted) == [4, 0]
+
+
+def test_nan_weights_give_a_clear_error():
+    from compressor.calibration.stats import NonFiniteError
+
+    model = tiny_model("mixtral").float()
+    with torch.no_grad():
+        decoder_layers(model)[1].self_attn.o_proj.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="layer sensitivity is not finite.*--layer-weights output_energy"):
+        layer_sensitivity(model, windows())

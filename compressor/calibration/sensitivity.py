@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ..arch.view import decoder_layers
 from .layerwise import Resident, capture, in_fp32, in_memory, run_layer, skipped_layers
+from .stats import NonFiniteError
 
 
 @torch.no_grad()
@@ -59,8 +60,9 @@ def layer_sensitivity(model: nn.Module, windows: torch.Tensor, resident: Residen
         inputs[i] = None  # released as the backward moves down
     if not torch.isfinite(s).all():
         bad = [i for i in range(len(layers)) if not torch.isfinite(s[i])]
-        raise FloatingPointError(f"layer sensitivity is not finite at layers {bad}: the model's activations or loss "
-                                 "overflow on the calibration text (check the model in fp32 on that text)")
+        raise NonFiniteError(f"layer sensitivity is not finite at layers {bad}: the model's activations or loss "
+                             "overflow on the calibration text; check the model in fp32 on that text, or pass "
+                             "--layer-weights output_energy to plan without it")
     return s
 
 
