@@ -61,6 +61,9 @@ def main() -> None:
     torch.set_grad_enabled(False)  # the ablations edit expert weights in place
     t0 = time.time()
     model, tok = load_model(a.model), load_tokenizer(a.model)
+    ids = torch.cat([tokenize(tok, read_text(path))[:a.eval_tokens] for path in HELDOUT_TEXTS.values()])
+    settings = {"model": str(a.model), "format": a.format, "group_size": a.group_size, "eval_tokens": int(ids.numel())}
+    earlier = earlier_run(f"analyzers_{a.model.name}", settings) if a.predictors_only else None
     blocks = find_moe_blocks(model)
     recipe = apply_overrides(Recipe(), {"model": str(a.model), "calibration.samples": a.samples})
     measure = MeasurePass(blocks, [a.format], a.group_size, False)
@@ -76,9 +79,6 @@ def main() -> None:
     predictors["frequency alone"] = torch.cat([m.count.double() / m.total_tokens for m in ms]).numpy()
     predictors["routing weight alone"] = torch.cat([m.weight_sum.double() for m in ms]).numpy()
 
-    ids = torch.cat([tokenize(tok, read_text(path))[:a.eval_tokens] for path in HELDOUT_TEXTS.values()])
-    settings = {"model": str(a.model), "format": a.format, "group_size": a.group_size, "eval_tokens": int(ids.numel())}
-    earlier = earlier_run(f"analyzers_{a.model.name}", settings) if a.predictors_only else None
     base = earlier["base_nll"] if earlier else nll(model, ids, 512)
     offsets = np.cumsum([0] + [b.num_experts for b in blocks])
     rows = []
