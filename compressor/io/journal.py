@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+
+from .keyed import read_keyed, write_keyed, write_text_atomic
 
 JOURNAL_VERSION = 1
 
@@ -46,7 +45,7 @@ class Journal:
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         if not meta.exists():
-            _atomic_text(meta, json.dumps({"digest": digest}))
+            write_text_atomic(meta, json.dumps({"digest": digest}))
         self.done = sorted(i for i in (self._index(p) for p in self.dir.glob("layer-*.safetensors")) if i is not None)
         if self.done:
             log(f"pass 2: resuming, {len(self.done)} quantized layer(s) kept in {self.dir}")
@@ -60,24 +59,14 @@ class Journal:
         return self.dir / f"layer-{i}.safetensors"
 
     def save(self, i: int, tensors: dict[str, torch.Tensor], report: dict) -> None:
-        path = self._path(i)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"digest": self.digest, "report": json.dumps(report)})
-        os.replace(tmp, path)
+        write_keyed(self._path(i), tensors, self.digest, {"report": json.dumps(report)})
 
     def load(self, i: int) -> tuple[dict[str, torch.Tensor], dict] | None:
         """Layer i's tensors and report, or None if it is not journaled (or its file is damaged)."""
-        if i not in self.done:
+        hit = read_keyed(self._path(i), self.digest) if i in self.done else None
+        if hit is None or "report" not in hit[1]:
             return None
-        try:
-            with safe_open(str(self._path(i)), "pt") as f:
-                meta = f.metadata() or {}
-                if meta.get("digest") != self.digest:
-                    return None
-                return {k: f.get_tensor(k) for k in f.keys()}, json.loads(meta["report"])
-        except (SafetensorError, OSError, KeyError, ValueError):
-            return None
+        return hit[0], json.loads(hit[1]["report"])
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -89,8 +78,3 @@ def _digest_of(meta: Path) -> str | None:
     except (OSError, ValueError, AttributeError):
         return None
 
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
 from ..measure import BlockMeasurement
+from .keyed import read_keyed, write_keyed
 
 MEASURE_VERSION = 1
 SENSITIVITY_VERSION = 1
@@ -72,35 +70,25 @@ def save(path: Path, key: str, inputs: dict, measurements: list[BlockMeasurement
     tensors, blocks = {}, []
     for i, m in enumerate(measurements):
         for field in ("count", "weight_sum", "eps_sq", "hess_err"):
-            tensors[f"{i}.{field}"] = getattr(m, field).contiguous()
+            tensors[f"{i}.{field}"] = getattr(m, field)
         blocks.append({"name": m.name, "layer_idx": m.layer_idx, "formats": m.formats,
                        "total_tokens": m.total_tokens, "out_energy": m.out_energy})
-    _write(path, tensors, {"key": key, "inputs": json.dumps(inputs), "blocks": json.dumps(blocks),
-                           "ternary": json.dumps(ternary)})
-
-
-def _write(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    write_keyed(path, tensors, key, {"inputs": json.dumps(inputs), "blocks": json.dumps(blocks),
+                                     "ternary": json.dumps(ternary)})
 
 
 def load(path: Path, key: str) -> tuple[list[BlockMeasurement], dict[str, list[bool]]] | None:
     """The entry at `path` if it is a complete entry for `key`; None otherwise (then pass 1 runs)."""
-    if not path.is_file():
+    hit = read_keyed(path, key)
+    if hit is None:
         return None
+    tensors, meta = hit
     try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("key") != key:
-            return None
-        tensors = load_file(str(path))
         blocks, ternary = json.loads(meta["blocks"]), json.loads(meta["ternary"])
         out = [BlockMeasurement(b["name"], b["layer_idx"], b["formats"], tensors[f"{i}.count"],
                                 tensors[f"{i}.weight_sum"], b["total_tokens"], tensors[f"{i}.eps_sq"],
                                 tensors[f"{i}.hess_err"], b["out_energy"]) for i, b in enumerate(blocks)]
-    except (SafetensorError, OSError, KeyError, ValueError, TypeError):
+    except (KeyError, ValueError, TypeError):
         return None
     return out, ternary
 
@@ -137,14 +125,11 @@ class MeasurementCache:
             return compute()
         key, inputs = sensitivity_key(model_dir, windows)
         path = self.directory / f"{key}.safetensors"
-        try:
-            with safe_open(str(path), "pt") as f:
-                if (f.metadata() or {}).get("key") == key:
-                    log(f"layer sensitivity: reusing {path}")
-                    return f.get_tensor("sensitivity")
-        except (SafetensorError, OSError, KeyError, ValueError):
-            pass
+        hit = read_keyed(path, key)
+        if hit is not None and "sensitivity" in hit[0]:
+            log(f"layer sensitivity: reusing {path}")
+            return hit[0]["sensitivity"]
         s = compute()
-        _write(path, {"sensitivity": s.contiguous()}, {"key": key, "inputs": json.dumps(inputs)})
+        write_keyed(path, {"sensitivity": s}, key, {"inputs": json.dumps(inputs)})
         log(f"layer sensitivity: kept in {path}")
         return s
