@@ -66,11 +66,12 @@ def main() -> None:
     earlier = earlier_run(f"analyzers_{a.model.name}", settings) if a.predictors_only else None
     blocks = find_moe_blocks(model)
     recipe = apply_overrides(Recipe(), {"model": str(a.model), "calibration.samples": a.samples})
+    windows = api.calibration_data(recipe, tok)
     measure = MeasurePass(blocks, [a.format], a.group_size, False)
-    layerwise(model, api.calibration_data(recipe, tok), measure)
+    layerwise(model, windows, measure)
     ms = measure.results
     energy = np.concatenate([np.full(m.count.shape[0], m.out_energy) for m in ms])
-    sensitivity = layer_sensitivity(model, api.calibration_data(recipe, tok)[:a.sensitivity_samples])
+    sensitivity = layer_sensitivity(model, windows[:a.sensitivity_samples])
     predictors = {"global": costs(ms, "global", sensitivity)[:, 0], "global (output energy)": costs(ms, "global")[:, 0]}
     predictors.update({obj: costs(ms, obj)[:, 0] for obj in ("per_layer", "frequency")})
     hess = torch.cat([m.hess_err[:, 0] for m in ms]).double().numpy() / energy  # per routed token (H is a mean)
@@ -85,28 +86,33 @@ def main() -> None:
     for li in range(0, len(blocks), a.layer_step):
         b, m = blocks[li], ms[li]
         for e in (int(m.count.argmax()), int(m.count.argmin())):
-            i = int(offsets[li] + e)
             if earlier:
                 if (b.layer_idx, e) not in earlier["rows"]:
                     raise SystemExit(f"--predictors-only: layer {b.layer_idx} expert {e} was not ablated by the earlier "
                                      "run (other --samples or --layer-step?); run without --predictors-only")
                 delta = earlier["rows"][(b.layer_idx, e)]
-                rows.append({"layer": b.layer_idx, "expert": e, "share": float(m.count[e]) / m.total_tokens,
-                             "delta_nll": delta, **{k: float(v[i]) for k, v in predictors.items()}})
-                continue
-            gu, d = b.gate_up(), b.down()
-            saved = gu[e].clone(), d[e].clone()
-            for w in (gu, d):
-                w[e].copy_(candidates(w[e:e + 1].float(), a.format, a.group_size, False)[0].to(w.dtype))
-            delta = nll(model, ids, 512) - base
-            gu[e].copy_(saved[0])
-            d[e].copy_(saved[1])
+            else:
+                delta = ablated_nll(model, ids, b, e, a.format, a.group_size) - base
+            i = int(offsets[li] + e)
             rows.append({"layer": b.layer_idx, "expert": e, "share": float(m.count[e]) / m.total_tokens,
                          "delta_nll": delta, **{k: float(v[i]) for k, v in predictors.items()}})
             print(f"layer {b.layer_idx} expert {e}: share {rows[-1]['share']:.3f} dNLL {delta:+.5f}", flush=True)
     out = {**settings, "base_nll": base, "predictors": list(predictors), "rows": rows,
            "seconds": earlier["seconds"] if earlier else round(time.time() - t0, 1)}
     write(out, f"analyzers_{a.model.name}")
+
+
+def ablated_nll(model, ids: torch.Tensor, b, e: int, fmt: str, group_size: int) -> float:
+    """Held-out NLL with expert e of block b quantized (RTN) and everything else as it is; the expert restored after."""
+    gu, d = b.gate_up(), b.down()
+    saved = gu[e].clone(), d[e].clone()
+    for w in (gu, d):
+        w[e].copy_(candidates(w[e:e + 1].float(), fmt, group_size, False)[0].to(w.dtype))
+    try:
+        return nll(model, ids, 512)
+    finally:
+        gu[e].copy_(saved[0])
+        d[e].copy_(saved[1])
 
 
 def earlier_run(name: str, settings: dict) -> dict:
