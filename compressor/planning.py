@@ -66,10 +66,10 @@ def expert_weight_count(blocks: list[MoEBlock]) -> int:
 def costs(measurements: list[BlockMeasurement], objective: str, sensitivity: torch.Tensor | None = None
           ) -> np.ndarray:  # [N, F]
     """`sensitivity` [layers]: each decoder layer's loss sensitivity, for the global objective (None: output energy)."""
-    rel = [m.eps_sq / max(m.out_energy, 1e-30) for m in measurements]  # [E, F] per block
     if objective == "global" and sensitivity is not None:
         return torch.cat([m.eps_sq.double() * float(sensitivity[m.layer_idx]) / max(m.total_tokens, 1)
                           for m in measurements]).numpy()
+    rel = [m.eps_sq / max(m.out_energy, 1e-30) for m in measurements]  # [E, F] per block
     if objective == "global":
         return torch.cat(rel).double().numpy()
     if objective == "frequency":
