@@ -27,7 +27,7 @@ from .io import checkpoint as ckpt
 from .io.accounting import bytes_by_component, predict_bytes, unique_state
 from .io.models import (ModelDirError, check_supported, copy_sidecars, is_compressed, load_model, load_tokenizer,
                         read_config)
-from .io.journal import Journal, journal_digest
+from .io.journal import Journal, beside, journal_digest
 from .io.measure_cache import MeasurementCache, model_fingerprint, windows_digest
 from .io.streaming import StreamedModel
 from .io.report import build_report, format_report
@@ -111,8 +111,9 @@ def make_plan(recipe: Recipe, model: nn.Module, blocks, dense, windows: torch.Te
         plan.allocation["measurements"] = "data-free weight errors, uniform routing"
         return plan
     cache = MeasurementCache(MEASUREMENTS_DIR if a.reuse_measurements else None)
-    measurements, ternary = cache.get_or_measure(model_dir_of(recipe), recipe, windows,
-                                                 lambda: measure(recipe, model, blocks, windows, resident), log)
+    measurements, ternary = cache.get_or_measure(
+        model_dir_of(recipe), recipe, windows, lambda journal: measure(recipe, model, blocks, windows, resident, journal),
+        log)
     sensitivity = None
     if a.objective == "global" and a.layer_weights == "sensitivity":
         head = stream.head if stream is not None else nullcontext
@@ -124,17 +125,18 @@ def make_plan(recipe: Recipe, model: nn.Module, blocks, dense, windows: torch.Te
     return plan
 
 
-def measure(recipe: Recipe, model: nn.Module, blocks, windows: torch.Tensor, resident: Resident = in_memory
-            ) -> tuple[list[BlockMeasurement], dict[str, list[bool]]]:
+def measure(recipe: Recipe, model: nn.Module, blocks, windows: torch.Tensor, resident: Resident = in_memory,
+            journal=None) -> tuple[list[BlockMeasurement], dict[str, list[bool]]]:
     """Pass 1 over the candidate formats, and which experts are already ternary. A streamed model's weights are
     read only during the pass, so its ternary experts are found on the way; should there be some (a MoTE
-    checkpoint) while ternary was not an allowed format, the pass runs again with ternary as a candidate."""
+    checkpoint) while ternary was not an allowed format, the pass runs again with ternary as a candidate.
+    `journal` (MeasureJournal): layers measured by an interrupted run are read from it, new ones written to it."""
     q, a = recipe.quantization, recipe.allocation
     ternary = ternary_experts(blocks, q.group_size)  # none on the meta device
     while True:
         formats = candidate_formats(a.formats, ternary)
         scan = TernaryScan(blocks, q.group_size, MeasurePass(
-            blocks, formats, q.group_size, q.sym, a.eps_quantizer, q.gptq_options))
+            blocks, formats, q.group_size, q.sym, a.eps_quantizer, q.gptq_options, journal))
         layerwise(model, windows, scan, desc="measure", resident=resident)
         if candidate_formats(a.formats, scan.flags) == formats:
             return scan.inner.results, scan.flags
@@ -251,7 +253,7 @@ def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = 
         log(f"dry run: plan written to {out_dir / 'plan.json'}")
         return out_dir
     resident = stream.kept if stream is not None else in_memory  # pass 2 keeps each layer it quantized
-    journal = Journal(out_dir, journal_digest(asdict(plan), recipe, model_fingerprint(model_dir),
+    journal = Journal(beside(out_dir), journal_digest(asdict(plan), recipe, model_fingerprint(model_dir),
                                               None if windows is None else windows_digest(windows)), log)
     tmp = ckpt.prepare_output(out_dir, model_dir, overwrite)
     qpass = QuantizePass(model, blocks, dense, plan, recipe, journal)

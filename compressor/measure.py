@@ -72,12 +72,22 @@ class MeasurePass:
     """`on_layer` callback of `layerwise`; leaves the model unchanged."""
 
     def __init__(self, blocks: list[MoEBlock], formats: list[str], group_size: int, sym: bool,
-                 quantizer: str = "rtn", gptq: dict | None = None):
+                 quantizer: str = "rtn", gptq: dict | None = None, journal=None):
+        """`journal` (io/measure_cache.MeasureJournal, or None): a layer it holds in these formats is taken from it
+        and not measured again (an interrupted pass 1 resumes); each layer measured is written to it."""
         if quantizer not in ("rtn", "gptq"):
             raise ValueError(f"eps quantizer must be 'rtn' or 'gptq', got {quantizer!r}")
         self.blocks, self.formats, self.group_size, self.sym = blocks, formats, group_size, sym
         self.quantizer, self.gptq = quantizer, gptq or {}
+        self.journal = journal
         self.results: list[BlockMeasurement] = []
+        self.resumed: list[int] = []  # layers taken from the journal
+
+    def _from_journal(self, i: int, names: list[str]) -> list[BlockMeasurement] | None:
+        got = self.journal.load(i) if self.journal is not None else None
+        if got is None or [m.name for m in got] != names or any(m.formats != self.formats for m in got):
+            return None
+        return got
 
     def _routed_stats(self, b: MoEBlock, layer: nn.Module, inputs: LayerInputs, dense: DenseExperts, i: int
                       ) -> ExpertStats:
@@ -98,8 +108,13 @@ class MeasurePass:
     def __call__(self, i: int, layer: nn.Module, inputs: LayerInputs) -> LayerInputs | None:
         """Measures the layer's MoE block; returns the layer's outputs (the model is unchanged, so they
         are what the next layer sees and need not be computed again)."""
-        outputs = None
-        for b in [b for b in self.blocks if b.layer_idx == i]:
+        mine = [b for b in self.blocks if b.layer_idx == i]
+        if mine and (kept := self._from_journal(i, [b.name for b in mine])) is not None:
+            self.results.extend(kept)
+            self.resumed.append(i)
+            return None  # layerwise runs the (unchanged) layer for the next one's inputs
+        outputs, start = None, len(self.results)
+        for b in mine:
             original = b.block.experts
             dense = DenseExperts.from_view(b)
             E, _, H = dense.gate_up.shape
@@ -128,6 +143,8 @@ class MeasurePass:
                     hessian_error(dense.down[None], cand_d, H_mid[None])).T  # [E, F]
             self.results.append(BlockMeasurement(b.name, i, list(self.formats), stats.count, stats.weight_sum,
                                                  stats.total_tokens, eps_sq, hess, energy[0]))
+        if mine and self.journal is not None:
+            self.journal.save(i, self.results[start:])
         return outputs
 
 

@@ -107,3 +107,35 @@ def test_layer_sensitivity_is_kept_and_reused(src, tmp_path, sensitivities):
         entry.write_bytes(entry.read_bytes()[:100])
     assert plan(src, tmp_path / "f")["allocation"]["layer_weights"] == s
     assert len(sensitivities) == 3
+
+
+def test_interrupted_pass_1_resumes_at_the_layer_where_it_stopped(src, tmp_path, monkeypatch):
+    """Each measured layer is journaled in the cache; after a kill at layer 1 the same command measures layer 1
+    only, and its analysis is exactly an uninterrupted pass 1's. The journal goes once the entry is written."""
+    from compressor.runtime.experts import DenseExperts
+
+    measured, real, fail_at = [], DenseExperts.from_view.__func__, [None]
+
+    def counting(cls, b):
+        measured.append(b.layer_idx)
+        if b.layer_idx == fail_at[0]:
+            raise KeyboardInterrupt
+        return real(cls, b)
+
+    monkeypatch.setattr(DenseExperts, "from_view", classmethod(counting))
+    uninterrupted = plan(src, tmp_path / "ref", **{"allocation.reuse_measurements": False})
+    assert measured == [0, 1]
+    measured.clear()
+    fail_at[0] = 1
+    with pytest.raises(KeyboardInterrupt):
+        plan(src, tmp_path / "a")
+    (journal,) = [d for d in MEASUREMENTS_DIR.glob("*.partial") if (d / "layer-0.safetensors").is_file()]
+    assert not (journal / "layer-1.safetensors").exists()
+    measured.clear()
+    fail_at[0] = None
+    resumed = plan(src, tmp_path / "b")
+    assert measured == [1], "layer 0 came from the journal"
+    assert resumed["analysis"] == uninterrupted["analysis"] and resumed["experts"] == uninterrupted["experts"]
+    assert not journal.exists()
+    again = plan(src, tmp_path / "c")
+    assert measured == [1] and again["allocation"]["measurements"].startswith("pass 1 reused")

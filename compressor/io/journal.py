@@ -35,20 +35,28 @@ def journal_digest(plan: dict, recipe, model_fingerprint: list, windows_digest: 
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
 
 
+def beside(out_dir: Path) -> Path:
+    """Pass 2's journal directory for the output `out_dir`: `<parent>/.<name>.partial`."""
+    out_dir = Path(out_dir).resolve()
+    return out_dir.parent / f".{out_dir.name}.partial"
+
+
 class Journal:
-    def __init__(self, out_dir: Path, digest: str, log=print):
-        out_dir = Path(out_dir).resolve()
-        self.dir, self.digest = out_dir.parent / f".{out_dir.name}.partial", digest
+    """Per-layer results in `directory`, valid for `digest` only. Pass 2 journals beside its output (`beside`);
+    pass 1 journals in the measurement cache (io/measure_cache.py). `what` names the pass in messages."""
+
+    def __init__(self, directory: Path, digest: str, log=print, what: str = "pass 2"):
+        self.dir, self.digest = Path(directory), digest
         meta = self.dir / "journal.json"
         if self.dir.exists() and _digest_of(meta) != digest:
-            log(f"pass 2: discarding {self.dir} (written for other settings or another plan)")
+            log(f"{what}: discarding {self.dir} (written for other settings or another plan)")
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         if not meta.exists():
             write_text_atomic(meta, json.dumps({"digest": digest}))
         self.done = sorted(i for i in (self._index(p) for p in self.dir.glob("layer-*.safetensors")) if i is not None)
         if self.done:
-            log(f"pass 2: resuming, {len(self.done)} quantized layer(s) kept in {self.dir}")
+            log(f"{what}: resuming, {len(self.done)} layer(s) done before kept in {self.dir}")
 
     @staticmethod
     def _index(path: Path) -> int | None:

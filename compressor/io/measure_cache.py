@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..measure import BlockMeasurement
+from .journal import Journal
 from .keyed import read_keyed, write_keyed
 
 MEASURE_VERSION = 1
@@ -64,33 +65,64 @@ def windows_digest(windows: torch.Tensor) -> list:
     return [list(windows.shape), hashlib.sha256(windows.long().numpy().tobytes()).hexdigest()]
 
 
-def save(path: Path, key: str, inputs: dict, measurements: list[BlockMeasurement],
-         ternary: dict[str, list[bool]]) -> None:
-    """Atomic: a half-written entry is never read (written beside, then renamed)."""
+def _pack(measurements: list[BlockMeasurement]) -> tuple[dict[str, torch.Tensor], str]:
+    """(tensors, the rest as JSON)."""
     tensors, blocks = {}, []
     for i, m in enumerate(measurements):
         for field in ("count", "weight_sum", "eps_sq", "hess_err"):
             tensors[f"{i}.{field}"] = getattr(m, field)
         blocks.append({"name": m.name, "layer_idx": m.layer_idx, "formats": m.formats,
                        "total_tokens": m.total_tokens, "out_energy": m.out_energy})
-    write_keyed(path, tensors, key, {"inputs": json.dumps(inputs), "blocks": json.dumps(blocks),
-                                     "ternary": json.dumps(ternary)})
+    return tensors, json.dumps(blocks)
+
+
+def _unpack(tensors: dict[str, torch.Tensor], blocks_json: str) -> list[BlockMeasurement] | None:
+    try:
+        return [BlockMeasurement(b["name"], b["layer_idx"], b["formats"], tensors[f"{i}.count"],
+                                 tensors[f"{i}.weight_sum"], b["total_tokens"], tensors[f"{i}.eps_sq"],
+                                 tensors[f"{i}.hess_err"], b["out_energy"]) for i, b in enumerate(json.loads(blocks_json))]
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def save(path: Path, key: str, inputs: dict, measurements: list[BlockMeasurement],
+         ternary: dict[str, list[bool]]) -> None:
+    """Atomic: a half-written entry is never read (written beside, then renamed)."""
+    tensors, blocks = _pack(measurements)
+    write_keyed(path, tensors, key, {"inputs": json.dumps(inputs), "blocks": blocks, "ternary": json.dumps(ternary)})
 
 
 def load(path: Path, key: str) -> tuple[list[BlockMeasurement], dict[str, list[bool]]] | None:
     """The entry at `path` if it is a complete entry for `key`; None otherwise (then pass 1 runs)."""
     hit = read_keyed(path, key)
-    if hit is None:
+    if hit is None or "blocks" not in hit[1] or "ternary" not in hit[1]:
         return None
     tensors, meta = hit
+    out = _unpack(tensors, meta["blocks"])
     try:
-        blocks, ternary = json.loads(meta["blocks"]), json.loads(meta["ternary"])
-        out = [BlockMeasurement(b["name"], b["layer_idx"], b["formats"], tensors[f"{i}.count"],
-                                tensors[f"{i}.weight_sum"], b["total_tokens"], tensors[f"{i}.eps_sq"],
-                                tensors[f"{i}.hess_err"], b["out_energy"]) for i, b in enumerate(blocks)]
-    except (KeyError, ValueError, TypeError):
+        ternary = json.loads(meta["ternary"])
+    except ValueError:
         return None
-    return out, ternary
+    return (out, ternary) if out is not None else None
+
+
+class MeasureJournal:
+    """Pass 1 layer by layer, in `<cache>/<key>.partial/`: MeasurePass reads the layers an interrupted run measured
+    and writes each new one; the entry's key keys the journal too, so it is valid exactly when the entry would be."""
+
+    def __init__(self, directory: Path, key: str, log=print):
+        self.journal = Journal(directory, key, log, what="pass 1")
+
+    def load(self, i: int) -> list[BlockMeasurement] | None:
+        hit = self.journal.load(i)
+        return None if hit is None or "blocks" not in hit[1] else _unpack(hit[0], hit[1]["blocks"])
+
+    def save(self, i: int, measurements: list[BlockMeasurement]) -> None:
+        tensors, blocks = _pack(measurements)
+        self.journal.save(i, tensors, {"blocks": blocks})
+
+    def remove(self) -> None:
+        self.journal.remove()
 
 
 class MeasurementCache:
@@ -101,10 +133,11 @@ class MeasurementCache:
         self.outcome = "measured"  # of the last call, for the plan's record: measured / reused <entry> / kept in <entry>
 
     def get_or_measure(self, model_dir: Path, recipe, windows: torch.Tensor, measure, log=print):
-        """`measure()` -> (measurements, ternary flags), run only when no valid entry exists."""
+        """`measure(journal)` -> (measurements, ternary flags), run only when no valid entry exists; `journal` (a
+        MeasureJournal, None without a cache) lets an interrupted pass 1 resume at the layer where it stopped."""
         if self.directory is None:
             self.outcome = "measured"
-            return measure()
+            return measure(None)
         key, inputs = cache_key(model_dir, recipe, windows)
         path = self.directory / f"{key}.safetensors"
         hit = load(path, key)
@@ -112,8 +145,16 @@ class MeasurementCache:
             self.outcome = f"reused {path}"
             log(f"pass 1: reusing the measurements in {path}")
             return hit
-        measurements, ternary = measure()
+        journal = MeasureJournal(self.directory / f"{key}.partial", key, log)
+        try:
+            measurements, ternary = measure(journal)
+        except BaseException:
+            if journal.journal.dir.exists() and any(journal.journal.dir.glob("layer-*")):
+                log(f"interrupted: the layers measured so far are kept in {journal.journal.dir}; the same command "
+                    "resumes from them")
+            raise
         save(path, key, inputs, measurements, ternary)
+        journal.remove()
         self.outcome = f"measured, kept in {path}"
         log(f"pass 1: measurements kept in {path}")
         return measurements, ternary
