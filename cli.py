@@ -120,6 +120,8 @@ def _upcycle_parser(sub) -> None:
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--freeze-shared", action="store_true", help="keep the shared expert frozen (MoTE)")
+    p.add_argument("--drop-ratio", type=float, default=0.0,
+                   help="Drop-Upcycling: re-initialise this share of each routed expert's neurons (then train)")
     p.add_argument("--overwrite", action="store_true")
 
 
@@ -128,7 +130,7 @@ def _run_upcycle(args: argparse.Namespace) -> None:
 
     kwargs = {k: getattr(args, k) for k in ("experts", "top_k", "ternary", "shared_expert", "train_text", "steps",
                                             "lr", "modules", "batch_size", "seq_len", "checkpoint_every",
-                                            "group_size", "seed", "overwrite", "freeze_shared")}
+                                            "group_size", "seed", "overwrite", "freeze_shared", "drop_ratio")}
     print(f"wrote {upcycle_cli(args.model, args.output, **kwargs)}")
 
 

@@ -73,6 +73,26 @@ def test_plain_upcycling_step0_logits_equal_dense(dense):
         torch.testing.assert_close(part(ids).logits, dense(ids).logits, atol=2e-6, rtol=1e-5)
 
 
+def test_drop_upcycling_reinitialises_its_share_of_each_experts_neurons(dense):
+    moe = upcycle(dense, experts=4, top_k=2, drop_ratio=0.25, seed=3)
+    n = round(0.25 * I)
+    for dl, ml in zip(dense.model.layers, moe.model.layers):
+        wg, wu, wd = (m.weight for m in (dl.mlp.gate_proj, dl.mlp.up_proj, dl.mlp.down_proj))
+        gu, down = ml.mlp.experts.gate_up_proj, ml.mlp.experts.down_proj
+        dropped = []
+        for e in range(4):
+            kept = (gu[e, :I] == wg).all(1) & (gu[e, I:] == wu).all(1) & (down[e] == wd).all(0)
+            gone = ~kept
+            assert int(gone.sum()) == n  # exactly the share, and every other neuron is the FFN's, bit for bit
+            assert (down[e][:, gone] == 0).all() and not (gu[e, :I][gone] == wg[gone]).any(1).all()
+            dropped.append(frozenset(gone.nonzero().flatten().tolist()))
+        assert len(set(dropped)) == 4  # independent draws per expert: the experts differ
+    again = upcycle(dense, experts=4, top_k=2, drop_ratio=0.25, seed=3)
+    assert torch.equal(again.model.layers[1].mlp.experts.gate_up_proj, moe.model.layers[1].mlp.experts.gate_up_proj)
+    with pytest.raises(ValueError, match="drop ratio"):
+        upcycle(dense, experts=4, drop_ratio=1.5)
+
+
 def test_mote_shared_expert_equals_dense_ffn_and_ste_gradients(dense):
     moe = upcycle(dense, experts=4, ternary=True, shared_expert=True)
     assert moe.config.model_type == "qwen2_moe" and moe.config.num_experts_per_tok == 1

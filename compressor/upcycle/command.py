@@ -29,7 +29,7 @@ def upcycle_cli(dense_dir: str | Path, out_dir: str | Path, experts: int = 8, to
                 steps: int = 0, lr: float = 1e-4, modules: str | None = None, *, batch_size: int = 4,
                 seq_len: int = 256, balance_coef: float = 0.01, checkpoint_every: int = 50,
                 group_size: int = DEFAULT_GROUP_SIZE, seed: int = 0, overwrite: bool = False,
-                freeze_shared: bool = False, log=print) -> Path:
+                freeze_shared: bool = False, drop_ratio: float = 0.0, log=print) -> Path:
     """Returns the written directory. Training checkpoints go to checkpoint_dir_for(out_dir) and are
     removed once the model is saved; re-running the same command after a kill resumes from them."""
     from transformers import AutoModelForCausalLM
@@ -45,7 +45,8 @@ def upcycle_cli(dense_dir: str | Path, out_dir: str | Path, experts: int = 8, to
     if cfg.get("model_type") not in SUPPORTED_DENSE:
         llama_only = [flag for flag, given in (("--ternary", ternary), ("--shared-expert", shared_expert),
                                                ("--train-text/--steps", train_text or steps),
-                                               ("--freeze-shared", freeze_shared)) if given]
+                                               ("--freeze-shared", freeze_shared),
+                                               ("--drop-ratio", drop_ratio)) if given]
         if llama_only:
             raise UpcycleError(f"{', '.join(llama_only)}: for Llama language models only; the two-layer MLPs of a "
                                f"{cfg.get('model_type')!r} model become plain copies (CuMo), untrained")
@@ -55,7 +56,8 @@ def upcycle_cli(dense_dir: str | Path, out_dir: str | Path, experts: int = 8, to
     try:
         dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32, use_safetensors=True).eval()
         tokenizer = load_tokenizer(dense_dir)
-        model = upcycle(dense, experts, top_k, ternary, shared_expert, modules, group_size=group_size, seed=seed)
+        model = upcycle(dense, experts, top_k, ternary, shared_expert, modules, group_size=group_size, seed=seed,
+                        drop_ratio=drop_ratio)
         del dense
         if freeze_shared:
             for n, p in model.named_parameters():
@@ -63,7 +65,7 @@ def upcycle_cli(dense_dir: str | Path, out_dir: str | Path, experts: int = 8, to
                     p.requires_grad_(False)
         info = {"source": str(dense_dir.resolve()), "experts": experts, "top_k": model.config.num_experts_per_tok,
                 "ternary": ternary, "shared_expert": shared_expert, "modules": modules, "group_size": group_size,
-                "model_type": model.config.model_type, "steps": 0, "train_tokens": 0}
+                "model_type": model.config.model_type, "drop_ratio": drop_ratio, "steps": 0, "train_tokens": 0}
         if train_text and steps > 0:
             ids = tokenize(tokenizer, read_text(train_text))
             ckdir = checkpoint_dir_for(out_dir)

@@ -143,12 +143,59 @@ def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 25, seed: int = 0, re
     return best, (u @ best.T).argmax(1)
 
 
+def set_kmeans_routers(moe, xs: list[torch.Tensor], experts: int, seed: int) -> None:
+    """Each layer's router = spherical k-means centroids of that layer's FFN inputs x [N, H] (scaled by 1/mean|x|):
+    top-k by cosine-like similarity, input dependent and uneven (cluster sizes differ)."""
+    for i, x in enumerate(xs):
+        cent, _ = spherical_kmeans(x, experts, seed=seed + i)
+        with torch.no_grad():
+            moe.model.layers[i].mlp.gate.weight.copy_(cent / x.norm(dim=1).mean())
+
+
 @torch.no_grad()
-def build_moe(dense_dir: Path, out: Path, experts: int, top_k: int, router_tokens: int, seed: int) -> dict:
+def routing_shares(model, ids: torch.Tensor, seq_len: int = 512, batch: int = 4) -> list[list[float]]:
+    """Per layer, the share of (token, slot) routings each expert receives over the windows of `ids`."""
+    counts = [None] * len(model.model.layers)
+
+    def hook(i):
+        def f(module, args, out):
+            c = torch.bincount(out[2].flatten(), minlength=module.num_experts).float()
+            counts[i] = c if counts[i] is None else counts[i] + c
+        return f
+
+    hooks = [layer.mlp.gate.register_forward_hook(hook(i)) for i, layer in enumerate(model.model.layers)]
+    try:
+        for b in ids[: ids.numel() // seq_len * seq_len].view(-1, seq_len).split(batch):
+            model(input_ids=b, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [(c / c.sum()).tolist() for c in counts]
+
+
+@torch.no_grad()
+def expert_cosines(model) -> list[dict]:
+    """Per layer, the mean and max pairwise cosine between experts' flattened weights (gate, up and down)."""
+    out = []
+    for layer in model.model.layers:
+        ex = layer.mlp.experts
+        w = F.normalize(torch.cat([ex.gate_up_proj.flatten(1), ex.down_proj.flatten(1)], 1).float(), dim=1)
+        c = w @ w.T
+        off = c[~torch.eye(len(c), dtype=torch.bool)]
+        out.append({"mean": round(float(off.mean()), 4), "max": round(float(off.max()), 4)})
+    return out
+
+
+def build_moe(dense_dir: Path, out: Path, experts: int, top_k: int, router_tokens: int, seed: int,
+              drop_ratio: float = 0.0, steps: int = 0, lr: float = 1e-4, batch_size: int = 4, seq_len: int = 256,
+              checkpoint_every: int = 40) -> dict:
+    """Up-cycle, set k-means routers, optionally drop-upcycle (`drop_ratio`) and train the MoE blocks (experts and
+    routers; attention, norms and embeddings frozen) for `steps` on the training text. Training checkpoints beside
+    `out` (hidden directory) make a killed build resume when re-run with the same arguments."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from compressor.calibration.data import read_text, tokenize
-    from compressor.upcycle import upcycle
+    from compressor.upcycle import checkpoint_dir_for, train, upcycle
 
     train_txt = TRAIN_TEXT
     if not train_txt.is_file():
@@ -156,30 +203,43 @@ def build_moe(dense_dir: Path, out: Path, experts: int, top_k: int, router_token
                          "fitted on training text, never on calibration or held-out text)")
     dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(dense_dir)
-    ids = tokenize(tok, read_text(train_txt)[:4 * router_tokens])[:router_tokens]
+    text = read_text(train_txt)
+    ids = tokenize(tok, text[:4 * router_tokens])[:router_tokens]
     log(f"FFN inputs on {ids.numel()} training tokens")
     xs = ffn_inputs(dense, ids, seq_len=512, batch=4)
-    moe = upcycle(dense, experts=experts, top_k=top_k, seed=seed)
-    shares = []
-    for i, x in enumerate(xs):
-        cent, _ = spherical_kmeans(x, experts, seed=seed + i)
-        gate = moe.model.layers[i].mlp.gate
-        # logits = x . centroid / mean|x|: top-k by cosine-like similarity; the scale only sets how peaked the
-        # (renormalised) top-k weights are, which cannot change the output while the experts are identical.
-        gate.weight.copy_(cent / x.norm(dim=1).mean())
-        top = (x @ gate.weight.T).topk(top_k, dim=1).indices
-        shares.append((torch.bincount(top.flatten(), minlength=experts).float() / top.numel()).tolist())
-    moe.to(torch.bfloat16)
-
+    moe = upcycle(dense, experts=experts, top_k=top_k, seed=seed, drop_ratio=drop_ratio)
+    del dense
+    set_kmeans_routers(moe, xs, experts, seed)
+    del xs
     info = {
         "source": f"{GGUF_PACKAGE} wheel, {GGUF_FILE} (Q4_1, blocks of 32), dequantized by transformers",
         "route": "copy up-cycling (CuMo), routers = spherical k-means centroids of each layer's FFN inputs",
         "experts": experts, "top_k": top_k, "router_tokens": int(ids.numel()), "seed": seed,
-        "routing_shares": [[round(s, 4) for s in layer] for layer in shares],
-        "max_min_share_ratio": [round(max(s) / max(min(s), 1e-9), 2) for s in shares],
-        "pairwise_expert_cosine": 1.0,
-        "note": "experts are identical copies of the pretrained FFN; use group_size >= 64 (the GGUF was Q4_1/32)",
     }
+    if drop_ratio or steps:
+        info["route"] = (f"drop-upcycling: copy up-cycling, then {drop_ratio:.0%} of each expert's neurons re-initialised "
+                         "(gate/up rows redrawn, down columns zero), routers = k-means centroids, then the MoE blocks "
+                         "(experts + routers) trained on the training text, everything else frozen")
+        for n, p in moe.named_parameters():
+            p.requires_grad_(".mlp." in n)
+        train_ids = tokenize(tok, text)
+        log(f"training the MoE blocks: {steps} steps x {batch_size} x {seq_len} tokens of {train_ids.numel():,}")
+        r = train(moe, train_ids, steps, lr=lr, batch_size=batch_size, seq_len=seq_len, warmup=min(20, steps // 10),
+                  checkpoint_dir=checkpoint_dir_for(out), checkpoint_every=checkpoint_every, seed=seed)
+        info.update(drop_ratio=drop_ratio, steps=r.steps, train_tokens=r.tokens, lr=lr, batch_size=batch_size,
+                    seq_len=seq_len, resumed_from=r.start_step,
+                    loss_first_20=round(sum(r.losses[:20]) / max(1, len(r.losses[:20])), 4),
+                    loss_last_20=round(sum(r.losses[-20:]) / max(1, len(r.losses[-20:])), 4))
+    moe.requires_grad_(False)
+    shares = routing_shares(moe, ids[:8192])
+    cos = expert_cosines(moe)
+    moe.to(torch.bfloat16)
+    info.update({
+        "routing_shares_8192_train_tokens": [[round(s, 4) for s in layer] for layer in shares],
+        "max_min_share_ratio": [round(max(s) / max(min(s), 1e-9), 2) for s in shares],
+        "pairwise_expert_cosine": cos,
+        "note": "use group_size >= 64 (the GGUF was Q4_1/32)",
+    })
 
     def write(tmp: Path):
         moe.save_pretrained(tmp)
@@ -187,7 +247,9 @@ def build_moe(dense_dir: Path, out: Path, experts: int, top_k: int, router_token
         (tmp / "build.json").write_text(json.dumps(info, indent=1))
 
     atomic_dir(out, write)
-    log(f"wrote {out}; max/min routing share per layer: {info['max_min_share_ratio']}")
+    shutil.rmtree(checkpoint_dir_for(out), ignore_errors=True)
+    log(f"wrote {out}; max/min routing share per layer: {info['max_min_share_ratio']}; "
+        f"mean pairwise expert cosine {sum(c['mean'] for c in cos) / len(cos):.3f}")
     return info
 
 
@@ -199,6 +261,13 @@ def main(argv=None):
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--router-tokens", type=int, default=32768, help="training tokens the router clusters are fitted on")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--drop-ratio", type=float, default=0.0,
+                   help="drop-upcycling: share of each expert's neurons re-initialised (then train with --steps)")
+    p.add_argument("--steps", type=int, default=0, help="training steps of the MoE blocks after up-cycling")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--checkpoint-every", type=int, default=40)
     p.add_argument("--force", action="store_true", help="rebuild directories that already exist")
     a = p.parse_args(argv)
     torch.manual_seed(a.seed)
@@ -207,7 +276,8 @@ def main(argv=None):
     else:
         log(f"{a.dense_out} exists (--force rebuilds)")
     if a.force or not (a.out / "config.json").is_file():
-        build_moe(a.dense_out, a.out, a.experts, a.top_k, a.router_tokens, a.seed)
+        build_moe(a.dense_out, a.out, a.experts, a.top_k, a.router_tokens, a.seed, a.drop_ratio, a.steps, a.lr,
+                  a.batch_size, a.seq_len, a.checkpoint_every)
     else:
         log(f"{a.out} exists (--force rebuilds)")
 
