@@ -86,3 +86,26 @@ def test_divergence_is_zero_for_the_original_and_grows_under_quantization(tmp_pa
     assert divergence.relative_errors(original, original) == [0.0] * len(original)
     errors = divergence.relative_errors(divergence.hidden_states(rtn2, ids), original)
     assert errors[0] == 0.0 and all(e > 0.01 for e in errors[1:]), errors  # embeddings untouched, layers not
+
+
+def test_reference_build_statistics_on_a_tiny_upcycled_llama():
+    """build.json's numbers: pairwise expert cosine 1 for copies and below 1 once drop-upcycled; routing shares
+    per layer sum to 1 and are the top-k counts of each layer's router."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from compressor.upcycle import upcycle
+
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    copies, dropped = upcycle(dense, experts=4, top_k=2), upcycle(dense, experts=4, top_k=2, drop_ratio=0.5)
+    assert all(c["mean"] == pytest.approx(1.0, abs=1e-5) for c in build_reference.expert_cosines(copies))
+    assert all(c["max"] < 0.9 for c in build_reference.expert_cosines(dropped))
+    ids = torch.randint(0, 64, (64,), generator=torch.Generator().manual_seed(1))
+    seen = []
+    hook = dropped.model.layers[1].mlp.gate.register_forward_hook(lambda m, a, o: seen.append(o[2].flatten()))
+    shares = build_reference.routing_shares(dropped, ids, seq_len=16, batch=2)
+    hook.remove()
+    assert [sum(s) for s in shares] == pytest.approx([1.0, 1.0])
+    counts = torch.bincount(torch.cat(seen), minlength=4).float()
+    assert shares[1] == pytest.approx((counts / counts.sum()).tolist())
