@@ -81,7 +81,6 @@ class MeasurePass:
         self.quantizer, self.gptq = quantizer, gptq or {}
         self.journal = journal
         self.results: list[BlockMeasurement] = []
-        self.resumed: list[int] = []  # layers taken from the journal
 
     def _from_journal(self, i: int, names: list[str]) -> list[BlockMeasurement] | None:
         got = self.journal.load(i) if self.journal is not None else None
@@ -111,7 +110,6 @@ class MeasurePass:
         mine = [b for b in self.blocks if b.layer_idx == i]
         if mine and (kept := self._from_journal(i, [b.name for b in mine])) is not None:
             self.results.extend(kept)
-            self.resumed.append(i)
             return None  # layerwise runs the (unchanged) layer for the next one's inputs
         outputs, start = None, len(self.results)
         for b in mine:

@@ -112,6 +112,7 @@ class MeasureJournal:
 
     def __init__(self, directory: Path, key: str, log=print):
         self.journal = Journal(directory, key, log, what="pass 1")
+        self.dir = self.journal.dir
 
     def load(self, i: int) -> list[BlockMeasurement] | None:
         hit = self.journal.load(i)
@@ -149,8 +150,8 @@ class MeasurementCache:
         try:
             measurements, ternary = measure(journal)
         except BaseException:
-            if journal.journal.dir.exists() and any(journal.journal.dir.glob("layer-*")):
-                log(f"interrupted: the layers measured so far are kept in {journal.journal.dir}; the same command "
+            if journal.dir.exists() and any(journal.dir.glob("layer-*")):
+                log(f"interrupted: the layers measured so far are kept in {journal.dir}; the same command "
                     "resumes from them")
             raise
         save(path, key, inputs, measurements, ternary)
