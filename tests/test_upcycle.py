@@ -230,3 +230,18 @@ def test_compress_keeps_mote_ternary_experts_exact(upcycled):
             gu, d = experts.expert_weights(e)
             assert torch.equal(gu, layer_src.mlp.experts.gate_up_proj[e].float())
             assert torch.equal(d, layer_src.mlp.experts.down_proj[e].float())
+
+
+def test_upcycle_cli_drop_ratio_is_recorded_and_warns_without_training(dense, tmp_path):
+    from tiny import tiny_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    src = tmp_path / "dense"
+    dense.save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    said = []
+    out = upcycle_cli(src, tmp_path / "drop", experts=4, drop_ratio=0.25, log=said.append)
+    assert any("never trained" in s for s in said)
+    assert json.loads((out / "upcycle.json").read_text())["drop_ratio"] == 0.25
+    gu = AutoModelForCausalLM.from_pretrained(out).model.layers[0].mlp.experts.gate_up_proj
+    assert not torch.equal(gu[0], gu[1])  # the experts differ once saved and reloaded

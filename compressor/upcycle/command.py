@@ -52,6 +52,9 @@ def upcycle_cli(dense_dir: str | Path, out_dir: str | Path, experts: int = 8, to
                                f"{cfg.get('model_type')!r} model become plain copies (CuMo), untrained")
         return _upcycle_mlps(dense_dir, out_dir, cfg, save_dtype, experts, top_k or DEFAULT_TOP_K, modules, seed,
                              overwrite, log)
+    if drop_ratio and not (train_text and steps):
+        log(f"warning: --drop-ratio {drop_ratio} without --train-text/--steps writes experts whose re-initialised "
+            "neurons were never trained (the model is worse than the dense one until they are)")
     tmp = prepare_output(out_dir, dense_dir, overwrite)  # refuses out_dir == / inside / containing dense_dir
     try:
         dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32, use_safetensors=True).eval()
