@@ -30,6 +30,15 @@ def repeated_ids(n: int = 2000, period: int = 37, seed: int = 0) -> torch.Tensor
     return torch.randint(0, V, (period,), generator=g).repeat(n // period + 1)[:n]
 
 
+def saved(dense, directory):
+    """`dense` with a tokenizer, as a model directory for upcycle_cli."""
+    from tiny import tiny_tokenizer
+
+    dense.save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory
+
+
 @pytest.fixture(scope="module")
 def dense():
     return tiny_llama()
@@ -148,12 +157,9 @@ def test_resume_after_interruption_continues_from_checkpoint(dense, tmp_path):
 
 
 def test_upcycle_cli_saves_a_ternary_mote_model_that_reloads(dense, tmp_path):
-    from tiny import tiny_tokenizer
     from transformers import AutoModelForCausalLM
 
-    src = tmp_path / "dense"
-    dense.save_pretrained(src)
-    tiny_tokenizer().save_pretrained(src)
+    src = saved(dense, tmp_path / "dense")
     text = tmp_path / "train.txt"
     text.write_text(" ".join(["the quick brown fox jumps over the lazy dog"] * 200))
     out = upcycle_cli(src, tmp_path / "mote", experts=4, ternary=True, shared_expert=True, train_text=text,
@@ -178,11 +184,10 @@ def test_upcycle_cli_saves_a_ternary_mote_model_that_reloads(dense, tmp_path):
 
 @pytest.fixture(scope="module")
 def upcycled(dense, tmp_path_factory):
-    from tiny import tiny_text, tiny_tokenizer
+    from tiny import tiny_text
 
     root = tmp_path_factory.mktemp("upcycled")
-    dense.save_pretrained(root / "dense")
-    tiny_tokenizer().save_pretrained(root / "dense")
+    saved(dense, root / "dense")
     (root / "text.txt").write_text(tiny_text(3000))
     out = {}
     for name, kw in (("mote", dict(ternary=True, shared_expert=True)), ("plain", {})):
@@ -233,12 +238,9 @@ def test_compress_keeps_mote_ternary_experts_exact(upcycled):
 
 
 def test_upcycle_cli_drop_ratio_is_recorded_and_warns_without_training(dense, tmp_path):
-    from tiny import tiny_tokenizer
     from transformers import AutoModelForCausalLM
 
-    src = tmp_path / "dense"
-    dense.save_pretrained(src)
-    tiny_tokenizer().save_pretrained(src)
+    src = saved(dense, tmp_path / "dense")
     said = []
     out = upcycle_cli(src, tmp_path / "drop", experts=4, drop_ratio=0.25, log=said.append)
     assert any("never trained" in s for s in said)
