@@ -24,6 +24,7 @@ FLAG_FIELDS = {
     "damp": "quantization.damp",
     "dense_bits": "quantization.dense_bits",
     "calib": "calibration.text",
+    "calib_images": "calibration.images",
     "samples": "calibration.samples",
     "seq_len": "calibration.seq_len",
     "seed": "calibration.seed",
@@ -59,6 +60,8 @@ def _compress_parser(sub) -> None:
     p.add_argument("--act-order", action="store_true")
     p.add_argument("--damp", type=float)
     p.add_argument("--calib", help="calibration text file (default: the shipped calibration corpus)")
+    p.add_argument("--calib-images", metavar="DIR", help="calibration images for up-cycled vision / projector MoE "
+                   "blocks (enables GPTQ and measured errors there; default: data-free)")
     p.add_argument("--samples", type=int)
     p.add_argument("--seq-len", type=int)
     p.add_argument("--seed", type=int)

@@ -20,6 +20,7 @@ from .arch.families import MLP_MOE, UnsupportedArchitecture
 from .arch.view import decoder_layers, dense_linears, find_moe_blocks
 from .assets import CALIB_TEXT, DEFAULT_MODEL_DIR, MEASUREMENTS_DIR
 from .calibration.data import calibration_windows, eval_windows, read_text, tokenize
+from .calibration.images import ImageCalibrationError, ImageFeed, blockwise, image_files, load_pixels
 from .calibration.layerwise import Resident, in_memory, layerwise
 from .calibration.sensitivity import layer_sensitivity
 from .config import Recipe, dump_recipe
@@ -72,29 +73,46 @@ def calibration_data(recipe: Recipe, tokenizer) -> torch.Tensor:
 
 def data_free(blocks) -> bool:
     """MLPMoE blocks (upcycle --modules: a vision tower's MLPs, a projector) are not driven by the calibration
-    pass, which runs the decoder layers of the supported MoE language models; they are compressed without data."""
+    text, which runs the decoder layers of the supported MoE language models: they are calibrated on images
+    (calibration.images) or compressed without data."""
     return blocks[0].family is MLP_MOE
 
 
 def check_data_free(recipe: Recipe, blocks) -> None:
-    """What needs calibration inputs for these blocks is refused with the alternative, never run on made-up data."""
+    """What needs calibration inputs these blocks do not have is refused with the alternative, never run on
+    made-up data: GPTQ without calibration images, and online dynamic pruning (calibrated on text only)."""
     names = ", ".join(b.name for b in blocks[:2]) + (", ..." if len(blocks) > 2 else "")
-    why = (f"this model's MoE blocks ({names}) are up-cycled MLPs that the calibration pass does not reach (it runs "
-           "the decoder layers of MoE language models on text; a vision tower or projector takes images, which "
-           "moe-compressor does not take yet)")
-    if recipe.quantization.method == "gptq":
-        raise UnsupportedArchitecture(f"{why}, so GPTQ has no Hessians: use --method rtn or --method ternary (with "
-                                      "--budget, the allocation then uses data-free weight errors)")
+    why = f"this model's MoE blocks ({names}) are up-cycled MLPs on its image path, which calibration text does not reach"
+    if recipe.quantization.method == "gptq" and recipe.calibration.images is None:
+        raise UnsupportedArchitecture(f"{why}, so GPTQ has no Hessians: pass --calib-images DIR (a directory of "
+                                      "images), or use --method rtn or --method ternary (with --budget, the allocation "
+                                      "then uses data-free weight errors)")
     if recipe.pruning.target is not None:
-        raise UnsupportedArchitecture(f"{why}, so --dynamic-pruning cannot be calibrated")
+        raise UnsupportedArchitecture(f"{why}, so --dynamic-pruning cannot be calibrated (it is calibrated on text)")
+
+
+def image_feed(recipe: Recipe, model: nn.Module, blocks, model_dir: Path, trust_remote_code: bool = False
+               ) -> ImageFeed | None:
+    """The calibration images of `recipe` prepared for the model, or None when it names none. Images are for MoE
+    blocks on the image path only: for a language model's MoE blocks they are refused."""
+    c = recipe.calibration
+    if c.images is None:
+        return None
+    if not data_free(blocks):
+        raise ImageCalibrationError(f"--calib-images: the MoE blocks of {model_dir} ({blocks[0].name}, ...) are a "
+                                    "language model's, calibrated on text (--calib); images are for up-cycled vision "
+                                    "tower or projector MLPs")
+    files = image_files(c.images, c.samples, c.seed)
+    return ImageFeed(model, load_pixels(model_dir, files, trust_remote_code))
 
 
 def make_plan(recipe: Recipe, model: nn.Module, blocks, dense, windows: torch.Tensor | None,
-              dtype: torch.dtype, stream: StreamedModel | None = None, log=print) -> Plan:
-    """A plan from --plan, from the budget LP over pass-1 measurements (data-free weight errors when there are
-    no calibration windows: see weight_measure.py), or uniform. With `stream`, `model` is that streamed model's
-    (meta device): what needs weights reads them one decoder layer at a time. Pass 1's measurements are
-    reused from the measurement cache when its inputs are unchanged (io/measure_cache.py)."""
+              dtype: torch.dtype, stream: StreamedModel | None = None, log=print, feed: ImageFeed | None = None) -> Plan:
+    """A plan from --plan, from the budget LP over pass-1 measurements (on the calibration windows, or on
+    `feed`'s images for MLPMoE blocks; data-free weight errors when there is neither: see weight_measure.py), or
+    uniform. With `stream`, `model` is that streamed model's (meta device): what needs weights reads them one
+    decoder layer at a time. Pass 1's measurements are reused from the measurement cache when its inputs are
+    unchanged (io/measure_cache.py)."""
     q, a = recipe.quantization, recipe.allocation
     resident = stream.resident if stream is not None else in_memory
     if a.plan is not None:
@@ -105,17 +123,19 @@ def make_plan(recipe: Recipe, model: nn.Module, blocks, dense, windows: torch.Te
         for name, flags in pinned_ternary(model, blocks, q.group_size, resident).items():  # MoTE experts stay ternary
             plan.experts[name] = ["ternary" if t else f for t, f in zip(flags, plan.experts[name])]
         return plan
-    if windows is None:
+    if windows is None and feed is None:
         formats = candidate_formats(a.formats, ternary_experts(blocks, q.group_size))
         plan = plan_budget(recipe, model, blocks, dense, weight_measurements(blocks, formats, q.group_size, q.sym), dtype)
         plan.allocation["measurements"] = "data-free weight errors, uniform routing"
         return plan
     cache = MeasurementCache(MEASUREMENTS_DIR if a.reuse_measurements else None)
     measurements, ternary = cache.get_or_measure(
-        model_dir_of(recipe), recipe, windows, lambda journal: measure(recipe, model, blocks, windows, resident, journal),
-        log)
+        model_dir_of(recipe), recipe, feed.pixels if feed is not None else windows,
+        lambda journal: measure(recipe, model, blocks, windows, resident, journal, feed), log)
     sensitivity = None
-    if a.objective == "global" and a.layer_weights == "sensitivity":
+    if a.objective == "global" and a.layer_weights == "sensitivity" and feed is not None:
+        log("layer weights: output energy (the loss sensitivity needs a language-model loss, which images do not give)")
+    elif a.objective == "global" and a.layer_weights == "sensitivity":
         head = stream.head if stream is not None else nullcontext
         some = windows[:a.sensitivity_samples]
         sensitivity = cache.get_or_compute_sensitivity(
@@ -125,19 +145,23 @@ def make_plan(recipe: Recipe, model: nn.Module, blocks, dense, windows: torch.Te
     return plan
 
 
-def measure(recipe: Recipe, model: nn.Module, blocks, windows: torch.Tensor, resident: Resident = in_memory,
-            journal=None) -> tuple[list[BlockMeasurement], dict[str, list[bool]]]:
+def measure(recipe: Recipe, model: nn.Module, blocks, windows: torch.Tensor | None, resident: Resident = in_memory,
+            journal=None, feed: ImageFeed | None = None) -> tuple[list[BlockMeasurement], dict[str, list[bool]]]:
     """Pass 1 over the candidate formats, and which experts are already ternary. A streamed model's weights are
     read only during the pass, so its ternary experts are found on the way; should there be some (a MoTE
     checkpoint) while ternary was not an allowed format, the pass runs again with ternary as a candidate.
-    `journal` (MeasureJournal): layers measured by an interrupted run are read from it, new ones written to it."""
+    `journal` (MeasureJournal): layers measured by an interrupted run are read from it, new ones written to it.
+    With `feed`, the MLPMoE blocks are measured on its images instead of the windows."""
     q, a = recipe.quantization, recipe.allocation
     ternary = ternary_experts(blocks, q.group_size)  # none on the meta device
     while True:
         formats = candidate_formats(a.formats, ternary)
         scan = TernaryScan(blocks, q.group_size, MeasurePass(
             blocks, formats, q.group_size, q.sym, a.eps_quantizer, q.gptq_options, journal))
-        layerwise(model, windows, scan, desc="measure", resident=resident)
+        if feed is not None:
+            blockwise(blocks, feed, scan, desc="measure")
+        else:
+            layerwise(model, windows, scan, desc="measure", resident=resident)
         if candidate_formats(a.formats, scan.flags) == formats:
             return scan.inner.results, scan.flags
         ternary = scan.flags
@@ -158,7 +182,7 @@ def streamed_model(model_dir: Path, trust_remote_code: bool, log=print) -> Strea
     logged): the model is loaded whole."""
     config = read_config(model_dir)
     check_supported(config)
-    why = ("it holds up-cycled MLP blocks, measured without data from all their weights at once" if MOE_MODULES in config
+    why = ("it holds up-cycled MLP blocks (not in decoder layers: worked on block by block)" if MOE_MODULES in config
            else "--trust-remote-code (streaming builds transformers' own model classes)" if trust_remote_code
            else "its config.json has a quantization_config" if config.get("quantization_config") else None)
     if why:
@@ -229,6 +253,7 @@ def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = 
     no_data = data_free(blocks)
     if no_data:
         check_data_free(recipe, blocks)
+    feed = image_feed(recipe, model, blocks, model_dir, trust_remote_code)
     tokenizer = None if no_data else load_tokenizer(model_dir, trust_remote_code)
     if recipe.pruning.target is not None:
         prune.check_prunable(blocks)  # top-1 routing: say so before the long work
@@ -238,10 +263,12 @@ def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = 
                 for k, v in unique_state(model).items()}
     windows = None if no_data else calibration_data(recipe, tokenizer)
     log(f"calibration: {windows.shape[0]} x {windows.shape[1]} tokens; {len(blocks)} MoE layers" if windows is not None
+        else f"calibration: {feed.pixels.shape[0]} images of {tuple(feed.pixels.shape[1:])}; {len(blocks)} up-cycled "
+             "MLP blocks" if feed is not None
         else f"no calibration data: {len(blocks)} up-cycled MLP blocks, compressed from their weights alone")
     if not dry_run:
         ckpt.check_output(out_dir, model_dir, overwrite)  # fail before the long work, not after
-    plan = make_plan(recipe, model, blocks, dense, windows, dtype, stream, log)
+    plan = make_plan(recipe, model, blocks, dense, windows, dtype, stream, log, feed)
     predicted = predict_bytes(model, blocks, dense, plan, dtype)
     plan.predicted_bytes = sum(predicted.values())
     if plan.budget_bytes is not None and scope_bytes(plan, predicted, blocks) > plan.budget_bytes:
@@ -253,14 +280,14 @@ def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = 
         log(f"dry run: plan written to {out_dir / 'plan.json'}")
         return out_dir
     resident = stream.kept if stream is not None else in_memory  # pass 2 keeps each layer it quantized
+    data = feed.pixels if feed is not None else windows
     journal = Journal(beside(out_dir), journal_digest(asdict(plan), recipe, model_fingerprint(model_dir),
-                                              None if windows is None else windows_digest(windows)), log)
+                                              None if data is None else windows_digest(data)), log)
     tmp = ckpt.prepare_output(out_dir, model_dir, overwrite)
     qpass = QuantizePass(model, blocks, dense, plan, recipe, journal)
     try:
-        if no_data:  # no decoder layers to walk: each block on its own (the pass then runs no forward)
-            for i in sorted({b.layer_idx for b in blocks}):
-                qpass(i, None, None)
+        if no_data:  # no decoder layers to walk: block by block, on the images if any (else no forward runs)
+            blockwise(blocks, feed if qpass.needs_data() else None, qpass, desc="quantize")
         else:
             layerwise(model, windows if qpass.needs_data() else None, qpass, desc="quantize", resident=resident)
         if stream is not None:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .arch.view import MoEBlock, layers_prefix
-from .calibration.layerwise import LayerInputs, run_layer
+from .calibration.layerwise import LayerInputs
 from .io.report import peak_rss_mb
 from .calibration.stats import ExpertStats, LinearHessian, NonFiniteError, RoutedObserver, WeightedObserver
 from .config.schema import Recipe
@@ -89,7 +89,7 @@ class QuantizePass:
         observed = [self._observe(b) for b in blocks]
         hessians = {n: LinearHessian(m, n) for n, m in linears.items()} if self._gptq() else {}
         if inputs is not None:
-            run_layer(layer, inputs)
+            inputs.run(layer)
         for b, (dense, stats, handles) in zip(blocks, observed):
             for h in handles:
                 h.remove()

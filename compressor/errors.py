@@ -3,6 +3,7 @@ The CLI prints these without a traceback; anything else is a bug and keeps its t
 
 from .allocation.lp import InfeasibleBudget
 from .arch.families import UnsupportedArchitecture
+from .calibration.images import ImageCalibrationError
 from .calibration.stats import NonFiniteError
 from .config.loader import RecipeError
 from .io.checkpoint import OutputExists
@@ -14,6 +15,7 @@ USER_ERRORS = (
     InfeasibleBudget,
     UnsupportedArchitecture,
     NonFiniteError,
+    ImageCalibrationError,
     RecipeError,
     OutputExists,
     ModelDirError,

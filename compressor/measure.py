@@ -13,7 +13,7 @@ from torch import nn
 
 from .analysis.importance import output_error_sq
 from .arch.view import MoEBlock
-from .calibration.layerwise import LayerInputs, run_layer
+from .calibration.layerwise import LayerInputs
 from .calibration.stats import ExpertStats, RoutedObserver, check_finite
 from .quantize.formats import QuantSpec
 from .quantize.gptq import gptq_quantize, hessian_error
@@ -96,7 +96,7 @@ class MeasurePass:
         stats = ExpertStats.zeros(E, H, dense.down.shape[-1])
         dense.observer, original, b.block.experts = RoutedObserver(stats, f"layer {i}"), b.block.experts, dense
         try:
-            run_layer(layer, inputs)
+            inputs.run(layer)
         finally:
             b.block.experts, dense.observer = original, None
         return stats
@@ -131,7 +131,7 @@ class MeasurePass:
             handle = dense.register_forward_hook(on_output)
             b.block.experts = dense
             try:
-                outputs = run_layer(layer, inputs)
+                outputs = inputs.run(layer)
             finally:
                 handle.remove()
                 b.block.experts = original

@@ -22,7 +22,7 @@ from compressor.runtime.experts import PackedExperts
 from compressor.runtime.moe import MLPMoE
 from compressor.upcycle import UpcycleError, upcycle_cli
 from compressor.upcycle.modules import upcycle_modules
-from tiny import file_tensor_bytes
+from tiny import file_tensor_bytes, save_tiny
 
 CLIP_MLPS = r"encoder\.layers\.\d+\.mlp"
 LLAVA_MLPS = r"multi_modal_projector|vision_tower\..*\.mlp"
@@ -59,6 +59,13 @@ def tiny_llava(seed: int = 0):
 KINDS = {"clip": (tiny_clip, CLIP_MLPS), "llava": (tiny_llava, LLAVA_MLPS)}
 
 
+def image_processor():
+    """CLIP's preprocessing at the tiny models' 32 x 32 input (the PIL backend: no torchvision needed)."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+
+
 @pytest.fixture(scope="module")
 def inputs():
     g = torch.Generator().manual_seed(1)
@@ -83,7 +90,7 @@ def dirs(tmp_path_factory):
     for kind, (make, regex) in KINDS.items():
         dense = root / f"{kind}-dense"
         make().save_pretrained(dense)
-        (dense / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "CLIPImageProcessor"}))
+        image_processor().save_pretrained(dense)
         moe = root / f"{kind}-moe"
         assert cli.main(["upcycle", str(dense), "--experts", "4", "--top-k", "2", "--modules", regex,
                          "--output", str(moe)]) == 0
@@ -246,3 +253,116 @@ def test_dry_run_synthetic_plans_an_upcycled_config(dirs, tmp_path):
                      "--budget-scope", "experts", "--output", str(tmp_path)]) == 0
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert list(plan["experts"]) == [f"{n}.experts" for n in json.loads(config.read_text())["moe_modules"]]
+
+
+# ------------------------------------------------------------------------------------- calibration images
+
+def write_images(directory, n: int, seed: int):
+    """n smooth random RGB pictures of assorted sizes (PNG, one JPEG, one grayscale): what CLIP's processor resizes,
+    crops and normalises to 32 x 32."""
+    from PIL import Image
+
+    directory.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    for k in range(n):
+        h, w = 36 + 4 * (k % 3), 40 + 6 * (k % 4)
+        coarse = torch.rand(3, 5, 6, generator=g)
+        img = torch.nn.functional.interpolate(coarse[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+        img = (img + 0.1 * torch.rand(3, h, w, generator=g)).clamp(0, 1)
+        im = Image.fromarray((img.permute(1, 2, 0) * 255).byte().numpy())
+        if k == 1:
+            im = im.convert("L")
+        im.save(directory / f"img{k:02d}.{'jpg' if k == 2 else 'png'}")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    return write_images(root / "calib", 12, seed=0), write_images(root / "other", 12, seed=1)
+
+
+def block_tokens(out) -> dict[str, int]:
+    """Routed (token, slot) pairs per block in pass 2, from report.json."""
+    report = json.loads((out / "report.json").read_text())
+    return {name: sum(e["tokens"]) for layer in report["layers"] for name, e in layer["experts"].items()}
+
+
+@torch.no_grad()
+def output_error(model, reference, pixels) -> float:
+    return float((model(pixel_values=pixels).last_hidden_state - reference).pow(2).mean())
+
+
+def test_gptq_on_calibration_images_beats_rtn(dirs, images):
+    """GPTQ with Hessians from calibration images, block by block: every image token reaches every block (top-2),
+    and on held-out images the compressed model is closer to the original than RTN at the same format."""
+    from compressor.calibration.images import image_files, load_pixels
+
+    root, d = dirs
+    moe_dir = d["clip"][1]
+    calib, held = images
+    out = root / "clip-gptq-images"
+    assert cli.main(["compress", str(moe_dir), "--method", "gptq", "--calib-images", str(calib), "--bits", "3",
+                     "--group-size", "16", "--output", str(out)]) == 0
+    assert block_tokens(out) == {f"encoder.layers.{i}.mlp.experts": 12 * 17 * 2 for i in range(2)}  # 16 patches + CLS
+    plan = json.loads((out / "plan.json").read_text())
+    assert file_tensor_bytes(out) == plan["predicted_bytes"]
+    rtn = compress(moe_dir, root / "clip-rtn-int3", **{"quantization.bits": 3})
+    pixels = load_pixels(moe_dir, image_files(held, 12, 0))
+    reference = load_model(moe_dir)(pixel_values=pixels).last_hidden_state.detach()
+    gptq_err, rtn_err = output_error(load_model(out), reference, pixels), output_error(load_model(rtn), reference, pixels)
+    assert 0 < gptq_err < rtn_err
+
+
+def test_llava_projector_and_tower_calibrated_through_get_image_features(dirs, images):
+    root, d = dirs
+    out = compress(d["llava"][1], root / "llava-gptq-images", **{"quantization.method": "gptq",
+                                                                "calibration.images": str(images[0])})
+    tokens = block_tokens(out)
+    assert tokens["model.multi_modal_projector.experts"] == 12 * 16 * 2  # the CLS token is dropped before it
+    assert all(tokens[f"model.vision_tower.encoder.layers.{i}.mlp.experts"] == 12 * 17 * 2 for i in range(2))
+    assert file_tensor_bytes(out) == json.loads((out / "plan.json").read_text())["predicted_bytes"]
+
+
+def test_budget_lp_measured_on_images_and_cached_by_their_pixels(dirs, images, tmp_path):
+    root, d = dirs
+    moe_dir = d["clip"][1]
+    calib, other = images
+    over = {"allocation.budget": "3bits", "allocation.scope": "experts", "quantization.group_size": 32,
+            "allocation.formats": ["keep", "int8", "int4", "int3", "int2", "ternary"], "calibration.images": str(calib)}
+    plans = []
+    for k, where in enumerate((calib, calib, other)):
+        out = compress(moe_dir, tmp_path / f"lp{k}", **{**over, "calibration.images": str(where)})
+        plans.append(json.loads((out / "plan.json").read_text()))
+        assert file_tensor_bytes(out) == plans[-1]["predicted_bytes"]
+        assert plans[-1]["allocation"]["expert_bytes"] <= plans[-1]["budget_bytes"]
+    assert [p["allocation"]["measurements"].split()[2].strip(",") for p in plans] == ["measured", "reused", "measured"]
+    assert plans[0]["allocation"]["layer_weights"] == "output_energy"
+
+
+def test_bad_calibration_images_are_refused_clearly(dirs, images, tmp_path):
+    import shutil
+
+    from compressor.calibration.images import ImageCalibrationError
+
+    root, d = dirs
+    moe_dir = d["clip"][1]
+    gptq = {"quantization.method": "gptq"}
+    (tmp_path / "empty").mkdir()
+    bad = tmp_path / "bad"
+    shutil.copytree(images[0], bad)
+    (bad / "broken.png").write_bytes(b"not a picture")
+    no_processor = tmp_path / "no-processor"
+    shutil.copytree(moe_dir, no_processor)
+    (no_processor / "preprocessor_config.json").unlink()
+    cases = [(moe_dir, tmp_path / "missing", "is not a directory"), (moe_dir, tmp_path / "empty", "no image files"),
+             (moe_dir, bad, "broken.png cannot be read"), (no_processor, images[0], "no preprocessor_config.json")]
+    for model, where, message in cases:
+        with pytest.raises(ImageCalibrationError, match=message):
+            compress(model, tmp_path / "out", **gptq, **{"calibration.images": str(where)})
+    lm = save_tiny("mixtral", tmp_path / "mixtral")
+    with pytest.raises(ImageCalibrationError, match="language model's, calibrated on text"):
+        compress(lm, tmp_path / "out", **gptq, **{"calibration.images": str(images[0])})
+    with pytest.raises(UnsupportedArchitecture, match="--dynamic-pruning"):  # calibrated on text only
+        compress(moe_dir, tmp_path / "out", **{"pruning.target": 0.3, "calibration.images": str(images[0])})
+    assert not (tmp_path / "out").exists()

@@ -21,8 +21,13 @@ from ..arch.view import decoder_layers
 
 @dataclass
 class LayerInputs:
+    """What a pass callback gets as `inputs`: `run(layer)` drives the calibration data through the layer (and so
+    through the observers the pass hooked into it). calibration/images.BlockInputs is the same for images."""
     hidden: list[torch.Tensor]  # one [b, L, H] tensor per mini-batch
     kwargs: list[dict[str, Any]]  # the decoder layer's keyword arguments for that mini-batch
+
+    def run(self, layer: nn.Module) -> "LayerInputs":
+        return run_layer(layer, self)
 
 
 @dataclass

@@ -21,6 +21,10 @@ class Section(BaseModel):
 
 class Calibration(Section):
     text: Path | None = Field(None, description="calibration text file; default: the shipped calibration corpus")
+    images: Path | None = Field(
+        None, description="directory of calibration images for MoE blocks on a model's image path (up-cycled vision "
+        "tower or projector MLPs); `samples` of them are used. Without it those blocks are compressed from their "
+        "weights alone (RTN, ternary, data-free LP)")
     samples: int = Field(128, ge=1, description="number of calibration sequences")
     seq_len: int = Field(512, ge=8, description="tokens per calibration sequence")
     seed: int = Field(0, description="seed for sampling calibration windows")

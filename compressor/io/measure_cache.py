@@ -62,7 +62,9 @@ def sensitivity_key(model_dir: Path, windows: torch.Tensor) -> tuple[str, dict]:
 
 
 def windows_digest(windows: torch.Tensor) -> list:
-    return [list(windows.shape), hashlib.sha256(windows.long().numpy().tobytes()).hexdigest()]
+    """Token windows, or the pixel values of calibration images (floating: digested as they are)."""
+    data = windows.float() if windows.is_floating_point() else windows.long()
+    return [list(windows.shape), hashlib.sha256(data.contiguous().numpy().tobytes()).hexdigest()]
 
 
 def _pack(measurements: list[BlockMeasurement]) -> tuple[dict[str, torch.Tensor], str]:
