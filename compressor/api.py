@@ -71,14 +71,14 @@ def calibration_data(recipe: Recipe, tokenizer) -> torch.Tensor:
     return calibration_windows(ids, c.samples, c.seq_len, c.seed)
 
 
-def data_free(blocks) -> bool:
+def on_image_path(blocks) -> bool:
     """MLPMoE blocks (upcycle --modules: a vision tower's MLPs, a projector) are not driven by the calibration
     text, which runs the decoder layers of the supported MoE language models: they are calibrated on images
     (calibration.images) or compressed without data."""
     return blocks[0].family is MLP_MOE
 
 
-def check_data_free(recipe: Recipe, blocks) -> None:
+def check_image_path(recipe: Recipe, blocks) -> None:
     """What needs calibration inputs these blocks do not have is refused with the alternative, never run on
     made-up data: GPTQ without calibration images, and online dynamic pruning (calibrated on text only)."""
     names = ", ".join(b.name for b in blocks[:2]) + (", ..." if len(blocks) > 2 else "")
@@ -98,7 +98,7 @@ def image_feed(recipe: Recipe, model: nn.Module, blocks, model_dir: Path, trust_
     c = recipe.calibration
     if c.images is None:
         return None
-    if not data_free(blocks):
+    if not on_image_path(blocks):
         raise ImageCalibrationError(f"--calib-images: the MoE blocks of {model_dir} ({blocks[0].name}, ...) are a "
                                     "language model's, calibrated on text (--calib); images are for up-cycled vision "
                                     "tower or projector MLPs")
@@ -250,18 +250,18 @@ def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = 
     stream = streamed_model(model_dir, trust_remote_code, log)
     model = stream.model if stream is not None else load_model(model_dir, _load_dtype(model_dir), trust_remote_code)
     blocks = find_moe_blocks(model)
-    no_data = data_free(blocks)
-    if no_data:
-        check_data_free(recipe, blocks)
+    image_path = on_image_path(blocks)  # MoE blocks that take images (or no data), not text
+    if image_path:
+        check_image_path(recipe, blocks)
     feed = image_feed(recipe, model, blocks, model_dir, trust_remote_code)
-    tokenizer = None if no_data else load_tokenizer(model_dir, trust_remote_code)
+    tokenizer = None if image_path else load_tokenizer(model_dir, trust_remote_code)
     if recipe.pruning.target is not None:
         prune.check_prunable(blocks)  # top-1 routing: say so before the long work
     dense = dense_linears(model, blocks)
     dtype = DTYPES[recipe.dtype]
     original = {k: v.numel() * (dtype.itemsize if v.is_floating_point() else v.element_size())
                 for k, v in unique_state(model).items()}
-    windows = None if no_data else calibration_data(recipe, tokenizer)
+    windows = None if image_path else calibration_data(recipe, tokenizer)
     log(f"calibration: {windows.shape[0]} x {windows.shape[1]} tokens; {len(blocks)} MoE layers" if windows is not None
         else f"calibration: {feed.pixels.shape[0]} images of {tuple(feed.pixels.shape[1:])}; {len(blocks)} up-cycled "
              "MLP blocks" if feed is not None
@@ -286,7 +286,7 @@ def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = 
     tmp = ckpt.prepare_output(out_dir, model_dir, overwrite)
     qpass = QuantizePass(model, blocks, dense, plan, recipe, journal)
     try:
-        if no_data:  # no decoder layers to walk: block by block, on the images if any (else no forward runs)
+        if image_path:  # no decoder layers to walk: block by block, on the images if any (else no forward runs)
             blockwise(blocks, feed if qpass.needs_data() else None, qpass, desc="quantize")
         else:
             layerwise(model, windows if qpass.needs_data() else None, qpass, desc="quantize", resident=resident)
@@ -382,7 +382,7 @@ def inspect_model(model_dir: Path | None) -> dict:
     return {
         "model": str(model_dir),
         "architecture": model.config.model_type,
-        "layers": len(decoder_layers(model)) if not data_free(blocks) else None,
+        "layers": len(decoder_layers(model)) if not on_image_path(blocks) else None,
         "moe_layers": [b.layer_idx for b in blocks],
         "experts_per_layer": blocks[0].num_experts,
         "top_k": blocks[0].top_k,
