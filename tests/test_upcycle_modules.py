@@ -366,3 +366,45 @@ def test_bad_calibration_images_are_refused_clearly(dirs, images, tmp_path):
     with pytest.raises(UnsupportedArchitecture, match="--dynamic-pruning"):  # calibrated on text only
         compress(moe_dir, tmp_path / "out", **{"pruning.target": 0.3, "calibration.images": str(images[0])})
     assert not (tmp_path / "out").exists()
+
+
+def test_image_files_are_a_seeded_choice_in_name_order(images):
+    from compressor.calibration.images import image_files
+
+    every = image_files(images[0], 100, seed=0)
+    assert [p.name for p in every] == sorted(p.name for p in images[0].iterdir())
+    five = image_files(images[0], 5, seed=0)
+    assert len(five) == 5 and five == sorted(five) and set(five) < set(every)
+    assert five == image_files(images[0], 5, seed=0) != image_files(images[0], 5, seed=1)
+
+
+def test_the_image_feed_stops_after_its_block_and_holds_it_in_fp32():
+    from compressor.calibration.images import ImageCalibrationError, ImageFeed, blockwise
+
+    class Toy(nn.Module):  # a bf16 model: pixels -> a -> block -> b; `unused` is not on its image path
+        def __init__(self):
+            super().__init__()
+            self.a, self.block, self.b, self.unused = (nn.Linear(4, 4) for _ in range(4))
+            self.calls = []
+
+        def forward(self, pixel_values):
+            self.calls.append("a")
+            h = self.block(self.a(pixel_values))
+            assert h.dtype == torch.bfloat16  # cast back at the block's output
+            self.calls.append("b")
+            return self.b(h)
+
+    toy = Toy().to(torch.bfloat16)
+    seen = []
+    toy.block.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, m.weight.dtype)))
+    feed = ImageFeed(toy, torch.randn(10, 4))
+
+    class Block:  # what blockwise reads of a MoEBlock
+        def __init__(self, module):
+            self.block, self.layer_idx = module, 0
+
+    blockwise([Block(toy.block)], feed, lambda i, layer, inputs: inputs.run(layer))
+    assert seen == [(torch.float32, torch.float32)] * 2  # two batches of 8, the block in fp32 on fp32 inputs
+    assert toy.calls == ["a", "a"] and toy.block.weight.dtype == torch.bfloat16  # stopped after it; restored
+    with pytest.raises(ImageCalibrationError, match="without reaching"):
+        feed.until([toy.unused]).run()
