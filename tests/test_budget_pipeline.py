@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from compressor import api
 from compressor.allocation.lp import InfeasibleBudget
@@ -74,3 +75,25 @@ def test_plan_file_is_reused(src, tmp_path):
     again = api.compress(recipe(src, tmp_path / "q", **{"allocation.plan": str(tmp_path / "d" / "plan.json")}), **QUIET)
     model = load_model(again)
     assert {b.name: b.block.experts.formats() for b in find_moe_blocks(model)} == first["experts"]
+
+
+def test_a_plan_mixing_every_format_packs_writes_and_reloads(src, tmp_path):
+    """Every expert format in one model, "keep" included (16-bit experts sit beside packed ones): the checkpoint is
+    the predicted size, reloads with the planned formats, and the kept experts are the source's weights."""
+    r = recipe(src, tmp_path / "d", **{"allocation.budget": "3bits", "allocation.scope": "experts"})
+    plan = json.loads((api.compress(r, dry_run=True, **QUIET) / "plan.json").read_text())
+    cycle = ["keep", "int8", "int4", "int3", "int2", "ternary"]
+    plan["experts"] = {name: [cycle[(i + e) % len(cycle)] for e in range(len(fmts))]
+                       for i, (name, fmts) in enumerate(plan["experts"].items())}
+    plan.update(budget_bytes=None, predicted_bytes=None)
+    (tmp_path / "mixed.json").write_text(json.dumps(plan))
+    out = api.compress(recipe(src, tmp_path / "q", **{"allocation.plan": str(tmp_path / "mixed.json")}), **QUIET)
+    assert file_tensor_bytes(out) == json.loads((out / "plan.json").read_text())["predicted_bytes"]
+    source = {b.name: b for b in find_moe_blocks(load_model(src))}
+    for b in find_moe_blocks(load_model(out)):
+        assert b.block.experts.formats() == plan["experts"][b.name]
+        for e, fmt in enumerate(plan["experts"][b.name]):
+            if fmt == "keep":
+                gate_up, down = b.block.experts.expert_weights(e)
+                assert torch.equal(gate_up, source[b.name].gate_up()[e].float())
+                assert torch.equal(down, source[b.name].down()[e].float())

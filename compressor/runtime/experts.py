@@ -113,7 +113,7 @@ class PackedMatrix(nn.Module):
 
         return super()._apply(move, recurse)
 
-    def weight(self) -> torch.Tensor:  # [out, in] float32
+    def dequantized(self) -> torch.Tensor:  # [out, in] float32 (not `weight`: the "keep" format stores a buffer of that name)
         tensors = {n: getattr(self, n) for n in self.names}
         return unpack(tensors, self.spec, self.out_features, self.in_features)
 
@@ -149,7 +149,7 @@ class PackedExperts(Experts):
 
     def expert_weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         pair = getattr(self, str(e))
-        return pair.gate_up.weight(), pair.down.weight()
+        return pair.gate_up.dequantized(), pair.down.dequantized()
 
     def out_features(self) -> int:
         return getattr(self, "0").down.out_features
@@ -172,7 +172,7 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.packed.weight().to(x.dtype), b)
+        return F.linear(x, self.packed.dequantized().to(x.dtype), b)
 
 
 def empty_packed_experts(view, formats: list[str], group_size: int, sym: bool, dtype: torch.dtype) -> PackedExperts:
