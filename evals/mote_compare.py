@@ -11,8 +11,9 @@ then the FP models compressed by the budget LP to MoTE's routed-expert memory.
    (routers, experts, shared expert), as the reference MoE is built; `all` trains every weight;
 3. perplexity on the held-out texts (and lm-eval accuracy with `--tasks`); expert memory = bytes of the
    routed experts (fp16 for FP, packed ternary for MoTE; the toolkit's exact byte formulas);
-4. each FP model is compressed with `compress --budget <MoTE expert bytes> --budget-scope experts` (GPTQ,
-   LP over keep..int2 and ternary) and at 2.5 bits, then measured again.
+4. each FP model is compressed with `compress --budget B --budget-scope experts` (GPTQ, LP over keep..int2 and
+   ternary), B = MoTE's routed-expert bytes, those plus MoTE's 16-bit shared experts (equal MoE-block memory:
+   the FP MoE has no shared expert), and 2.5 bits; then measured again.
 
 Writes the JSON after every row; trained models and their training checkpoints live in `--work`, so a killed
 run continues where it stopped when re-run with the same arguments.
@@ -137,7 +138,10 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-tokens", type=int, default=16384, help="per held-out text")
     ap.add_argument("--tasks", default="", help="lm-eval tasks per row, e.g. piqa,arc_easy")
     ap.add_argument("--limit", type=int, default=200, help="examples per task")
-    ap.add_argument("--budgets", default="mote,2.5bits", help="compressions of the FP models: 'mote' = MoTE's bytes")
+    ap.add_argument("--budgets", default="mote,mote-total,2.5bits",
+                    help="expert budgets of the FP models: 'mote' = MoTE's routed-expert bytes, 'mote-total' = those plus "
+                    "its 16-bit shared experts (equal MoE-block memory), or any --budget value")
+    ap.add_argument("--compress", default="moe,shared", help="FP models to compress: moe (FP MoE), shared (FP shared)")
     ap.add_argument("--samples", type=int, default=32, help="calibration windows for the compressions")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", type=Path, default=None, help="trained models and checkpoints (default: the cache)")
@@ -162,7 +166,8 @@ def main(argv=None) -> int:
               "upcycle_tokens": args.up_steps * args.batch * args.seq, "rows": {}}
     if dense_dir and args.out.is_file():  # a pre-trained dense model is deterministic: keep the rows measured
         old = json.loads(args.out.read_text())
-        if old.get("config", {}) | {"tasks": "", "budgets": ""} == config | {"tasks": "", "budgets": ""}:
+        what_to_run = {"tasks": "", "budgets": "", "compress": "", "threads": 0}  # rows do not depend on these
+        if old.get("config", {}) | what_to_run == config | what_to_run:
             result["rows"] = old["rows"]
     rows = result["rows"]
 
@@ -215,6 +220,9 @@ def main(argv=None) -> int:
         del model
         gc.collect()
     mote_bytes = rows[f"MoTE shared + {E}e ternary top-1"]["expert_bytes"]
+    shared_bytes = sum(p.numel() * 2 for n, p in dense.named_parameters() if ".mlp." in n)  # the FFNs at 16 bits
+    named = {"mote": f"{mote_bytes}B", "mote-total": f"{mote_bytes + shared_bytes}B"}
+    fp_models = {"moe": f"FP MoE {E}e top-2", "shared": f"FP shared + {E}e top-1"}
 
     from compressor import api
     from compressor.config import Recipe, apply_overrides
@@ -224,8 +232,8 @@ def main(argv=None) -> int:
     calib.write_text(CALIB_TEXT.read_text(encoding="utf-8", errors="replace")[:200_000])
     dense = None  # the builders above are done with it
     gc.collect()
-    for budget in [f"{mote_bytes}B" if b == "mote" else b for b in args.budgets.split(",") if b]:
-        for name in (f"FP MoE {E}e top-2", f"FP shared + {E}e top-1"):
+    for budget in [named.get(b, b) for b in args.budgets.split(",") if b]:
+        for name in (fp_models[k] for k in args.compress.split(",") if k):
             d = work / _slug(name)
             row = f"{name} @ {budget} experts"
             if row in rows:
