@@ -288,6 +288,9 @@ def plot(result: dict, png: Path) -> None:
         ax.scatter(r["expert_bytes"] / 1e6, mean, marker=marker, label=f"{name}: {mean:.1f}")
     ax.legend(fontsize=7, loc="upper right")
     ax.set_xscale("log")
+    means = [r["ppl"]["mean"] for r in result["rows"].values()]
+    if max(means) > 20 * min(means):  # a destroyed model: keep the others readable
+        ax.set_yscale("log")
     ax.set_xlabel("routed-expert bytes (MB, log)")
     ax.set_ylabel("mean held-out perplexity")
     ax.set_title(f"MoTE vs FP up-cycled MoE ({result['upcycle_tokens']:,} up-cycling tokens)", fontsize=9)
