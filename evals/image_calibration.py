@@ -67,7 +67,7 @@ def fit(model, pixels, labels, epochs: int, lr: float, seed: int, balance: float
     from compressor.upcycle.train import balance_loss
 
     seen = []
-    hooks = [m.router.register_forward_hook(lambda mod, a, out, k=m.top_k: seen.append(out))
+    hooks = [m.router.register_forward_hook(lambda mod, a, out, k=m.top_k: seen.append((out, k)))
              for m in model.modules() if isinstance(m, MLPMoE)]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(seed)
@@ -78,8 +78,8 @@ def fit(model, pixels, labels, epochs: int, lr: float, seed: int, balance: float
             seen.clear()
             loss = F.cross_entropy(model(pixel_values=pixels[idx]).logits, labels[idx])
             if balance and seen:
-                E = seen[0].shape[-1]
-                loss = loss + balance * torch.stack([balance_loss(lg, lg.topk(2, -1).indices, E) for lg in seen]).mean()
+                loss = loss + balance * torch.stack([balance_loss(lg, lg.topk(k, -1).indices, lg.shape[-1])
+                                                     for lg, k in seen]).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
