@@ -25,7 +25,7 @@ class Calibration(Section):
         None, description="directory of calibration images for MoE blocks on a model's image path (up-cycled vision "
         "tower or projector MLPs); `samples` of them are used. Without it those blocks are compressed from their "
         "weights alone (RTN, ternary, data-free LP)")
-    samples: int = Field(128, ge=1, description="number of calibration sequences")
+    samples: int = Field(128, ge=1, description="number of calibration sequences (or images, with `images`)")
     seq_len: int = Field(512, ge=8, description="tokens per calibration sequence")
     seed: int = Field(0, description="seed for sampling calibration windows")
     mode: Literal["routed", "weighted"] = Field(
