@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     ap.add_argument("--calib", type=int, default=128, help="calibration images (from the training split)")
     ap.add_argument("--epochs", type=int, default=25)
     ap.add_argument("--moe-epochs", type=int, default=10)
-    ap.add_argument("--group-size", type=int, default=32)
+    ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
@@ -115,6 +115,7 @@ def main(argv=None) -> int:
     from compressor.api import MAX_SHARD_BYTES
     from compressor.io.checkpoint import save_model
     from compressor.io.models import load_model
+    from compressor.plan import Plan
     from compressor.runtime.moe import CONFIG_KEY, config_entry
     from compressor.upcycle.command import UPCYCLE_JSON
 
@@ -149,16 +150,16 @@ def main(argv=None) -> int:
         save_model(moe, moe_dir, torch.float32, MAX_SHARD_BYTES, {CONFIG_KEY: config_entry(moe)})
         proc.save_pretrained(moe_dir)
         (moe_dir / UPCYCLE_JSON).write_text((moe0 / UPCYCLE_JSON).read_text())
-        reference = logits_of(load_model(moe_dir), te_p)
+        uncompressed = load_model(moe_dir)
+        reference = logits_of(uncompressed, te_p)
 
         def row(model) -> dict:
             lg = logits_of(model, te_p)
             kl = F.kl_div(lg.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="batchmean")
             return {"accuracy": round(float((lg.argmax(-1) == te_y).float().mean()), 4), "kl": round(float(kl), 5)}
 
-        rows = {"dense": {"accuracy": round(dense_acc, 4)}, "MoE fp32": row(load_model(moe_dir)) | {"expert_bytes": None}}
-        rows["MoE fp32"]["expert_bytes"] = sum(p.numel() * 2 for n, p in load_model(moe_dir).named_parameters()
-                                               if ".experts." in n and p.dim() == 3)  # at 16 bits
+        at_16_bits = sum(p.numel() * 2 for n, p in uncompressed.named_parameters() if ".experts." in n and p.dim() == 3)
+        rows = {"dense": {"accuracy": round(dense_acc, 4)}, "MoE fp32": row(uncompressed) | {"expert_bytes": at_16_bits}}
         variants = {}
         for bits in (3, 2):
             variants[f"uniform int{bits}, RTN (no data)"] = ["--method", "rtn", "--bits", str(bits)]
@@ -172,13 +173,9 @@ def main(argv=None) -> int:
             out = work / name.replace(" ", "_").replace(",", "")
             assert cli.main(["compress", str(moe_dir), *flags, "--group-size", str(args.group_size), "--samples",
                              str(args.calib), "--output", str(out)]) == 0
-            plan = json.loads((out / "plan.json").read_text())
-            formats: dict[str, int] = {}
-            for fmts in plan["experts"].values():
-                for f in fmts:
-                    formats[f] = formats.get(f, 0) + 1
-            rows[name] = row(load_model(out)) | {"expert_bytes": plan["allocation"].get("expert_bytes") or
-                                                 _expert_bytes(out), "formats": formats}
+            plan = Plan.load(out / "plan.json")
+            rows[name] = row(load_model(out)) | {"expert_bytes": plan.allocation.get("expert_bytes") or
+                                                 _expert_bytes(out), "formats": plan.format_counts()}
             print(f"{name:48s} {rows[name]}", flush=True)
 
     result = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

@@ -227,6 +227,7 @@ def main(argv=None) -> int:
     from compressor import api
     from compressor.config import Recipe, apply_overrides
     from compressor.io.models import load_model
+    from compressor.plan import Plan
 
     calib = work / "calib.txt"
     calib.write_text(CALIB_TEXT.read_text(encoding="utf-8", errors="replace")[:200_000])
@@ -243,13 +244,10 @@ def main(argv=None) -> int:
                 "allocation.scope": "experts", "calibration.text": str(calib), "calibration.samples": args.samples,
                 "calibration.seq_len": args.seq, "allocation.formats": FORMATS})
             out = api.compress(recipe, overwrite=True, log=lambda *_: None)
-            plan = json.loads((out / "plan.json").read_text())
-            fmts = {}
-            for v in plan["experts"].values():
-                for f in v:
-                    fmts[f] = fmts.get(f, 0) + 1
+            plan = Plan.load(out / "plan.json")
             model = load_model(out)
-            record(row, model, rows[name]["up_tokens"], plan["allocation"]["expert_bytes"], f"GPTQ+LP, formats {fmts}")
+            record(row, model, rows[name]["up_tokens"], plan.allocation["expert_bytes"],
+                   f"GPTQ+LP, formats {plan.format_counts()}")
             del model
             gc.collect()
     result["complete"] = True
