@@ -17,7 +17,7 @@ from .calibration.layerwise import LayerInputs
 from .io.report import peak_rss_mb
 from .calibration.stats import ExpertStats, LinearHessian, NonFiniteError, RoutedObserver, WeightedObserver
 from .config.schema import Recipe
-from .plan import Plan
+from .plan import Plan, split_format
 from .quantize.formats import QuantSpec
 from .quantize.gptq import gptq_quantize
 from .quantize.qweight import QuantizedWeight
@@ -151,8 +151,9 @@ class QuantizePass:
         formats = self.plan.experts[b.name]
         with_h = self._hessian_experts(b.name, formats, stats, rep)
         H_in, H_mid = stats.hessians()
-        gate_up = self._quantize_part(f"{b.name}.gate_up", dense.gate_up, H_in, formats, with_h, rep)
-        down = self._quantize_part(f"{b.name}.down", dense.down, H_mid, formats, with_h, rep)
+        f_gu, f_d = zip(*map(split_format, formats))
+        gate_up = self._quantize_part(f"{b.name}.gate_up", dense.gate_up, H_in, f_gu, with_h, rep)
+        down = self._quantize_part(f"{b.name}.down", dense.down, H_mid, f_d, with_h, rep)
         _, I2, H = dense.gate_up.shape
         O, I = dense.down.shape[-2:]  # O = H, except for an MLPMoE whose output width differs from its input
         pairs = [(PackedMatrix.from_quantized(gu, I2, H), PackedMatrix.from_quantized(d, O, I)) for gu, d in zip(gate_up, down)]
@@ -166,7 +167,7 @@ class QuantizePass:
         min_tokens = self.recipe.calibration.min_tokens
         enough = (stats.mass >= max(min_tokens, 1e-6)).tolist()
         for e, (fmt, ok) in enumerate(zip(formats, enough)):
-            if not ok and fmt not in NO_HESSIAN_FORMATS:
+            if not ok and any(f not in NO_HESSIAN_FORMATS for f in split_format(fmt)):
                 rep.fallbacks.append(f"{name}.{e}: {int(stats.count[e])} routed tokens < min_tokens {min_tokens}: RTN")
         return enough
 

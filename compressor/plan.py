@@ -9,15 +9,32 @@ from pathlib import Path
 from typing import Any
 
 
+PROJECTIONS = ("gate_up", "down")
+
+
+def split_format(entry: str) -> tuple[str, str]:
+    """An expert's plan entry -> (gate_up format, down format). "q4_k" gives both projections q4_k; "q4_0+q6_k"
+    gives gate_up q4_0 and down q6_k (targets whose formats depend on a matrix's width or that choose per
+    projection: targets.py)."""
+    gu, _, down = entry.partition("+")
+    return gu, down or gu
+
+
+def join_formats(gate_up: str, down: str) -> str:
+    """Inverse of split_format."""
+    return gate_up if gate_up == down else f"{gate_up}+{down}"
+
+
 @dataclass
 class Plan:
-    experts: dict[str, list[str]]  # experts module name -> format of each expert
+    experts: dict[str, list[str]]  # experts module name -> format of each expert ("gate_up+down" when they differ)
     dense: dict[str, str]  # dense FFN linear name -> format
     group_size: int = 128
     sym: bool = False
     predicted_bytes: int | None = None  # every tensor the checkpoint will hold
     budget_bytes: int | None = None
     scope: str = "model"
+    target: str = "native"  # where the model will run (targets.py): native, gguf or vllm
     allocation: dict[str, Any] = field(default_factory=dict)  # solver, seconds, gap, objective, ...
     analysis: dict[str, Any] = field(default_factory=dict)  # per expert: frequency, routing weight, eps, ...
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..arch.view import MoEBlock
-from ..plan import Plan
+from ..plan import Plan, split_format
 from ..quantize.formats import QuantSpec, packed_nbytes
 from ..runtime.experts import PackedMatrix
 
@@ -82,8 +82,13 @@ def predict_bytes(model: nn.Module, blocks: list[MoEBlock], dense: dict[str, nn.
 
 
 def expert_matrix_bytes(b: MoEBlock, fmt: str, group_size: int, sym: bool) -> int:
-    """Bytes of one expert of block `b` in format `fmt` (gate_up + down)."""
+    """Bytes of one expert of block `b` in plan entry `fmt` (gate_up + down)."""
+    return sum(projection_bytes(b, fmt, group_size, sym))
+
+
+def projection_bytes(b: MoEBlock, fmt: str, group_size: int, sym: bool) -> tuple[int, int]:
+    """Bytes of one expert's gate_up and of its down in plan entry `fmt` ("int4", or "q4_0+q6_k")."""
     _, I2, H = b.gate_up().shape
     O, I = b.down().shape[-2:]  # O = H, except for an MLPMoE whose output width differs from its input
-    spec = QuantSpec(fmt, group_size, sym)
-    return packed_nbytes(spec, I2, H) + packed_nbytes(spec, O, I)
+    f_gu, f_d = split_format(fmt)
+    return packed_nbytes(QuantSpec(f_gu, group_size, sym), I2, H), packed_nbytes(QuantSpec(f_d, group_size, sym), O, I)

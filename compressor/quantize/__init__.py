@@ -3,6 +3,8 @@
 formats   FORMATS, QuantSpec, packed_nbytes     the formats and their exact byte cost
 packing   pack_bits / unpack_bits / pack_trits   table-driven bit and trit packing
 grid      find_params, quantize_codes, ...       scales / zero points and the elementwise maps
+ggml      GGML_TYPES, encode/decode_matrix       GGUF block types (q4_k, q8_0, tq2_0, ...), bit-exact with gguf-py
+scales    fp16_round, ternary_scale              fp16 scale rounding, absmean (a leaf shared by grid and ggml)
 qweight   QuantizedWeight, pack, unpack          codes + fp16 params <-> checkpoint tensors
 rtn       quantize_rtn                           round to nearest, group-wise, batched
 ternary   quantize_ternary                       absmean ternary (MoTE / BitNet b1.58)
@@ -10,7 +12,7 @@ gptq      gptq_quantize, hessian_error           GPTQ batched over experts
 dispatch  quantize                               GPTQ with a Hessian, RTN without
 """
 from .dispatch import METHODS, quantize
-from .formats import FORMATS, QuantSpec, bits_per_weight, num_groups, packed_nbytes, packed_shapes
+from .formats import ALL_FORMATS, FORMATS, GGML_FORMATS, QuantSpec, bits_per_weight, num_groups, packed_nbytes, packed_shapes
 from .gptq import GPTQResult, gptq_quantize, hessian_error
 from .packing import pack_bits, pack_trits, unpack_bits, unpack_trits
 from .qweight import QuantizedWeight, from_packed, pack, unpack

@@ -10,6 +10,9 @@ Layout of one [out, in] matrix (groups run along the input dim, G = ceil(in / gr
            zeros    fp16  [out, G]                  asymmetric only (sym: implicit 2^(b-1))
   ternary  qweight  uint8 [out, ceil(in / 5)]       5 trits per byte (3^5 = 243 <= 256)
            scales   fp16  [out, G]
+  q4_k ... qweight  uint8 [out, in / block * bytes] the rows of a GGUF tensor of that ggml type (quantize/ggml.py:
+                                                    blocks of 32 or 256 weights with their scales inside; group
+                                                    size and symmetry do not apply)
   drop     nothing (expert removed, router masked)
 """
 from dataclasses import dataclass
@@ -17,20 +20,24 @@ import math
 
 import torch
 
-FORMATS = ("keep", "int8", "int4", "int3", "int2", "ternary", "drop")  # allocation candidates
+from .ggml import GGML_TYPES, GGMLType
+
+FORMATS = ("keep", "int8", "int4", "int3", "int2", "ternary", "drop")  # this project's own formats
+GGML_FORMATS = tuple(GGML_TYPES)  # the GGUF block types: q4_0 ... q6_k, tq1_0, tq2_0 (rows of whole blocks)
+ALL_FORMATS = FORMATS + GGML_FORMATS  # every allocation candidate
 INT_BITS = {"int8": 8, "int4": 4, "int3": 3, "int2": 2}
 DEFAULT_GROUP_SIZE = 128
 
 
 @dataclass(frozen=True)
 class QuantSpec:
-    format: str                         # one of FORMATS
+    format: str                         # one of ALL_FORMATS
     group_size: int = DEFAULT_GROUP_SIZE  # along the input dim; narrower matrices use one group
     sym: bool = False                   # asymmetric by default (MC-MoE / GPTQ default)
 
     def __post_init__(self):
-        if self.format not in FORMATS:
-            raise ValueError(f"unknown format {self.format!r}; expected one of {FORMATS}")
+        if self.format not in ALL_FORMATS:
+            raise ValueError(f"unknown format {self.format!r}; expected one of {', '.join(ALL_FORMATS)}")
         if not isinstance(self.group_size, int) or self.group_size < 1:
             raise ValueError(f"group_size must be a positive int, got {self.group_size!r}")
 
@@ -47,6 +54,11 @@ class QuantSpec:
     def has_zeros(self) -> bool:
         """True when zero points are stored (asymmetric int formats)."""
         return self.is_int and not self.sym
+
+    @property
+    def ggml(self) -> GGMLType | None:
+        """The ggml block type of a GGUF format (q4_k, q8_0, tq2_0, ...), None for this project's own formats."""
+        return GGML_TYPES.get(self.format)
 
 
 def group_size_for(spec: QuantSpec, in_features: int) -> int:
@@ -66,6 +78,8 @@ def packed_shapes(spec: QuantSpec, out_features: int, in_features: int) -> dict[
         return {}
     if f == "keep":
         return {"weight": ((o, n), torch.float16)}
+    if spec.ggml is not None:
+        return {"qweight": ((o, spec.ggml.row_bytes(n)), torch.uint8)}
     width = math.ceil(n / 5) if f == "ternary" else math.ceil(n * spec.bits / 8)
     G = num_groups(spec, n)
     shapes = {"qweight": ((o, width), torch.uint8), "scales": ((o, G), torch.float16)}

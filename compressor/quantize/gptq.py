@@ -6,7 +6,9 @@ calibration/); this file is the pure `fasterquant` half, on 3D tensors [E, ...]:
   damping damp * mean(diag H), x10 per try per expert until both Choleskys succeed
   U = upper Cholesky factor of H^-1; column sweep with lazy block updates
   group params computed when the sweep reaches each group (standard), or all up front on the
-  original column order ("static groups") with act_order and for ternary, so no g_idx is stored.
+  original column order ("static groups") with act_order and for ternary, so no g_idx is stored;
+  ggml types (quantize/ggml.py) the same way with their blocks: a block's super-block and sub-block
+  scales are fitted when the sweep reaches it and fixed, so the codes GPTQ chose are what is written.
 Everything runs in float32.
 """
 from dataclasses import dataclass
@@ -14,8 +16,9 @@ import warnings
 
 import torch
 
-from .formats import QuantSpec, group_size_for, num_groups
-from .grid import dequantize_codes, find_params, group_params, quantize_codes
+from . import ggml
+from .formats import QuantSpec, group_size_for
+from .grid import dequantize_codes, expand_groups, group_params, quantize_codes
 from .qweight import QuantizedWeight
 from .rtn import check_finite, quantize_rtn
 
@@ -71,19 +74,67 @@ def inverse_cholesky(H: torch.Tensor, damp: float, tries: int) -> tuple[torch.Te
     return U, damp_used
 
 
-def _sweep(W, U, spec, S, Z, col_group, block_size):
-    """The GPTQ column sweep. W [E, out, n] (modified in place), U [E, n, n] upper.
-    Static groups: S, Z [E, out, G] given and col_group [E, n] maps each column to its group.
-    Otherwise (S is None) params are found as the sweep reaches each group. -> Q, S, Z"""
+class IntGrid:
+    """The int formats' and ternary's grid for the sweep: params (s, z) per (row, group) of `group` columns."""
+
+    def __init__(self, spec: QuantSpec, n: int):
+        self.spec, self.span = spec, group_size_for(spec, n)
+
+    def fit(self, W: torch.Tensor):
+        """W [E, out, cols] (whole groups) -> per-column s, z [E, out, cols] and the groups' (S, Z) [E, out, G]."""
+        S, Z = group_params(W, self.spec)
+        cols = W.shape[-1]
+        return expand_groups(S, self.span, cols), expand_groups(Z, self.span, cols), (S, Z)
+
+    def quantize(self, w, s, z):
+        return quantize_codes(w, s, z, self.spec)
+
+    def dequantize(self, q, s, z):
+        return dequantize_codes(q, s, z)
+
+    def result(self, codes: torch.Tensor, pieces) -> QuantizedWeight:
+        S, Z = (torch.cat(p, dim=-1) for p in zip(*pieces))
+        codes = codes.to(torch.int8 if self.spec.format == "ternary" else torch.uint8)
+        return QuantizedWeight(self.spec, codes, S.half(), Z.half() if self.spec.has_zeros else None)
+
+
+class GGMLGrid:
+    """A ggml type's grid for the sweep (quantize/ggml.py): each block's header (super-block and sub-block scales)
+    is fitted when the sweep reaches the block, on the weights as GPTQ has updated them, then fixed."""
+
+    def __init__(self, spec: QuantSpec, n: int):
+        self.spec, self.t = spec, spec.ggml
+        self.t.row_bytes(n)  # rows must be whole blocks
+        self.span = self.t.block
+
+    def fit(self, W: torch.Tensor):
+        header = ggml.fit_matrix(self.t, W)
+        a, b = ggml.per_column(self.t, header)
+        return a, torch.zeros_like(a) if b is None else b, header
+
+    def quantize(self, w, a, b):
+        return ggml.quantize_codes(self.t, w, a, b)
+
+    def dequantize(self, q, a, b):
+        return ggml.dequantize_codes(q, a, b)
+
+    def result(self, codes: torch.Tensor, pieces) -> QuantizedWeight:
+        header = {k: torch.cat([p[k] for p in pieces], dim=2) for k in pieces[0]}  # blocks: dim 2 of [E, out, nb, ...]
+        return QuantizedWeight(self.spec, codes.to(torch.int8), header=header)
+
+
+def _sweep(W, U, grid, params, block_size):
+    """The GPTQ column sweep. W [E, out, n] (modified in place), U [E, n, n] upper. `params`: per-column params
+    (P1, P2) [E, out, n] fixed up front in sweep order (static groups), or None: the grid fits them as the sweep
+    reaches each of its spans (groups, ggml blocks). -> float codes Q [E, out, n], the fitted pieces"""
     E, out, n = W.shape
-    gs = group_size_for(spec, n)
-    static = S is not None
-    if static:  # per-column params in sweep order [E, out, n]
-        idx = col_group[:, None, :].expand(E, out, n)
-        Sc, Zc = S.gather(2, idx), Z.gather(2, idx)
-    else:       # blocks hold whole groups, so a group's columns are up to date when it starts
-        S, Z = W.new_zeros(E, out, num_groups(spec, n)), W.new_zeros(E, out, num_groups(spec, n))
-        block_size = max(1, block_size // gs) * gs
+    static = params is not None
+    pieces = []
+    if static:
+        P1, P2 = params
+    else:       # blocks hold whole spans, so a span's columns are up to date when it starts
+        P1, P2 = W.new_zeros(E, out, n), W.new_zeros(E, out, n)
+        block_size = max(1, block_size // grid.span) * grid.span
     Q = torch.zeros_like(W)                                   # [E, out, n] float codes
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
@@ -91,26 +142,25 @@ def _sweep(W, U, spec, S, Z, col_group, block_size):
         Err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
             c = i1 + i
-            if static:
-                s, z = Sc[:, :, c], Zc[:, :, c]               # [E, out]
-            else:
-                if c % gs == 0:
-                    S[:, :, c // gs], Z[:, :, c // gs] = find_params(W1[:, :, i:i + gs], spec)
-                s, z = S[:, :, c // gs], Z[:, :, c // gs]
+            if not static and c % grid.span == 0:
+                p1, p2, piece = grid.fit(W1[:, :, i:i + grid.span])
+                P1[:, :, c:c + p1.shape[-1]], P2[:, :, c:c + p1.shape[-1]] = p1, p2
+                pieces.append(piece)
+            p1, p2 = P1[:, :, c], P2[:, :, c]                 # [E, out]
             w = W1[:, :, i]                                   # [E, out]
-            q = quantize_codes(w, s, z, spec)
+            q = grid.quantize(w, p1, p2)
             Q[:, :, c] = q
-            err = (w - dequantize_codes(q, s, z)) / U1[:, i, i][:, None]  # [E, out]
+            err = (w - grid.dequantize(q, p1, p2)) / U1[:, i, i][:, None]  # [E, out]
             W1[:, :, i:] -= err[:, :, None] * U1[:, None, i, i:]         # [E, out, b - i]
             Err1[:, :, i] = err
         W[:, :, i2:] -= Err1 @ U[:, i1:i2, i2:]               # lazy update of later blocks
-    return Q, S, Z
+    return Q, pieces
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, damp: float = 0.01,
                   block_size: int = 128, act_order: bool = False, max_damp_tries: int = 6) -> GPTQResult:
     """W [E, out, in] or [out, in], H [E, in, in] or [in, in] (a 2D H is shared by all experts).
-    int formats and ternary use GPTQ; 'keep' returns the fp16 weight and 'drop' zeros (damp 0).
+    int formats, ternary and ggml types use GPTQ; 'keep' returns the fp16 weight and 'drop' zeros (damp 0).
     A block_size that is not a multiple of the group size is rounded to one (non-static groups)."""
     W3, H3 = _as3d(W), _as3d(H)
     if W3.dim() != 3 or H3.dim() != 3:
@@ -122,7 +172,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, damp: fl
         raise ValueError(f"H shape {tuple(H.shape)} does not match W shape {tuple(W.shape)}")
     check_finite("W", W3)
     check_finite("H", H3)
-    if not (spec.is_int or spec.format == "ternary"):
+    if not (spec.is_int or spec.format == "ternary" or spec.ggml is not None):
         qw = quantize_rtn(W, spec)
         return GPTQResult(qw, torch.zeros(E, dtype=torch.float64), hessian_error(W, qw.dequantize(), H3))
 
@@ -131,22 +181,21 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, damp: fl
     dead = diag == 0
     diag[dead] = 1.0
     Wf.masked_fill_(dead[:, None, :], 0.0)
-    static = act_order or spec.format == "ternary"
-    S = Z = col_group = None
-    if static:
-        S, Z = group_params(Wf, spec)                         # [E, out, G], original column order
-        col_group = (torch.arange(n) // group_size_for(spec, n)).expand(E, n)
+    grid = GGMLGrid(spec, n) if spec.ggml is not None else IntGrid(spec, n)
+    params = pieces = None
+    if act_order or spec.format == "ternary":                 # static: every span fitted on the original order
+        p1, p2, piece = grid.fit(Wf)
+        params, pieces = (p1, p2), [piece]
     if act_order:
         perm = torch.argsort(diag, dim=-1, descending=True, stable=True)  # [E, n]
         Wf = Wf.gather(2, perm[:, None, :].expand(E, out, n))
         Hf = Hf.gather(1, perm[:, :, None].expand(E, n, n)).gather(2, perm[:, None, :].expand(E, n, n))
-        col_group = col_group.gather(1, perm)
+        params = tuple(p.gather(2, perm[:, None, :].expand(E, out, n)) for p in params)
     U, damp_used = inverse_cholesky(Hf, damp, max_damp_tries)
-    Q, S, Z = _sweep(Wf, U, spec, S, Z, col_group, block_size)
+    Q, fitted = _sweep(Wf, U, grid, params, block_size)
     if act_order:
         Q = Q.gather(2, torch.argsort(perm, dim=-1)[:, None, :].expand(E, out, n))
-    codes = Q.to(torch.int8 if spec.format == "ternary" else torch.uint8)
-    qw = QuantizedWeight(spec, codes, S.half(), Z.half() if spec.has_zeros else None)
+    qw = grid.result(Q, pieces or fitted)
     if W.dim() == 2:
         qw = qw.select(0)
     return GPTQResult(qw, damp_used, hessian_error(W, qw.dequantize(), H3))

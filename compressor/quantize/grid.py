@@ -13,9 +13,7 @@ An all-zero group gets a harmless unit range (as in GPTQ), so s > 0 always.
 import torch
 
 from .formats import QuantSpec, group_size_for
-
-FP16_TINY = 2.0 ** -24  # smallest positive fp16 (subnormal): scales never round to 0
-FP16_MAX = 65504.0
+from .scales import FP16_MAX, FP16_TINY, fp16_round, ternary_scale  # noqa: F401 (re-exported)
 
 
 def qrange(spec: QuantSpec) -> tuple[int, int]:
@@ -27,19 +25,11 @@ def qrange(spec: QuantSpec) -> tuple[int, int]:
     return 0, 2 ** spec.bits - 1
 
 
-def fp16_round(x: torch.Tensor) -> torch.Tensor:
-    """Round positive scales to fp16 (kept as float32), clamped into fp16's positive range."""
-    return x.clamp(FP16_TINY, FP16_MAX).half().float()
-
-
 def find_params(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., out, g] (one group of columns) -> scale, zero [..., out], float32, fp16-exact."""
     x = x.float()
     if spec.format == "ternary":
-        a = x.abs()
-        m = a.amax(-1)  # [..., out]
-        on_grid = ((a == 0) | (a == m[..., None])).all(-1) & (m > 0) & (fp16_round(m) == m)
-        s = torch.where(on_grid, m, fp16_round(a.mean(-1)))  # already {-m, 0, m}: keep it exactly
+        s = ternary_scale(x)  # [..., out]
         return s, torch.zeros_like(s)
     maxq = qrange(spec)[1]
     xmin, xmax = x.amin(-1).clamp(max=0), x.amax(-1).clamp(min=0)  # [..., out]

@@ -3,6 +3,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import ggml
 from .formats import QuantSpec, group_size_for, packed_shapes
 from .grid import dequantize_codes, expand_groups, qrange
 from .packing import pack_bits, pack_trits, unpack_bits, unpack_trits
@@ -12,9 +13,10 @@ from .packing import pack_bits, pack_trits, unpack_bits, unpack_trits
 class QuantizedWeight:
     spec: QuantSpec
     codes: torch.Tensor                # uint8 [..., out, in]; ternary int8 in {-1,0,1}; keep: fp16 weight;
-                                       # drop: a zero-strided uint8 zero of the weight's shape
+                                       # drop: a zero-strided uint8 zero of the weight's shape; ggml: int8 codes
     scales: torch.Tensor | None = None  # fp16 [..., out, G]
     zeros: torch.Tensor | None = None   # fp16 [..., out, G], integer-valued (asym int only)
+    header: dict[str, torch.Tensor] | None = None  # ggml types: each block's scales, [..., out, nb(, nsub)]
 
     @property
     def shape(self) -> torch.Size:
@@ -34,6 +36,8 @@ class QuantizedWeight:
             return torch.zeros(self.shape)
         if f == "keep":
             return self.codes.float()
+        if self.spec.ggml is not None:
+            return ggml.dequantize_matrix(self.spec.ggml, self.codes, self.header)
         n = self.shape[-1]
         gs = group_size_for(self.spec, n)
         s = expand_groups(self.scales.float(), gs, n)        # [..., out, in]
@@ -43,7 +47,8 @@ class QuantizedWeight:
     def select(self, index) -> "QuantizedWeight":
         """Index the leading (expert) dims, e.g. qw.select(e) -> one [out, in] matrix."""
         pick = lambda t: None if t is None else t[index]
-        return QuantizedWeight(self.spec, self.codes[index], pick(self.scales), pick(self.zeros))
+        header = None if self.header is None else {k: v[index] for k, v in self.header.items()}
+        return QuantizedWeight(self.spec, self.codes[index], pick(self.scales), pick(self.zeros), header)
 
 
 def dropped(shape, spec: QuantSpec) -> QuantizedWeight:
@@ -59,6 +64,8 @@ def pack(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
         return {}
     if f == "keep":
         return {"weight": qw.codes.to(torch.float16).contiguous()}
+    if qw.spec.ggml is not None:
+        return {"qweight": ggml.encode_matrix(qw.spec.ggml, qw.codes, qw.header)}
     packed = pack_trits(qw.codes) if f == "ternary" else pack_bits(qw.codes, qw.spec.bits)
     out = {"qweight": packed, "scales": qw.scales.to(torch.float16).contiguous()}
     if qw.spec.has_zeros:
@@ -80,6 +87,9 @@ def from_packed(tensors: dict[str, torch.Tensor], spec: QuantSpec, out_features:
         return dropped((out_features, in_features), spec)
     if f == "keep":
         return QuantizedWeight(spec, tensors["weight"])
+    if spec.ggml is not None:
+        codes, header = ggml.decode_matrix(spec.ggml, tensors["qweight"], n)
+        return QuantizedWeight(spec, codes, header=header)
     q = tensors["qweight"]
     codes = unpack_trits(q, n) if f == "ternary" else unpack_bits(q, spec.bits, n)
     return QuantizedWeight(spec, codes, tensors["scales"], tensors.get("zeros"))

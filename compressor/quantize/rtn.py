@@ -1,6 +1,7 @@
 """Round-to-nearest quantization, group-wise, batched over any leading (expert) dims."""
 import torch
 
+from . import ggml
 from .formats import QuantSpec, group_size_for
 from .grid import expand_groups, group_params, quantize_codes
 from .qweight import QuantizedWeight, dropped
@@ -27,7 +28,7 @@ def codes_from_params(W: torch.Tensor, S: torch.Tensor, Z: torch.Tensor, spec: Q
 
 def quantize_rtn(W: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     """W [..., out, in] -> QuantizedWeight: min-max (asym) / absmax (sym) / absmean (ternary) per
-    (row, group); 'keep' casts to fp16, 'drop' gives zeros."""
+    (row, group); a ggml type's own blocks (quantize/ggml.py); 'keep' casts to fp16, 'drop' gives zeros."""
     if W.dim() < 2:
         raise ValueError(f"W must be [..., out, in], got shape {tuple(W.shape)}")
     check_finite("W", W)
@@ -37,5 +38,8 @@ def quantize_rtn(W: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
         if W.abs().max() > torch.finfo(torch.float16).max:
             raise ValueError("W exceeds the fp16 range; 'keep' stores fp16")
         return QuantizedWeight(spec, W.to(torch.float16))
+    if spec.ggml is not None:
+        header = ggml.fit_matrix(spec.ggml, W)
+        return QuantizedWeight(spec, ggml.quantize_matrix(spec.ggml, W, header), header=header)
     S, Z = group_params(W, spec)  # [..., out, G]
     return codes_from_params(W, S, Z, spec)

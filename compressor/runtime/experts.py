@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..plan import join_formats, split_format
 from ..quantize.formats import QuantSpec, packed_shapes
 from ..quantize.qweight import pack, unpack
 
@@ -155,7 +156,9 @@ class PackedExperts(Experts):
         return getattr(self, "0").down.out_features
 
     def formats(self) -> list[str]:
-        return [getattr(self, str(e)).gate_up.spec.format for e in range(self.num_experts)]
+        """Each expert's plan entry: its format, or "gate_up+down" when its two matrices differ (plan.split_format)."""
+        pairs = (getattr(self, str(e)) for e in range(self.num_experts))
+        return [join_formats(p.gate_up.spec.format, p.down.spec.format) for p in pairs]
 
 
 class PackedLinear(nn.Module):
@@ -180,8 +183,8 @@ def empty_packed_experts(view, formats: list[str], group_size: int, sym: bool, d
     the module a saved state dict is loaded into (a compressed checkpoint, a resumed pass 2)."""
     _, I2, H = view.gate_up().shape
     O, I = view.down().shape[-2:]
-    pairs = [(PackedMatrix.empty(QuantSpec(f, group_size, sym), I2, H), PackedMatrix.empty(QuantSpec(f, group_size, sym), O, I))
-             for f in formats]
+    pairs = [(PackedMatrix.empty(QuantSpec(gu, group_size, sym), I2, H), PackedMatrix.empty(QuantSpec(d, group_size, sym), O, I))
+             for gu, d in map(split_format, formats)]
     biases = tuple(None if t is None else torch.zeros(t.shape, dtype=dtype) for t in view.biases())
     return PackedExperts(pairs, view.apply_gate, biases)
 
