@@ -322,13 +322,17 @@ def _arg_names(module: nn.Module) -> list[str]:
 
 
 def _override_forward(b, experts: nn.Module) -> None:
-    """A transformers experts module: run our skipping loop (runtime.experts.Experts.forward) over its own
-    parameters, read at call time (views, no copies)."""
+    """A transformers experts module: where a slot was pruned (-1), run our skipping loop
+    (runtime.experts.Experts.forward) over its own parameters, read at call time (views, no copies); a call with
+    nothing pruned runs the module's own forward, so it is exactly the unpruned model's computation."""
     names = list(inspect.signature(type(experts).forward).parameters)[1:4]
+    own = type(experts).forward
 
     def forward(*args, **kwargs):
         vals = list(args) + [kwargs[n] for n in names[len(args):3]]
         hidden, idx, w = vals[:3]
+        if not bool((idx < 0).any()):
+            return own(experts, *args, **kwargs)
         gu_b, d_b = b.biases()
         view = _ViewExperts(b.gate_up(), b.down(), experts._apply_gate, gu_b, d_b)
         return view(hidden, idx, w)
