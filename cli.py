@@ -33,6 +33,7 @@ FLAG_FIELDS = {
     "budget": "allocation.budget",
     "budget_scope": "allocation.scope",
     "formats": "allocation.formats",
+    "target": "allocation.target",
     "objective": "allocation.objective",
     "solver": "allocation.solver",
     "eps_quantizer": "allocation.eps_quantizer",
@@ -70,6 +71,9 @@ def _compress_parser(sub) -> None:
     p.add_argument("--budget", help="e.g. 3.4GB, 3.4GiB, 512MB, 2.5bits")
     p.add_argument("--budget-scope", choices=["model", "experts"])
     p.add_argument("--formats", type=lambda s: s.split(","), help="allowed formats, e.g. keep,int4,int3,int2")
+    p.add_argument("--target", choices=["native", "gguf", "vllm"],
+                   help="where the model will run: native (default; a format per expert), gguf (llama.cpp: one ggml "
+                        "type per layer and projection), vllm (symmetric int4/int8, group 128, one per layer)")
     p.add_argument("--objective", choices=["global", "per_layer", "frequency"])
     p.add_argument("--solver", choices=["highs", "cbc", "auto"])
     p.add_argument("--eps-quantizer", choices=["rtn", "gptq"],

@@ -37,6 +37,7 @@ from .plan import Plan
 from .planning import TernaryScan, candidate_formats, plan_budget, ternary_experts
 from .runtime.experts import PackedExperts
 from .runtime.moe import CONFIG_KEY as MOE_MODULES
+from .targets import target
 from .weight_measure import weight_measurements
 
 MAX_SHARD_BYTES = 4 * 2**30
@@ -119,7 +120,9 @@ def make_plan(recipe: Recipe, model: nn.Module, blocks, dense, windows: torch.Te
         return Plan.load(a.plan)
     if a.budget is None:
         plan = Plan.uniform({b.name: b.num_experts for b in blocks}, list(dense), q.expert_format, q.dense_format,
-                            group_size=q.group_size, sym=q.sym)
+                            group_size=q.group_size, sym=q.sym, target=a.target)
+        if a.target != "native":  # the target's format of --bits for each matrix width
+            plan.experts = target(a.target).uniform_entries(blocks, q.bits)
         for name, flags in pinned_ternary(model, blocks, q.group_size, resident).items():  # MoTE experts stay ternary
             plan.experts[name] = ["ternary" if t else f for t, f in zip(flags, plan.experts[name])]
         return plan
@@ -157,7 +160,8 @@ def measure(recipe: Recipe, model: nn.Module, blocks, windows: torch.Tensor | No
     while True:
         formats = candidate_formats(a.formats, ternary)
         scan = TernaryScan(blocks, q.group_size, MeasurePass(
-            blocks, formats, q.group_size, q.sym, a.eps_quantizer, q.gptq_options, journal))
+            blocks, formats, q.group_size, q.sym, a.eps_quantizer, q.gptq_options, journal,
+            per_projection=target(a.target).per_projection))
         if feed is not None:
             blockwise(blocks, feed, scan, desc="measure")
         else:
@@ -203,8 +207,10 @@ def meta_model(config: dict) -> nn.Module:
 def plan_synthetic(recipe: Recipe, config: dict, seed: int = 0) -> Plan:
     """A real plan and byte count for a model too large to load here: the architecture on the meta
     device, synthetic statistics (compressor.measure.synthetic_measurements). A planning check only."""
+    recipe = target(recipe.allocation.target).resolve(recipe)
     model = meta_model(config)
     blocks = find_moe_blocks(model)
+    target(recipe.allocation.target).check_blocks(blocks)
     if recipe.pruning.target is not None:
         prune.check_prunable(blocks)  # top-1 routing: say so before the long work
     dense = dense_linears(model, blocks)
@@ -242,6 +248,7 @@ def plan_summary(plan: Plan) -> str:
 def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = False, dry_run: bool = False,
              log=print) -> Path:
     t0 = time.time()
+    recipe = target(recipe.allocation.target).resolve(recipe, log)
     model_dir = model_dir_of(recipe)
     out_dir = Path(recipe.output) if recipe.output else default_output(recipe)
     if is_compressed(model_dir):
@@ -250,6 +257,7 @@ def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = 
     stream = streamed_model(model_dir, trust_remote_code, log)
     model = stream.model if stream is not None else load_model(model_dir, _load_dtype(model_dir), trust_remote_code)
     blocks = find_moe_blocks(model)
+    target(recipe.allocation.target).check_blocks(blocks)
     image_path = on_image_path(blocks)  # MoE blocks that take images (or no data), not text
     if image_path:
         check_image_path(recipe, blocks)

@@ -15,7 +15,8 @@ from .analysis.importance import output_error_sq
 from .arch.view import MoEBlock
 from .calibration.layerwise import LayerInputs
 from .calibration.stats import ExpertStats, RoutedObserver, check_finite
-from .quantize.formats import QuantSpec
+from .quantize.formats import QuantSpec, packable
+from .quantize.ggml import GGML_TYPES
 from .quantize.gptq import gptq_quantize, hessian_error
 from .quantize.rtn import quantize_rtn
 from .quantize.ternary import quantize_ternary
@@ -33,6 +34,8 @@ class BlockMeasurement:
     eps_sq: torch.Tensor  # [E, F] squared block-output error with only expert e in format f
     hess_err: torch.Tensor  # [E, F] tr(dW H dW^T), gate_up + down
     out_energy: float  # sum over tokens of ||block output||^2 (normalises eps across layers)
+    eps_proj: torch.Tensor | None = None  # [E, F, 2] the same with only e's gate_up (0) or only its down (1) in f
+    # (measured for targets that choose per projection, targets.py); inf where a format cannot hold the matrix
 
 
 def candidates(W: torch.Tensor, fmt: str, group_size: int, sym: bool, H: torch.Tensor | None = None,
@@ -48,13 +51,14 @@ def candidates(W: torch.Tensor, fmt: str, group_size: int, sym: bool, H: torch.T
 
 class ErrorObserver(RoutedObserver):
     """eps[e, f] for every candidate, plus routing statistics and Hessians (as RoutedObserver) unless `stats`
-    already holds them (`accumulate=False`: a forward before this one collected them)."""
+    already holds them (`accumulate=False`: a forward before this one collected them). With `eps_proj` [E, F, 2],
+    also the errors of each projection in f alone (the other one left at full precision)."""
 
     def __init__(self, stats: ExpertStats, where: str, dense: DenseExperts, cand_gu, cand_d, eps_sq,
-                 accumulate: bool = True):
+                 accumulate: bool = True, eps_proj: torch.Tensor | None = None):
         super().__init__(stats, where)
         self.dense, self.cand_gu, self.cand_d, self.eps_sq = dense, cand_gu, cand_d, eps_sq
-        self.accumulate = accumulate
+        self.accumulate, self.eps_proj = accumulate, eps_proj
 
     def __call__(self, e, x, h, tok, weights) -> None:
         if self.accumulate:
@@ -64,22 +68,27 @@ class ErrorObserver(RoutedObserver):
         d = self.dense
         b_gu = None if d.gate_up_bias is None else d.gate_up_bias[e]
         b_d = None if d.down_bias is None else d.down_bias[e]
-        self.eps_sq[e] += output_error_sq(x.float(), weights.float(), d.gate_up[e], d.down[e], self.cand_gu[:, e],
-                                          self.cand_d[:, e], d.apply_gate, b_gu, b_d)
+        x, weights = x.float(), weights.float()
+        error = lambda gu, down: output_error_sq(x, weights, d.gate_up[e], d.down[e], gu, down, d.apply_gate, b_gu, b_d)
+        self.eps_sq[e] += error(self.cand_gu[:, e], self.cand_d[:, e])
+        if self.eps_proj is not None:
+            self.eps_proj[e, :, 0] += error(self.cand_gu[:, e], d.down[e][None])
+            self.eps_proj[e, :, 1] += error(d.gate_up[e][None], self.cand_d[:, e])
 
 
 class MeasurePass:
     """`on_layer` callback of `layerwise`; leaves the model unchanged."""
 
     def __init__(self, blocks: list[MoEBlock], formats: list[str], group_size: int, sym: bool,
-                 quantizer: str = "rtn", gptq: dict | None = None, journal=None):
+                 quantizer: str = "rtn", gptq: dict | None = None, journal=None, per_projection: bool = False):
         """`journal` (io/measure_cache.MeasureJournal, or None): a layer it holds in these formats is taken from it
-        and not measured again (an interrupted pass 1 resumes); each layer measured is written to it."""
+        and not measured again (an interrupted pass 1 resumes); each layer measured is written to it.
+        `per_projection`: measure eps_proj too (targets choosing a format per projection)."""
         if quantizer not in ("rtn", "gptq"):
             raise ValueError(f"eps quantizer must be 'rtn' or 'gptq', got {quantizer!r}")
         self.blocks, self.formats, self.group_size, self.sym = blocks, formats, group_size, sym
         self.quantizer, self.gptq = quantizer, gptq or {}
-        self.journal = journal
+        self.journal, self.per_projection = journal, per_projection
         self.results: list[BlockMeasurement] = []
 
     def _from_journal(self, i: int, names: list[str]) -> list[BlockMeasurement] | None:
@@ -101,8 +110,14 @@ class MeasurePass:
             b.block.experts, dense.observer = original, None
         return stats
 
+    def _fits(self, W: torch.Tensor) -> torch.Tensor:
+        """[F] bool: the formats that can hold W's rows (ggml types need whole blocks)."""
+        return torch.tensor([packable(QuantSpec(f, self.group_size, self.sym), W.shape[-1]) for f in self.formats])
+
     def _candidates(self, W: torch.Tensor, H: torch.Tensor | None) -> torch.Tensor:  # [F, E, out, in]
-        return torch.stack([candidates(W, f, self.group_size, self.sym, H, **self.gptq) for f in self.formats])
+        """Each format's version of W; W itself (an error of 0, set to inf afterwards) where a format cannot hold it."""
+        return torch.stack([candidates(W, f, self.group_size, self.sym, H, **self.gptq) if ok else W
+                            for f, ok in zip(self.formats, self._fits(W).tolist())])
 
     def __call__(self, i: int, layer: nn.Module, inputs: LayerInputs) -> LayerInputs | None:
         """Measures the layer's MoE block; returns the layer's outputs (the model is unchanged, so they
@@ -121,7 +136,9 @@ class MeasurePass:
             H_gu, H_d = pre.hessians() if pre is not None else (None, None)
             cand_gu, cand_d = self._candidates(dense.gate_up, H_gu), self._candidates(dense.down, H_d)
             stats, eps_sq = pre if pre is not None else ExpertStats.zeros(E, H, I), torch.zeros(E, len(self.formats))
-            dense.observer = ErrorObserver(stats, f"layer {i}", dense, cand_gu, cand_d, eps_sq, accumulate=pre is None)
+            eps_proj = torch.zeros(E, len(self.formats), 2) if self.per_projection else None
+            dense.observer = ErrorObserver(stats, f"layer {i}", dense, cand_gu, cand_d, eps_sq, accumulate=pre is None,
+                                           eps_proj=eps_proj)
             energy = [0.0]
 
             def on_output(_m, args, out, stats=stats, energy=energy):
@@ -139,14 +156,20 @@ class MeasurePass:
             H_in, H_mid = stats.hessians()
             hess = (hessian_error(dense.gate_up[None], cand_gu, H_in[None]) +
                     hessian_error(dense.down[None], cand_d, H_mid[None])).T  # [E, F]
+            fits_gu, fits_d = self._fits(dense.gate_up), self._fits(dense.down)
+            for t in (eps_sq, hess):
+                t[:, ~(fits_gu & fits_d)] = float("inf")
+            if eps_proj is not None:
+                eps_proj[:, ~fits_gu, 0], eps_proj[:, ~fits_d, 1] = float("inf"), float("inf")
             self.results.append(BlockMeasurement(b.name, i, list(self.formats), stats.count, stats.weight_sum,
-                                                 stats.total_tokens, eps_sq, hess, energy[0]))
+                                                 stats.total_tokens, eps_sq, hess, energy[0], eps_proj))
         if mine and self.journal is not None:
             self.journal.save(i, self.results[start:])
         return outputs
 
 
-FORMAT_BITS = {"keep": 16.0, "int8": 8.0, "int4": 4.0, "int3": 3.0, "int2": 2.0, "ternary": 1.58, "drop": 0.0}
+FORMAT_BITS = {"keep": 16.0, "int8": 8.0, "int4": 4.0, "int3": 3.0, "int2": 2.0, "ternary": 1.58, "drop": 0.0,
+               **{name: t.bits_per_weight for name, t in GGML_TYPES.items()}}
 
 
 def synthetic_measurements(blocks: list[MoEBlock], formats: list[str], seed: int = 0) -> list[BlockMeasurement]:
@@ -161,6 +184,7 @@ def synthetic_measurements(blocks: list[MoEBlock], formats: list[str], seed: int
         noise = torch.rand(E, len(formats), generator=g) * 0.5 + 0.75
         bits = torch.tensor([FORMAT_BITS[f] for f in formats])
         eps_sq = share[:, None] * noise * torch.pow(4.0, -bits)[None]
+        split = torch.tensor([2 / 3, 1 / 3])  # gate_up holds two thirds of an expert's weights
         out.append(BlockMeasurement(b.name, b.layer_idx, list(formats), count, share * tokens, tokens, eps_sq,
-                                    eps_sq.clone(), out_energy=1.0))
+                                    eps_sq.clone(), out_energy=1.0, eps_proj=eps_sq[..., None] * split))
     return out

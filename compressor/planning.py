@@ -23,9 +23,10 @@ from .analysis.importance import mcmoe_weights
 from .arch.view import MoEBlock
 from .quantize.ternary import is_ternary
 from .config.schema import Recipe
-from .io.accounting import expert_matrix_bytes, predict_bytes
+from .io.accounting import expert_matrix_bytes, predict_bytes, projection_bytes
 from .measure import BlockMeasurement
-from .plan import Plan
+from .plan import Plan, join_formats
+from .targets import TargetError, target
 
 
 def ternary_experts(blocks: list[MoEBlock], group_size: int) -> dict[str, list[bool]]:
@@ -63,13 +64,15 @@ def expert_weight_count(blocks: list[MoEBlock]) -> int:
     return sum(b.gate_up().numel() + b.down().numel() for b in blocks)
 
 
-def costs(measurements: list[BlockMeasurement], objective: str, sensitivity: torch.Tensor | None = None
-          ) -> np.ndarray:  # [N, F]
-    """`sensitivity` [layers]: each decoder layer's loss sensitivity, for the global objective (None: output energy)."""
+def costs(measurements: list[BlockMeasurement], objective: str, sensitivity: torch.Tensor | None = None,
+          field: str = "eps_sq") -> np.ndarray:  # [N, F] (or [N, F, 2] for field eps_proj)
+    """`sensitivity` [layers]: each decoder layer's loss sensitivity, for the global objective (None: output energy).
+    `field`: the error table, eps_sq (the expert in f) or eps_proj (each projection in f alone; global only)."""
+    eps = [getattr(m, field) for m in measurements]
     if objective == "global" and sensitivity is not None:
-        return torch.cat([m.eps_sq.double() * float(sensitivity[m.layer_idx]) / max(m.total_tokens, 1)
-                          for m in measurements]).numpy()
-    rel = [m.eps_sq / max(m.out_energy, 1e-30) for m in measurements]  # [E, F] per block
+        return torch.cat([e.double() * float(sensitivity[m.layer_idx]) / max(m.total_tokens, 1)
+                          for e, m in zip(eps, measurements)]).numpy()
+    rel = [e / max(m.out_energy, 1e-30) for e, m in zip(eps, measurements)]  # [E, F] per block
     if objective == "global":
         return torch.cat(rel).double().numpy()
     if objective == "frequency":
@@ -99,32 +102,78 @@ def plan_budget(recipe: Recipe, model: nn.Module, blocks: list[MoEBlock], dense:
     n_weights = expert_weight_count(blocks) if a.scope == "experts" else sum(p.numel() for p in model.parameters())
     budget_bytes = budget.resolve(n_weights)
     capacity = budget_bytes - (fixed if a.scope == "model" else 0)
-    nbytes = np.array([[expert_matrix_bytes(b, f, q.group_size, q.sym) for f in formats]
+    nbytes = np.array([[expert_matrix_bytes(b, f, q.group_size, q.sym, strict=False) for f in formats]
                        for b in blocks for _ in range(b.num_experts)], dtype=np.int64)
     cost = costs(measurements, a.objective, sensitivity)
     if pinned.any():  # already-ternary experts: ternary is their only (and lossless) choice
+        if a.target != "native":
+            raise TargetError(f"--target {a.target}: this model's experts are already ternary (a MoTE checkpoint); "
+                              "they keep this project's ternary format: use --target native")
         cost[pinned] = np.inf
         cost[pinned, formats.index("ternary")] = 0.0
-    allowed_bytes = np.where(np.isfinite(cost), nbytes, np.iinfo(np.int64).max)
+    groups = TargetGroups(target(a.target), blocks, formats, q.group_size, q.sym)
+    item_cost, item_bytes = cost, nbytes  # the LP's items: experts, or the target's groups of them
+    if groups.target.unit != "expert":
+        item_cost = groups.costs(cost, costs(measurements, a.objective, sensitivity, "eps_proj")
+                                 if groups.target.per_projection else None)
+        item_bytes = groups.nbytes()
+    allowed_bytes = np.where(np.isfinite(item_cost), item_bytes, np.iinfo(np.int64).max)
     smallest = int(allowed_bytes.min(axis=1).sum()) + (fixed if a.scope == "model" else 0)
     if smallest > budget_bytes:
         raise InfeasibleBudget(smallest, budget_bytes, detail=(
-            f"scope {a.scope!r}, formats {formats}; raise --budget to at least {smallest} bytes or allow smaller "
-            "formats (--formats)"))
+            f"scope {a.scope!r}, target {a.target}, formats {formats}; raise --budget to at least {smallest} bytes "
+            "or allow smaller formats (--formats)"))
     if a.objective == "per_layer":  # MC-MoE: each layer held to its share of the budget, by weight count
         alloc = solve_per_layer(cost, nbytes, capacity, blocks, a.solver, a.rel_gap)
     else:
-        alloc = solve_allocation(cost, nbytes, capacity, solver=a.solver, rel_gap=a.rel_gap)
-    choice, experts, k = alloc.choice, {}, 0
-    for b in blocks:
-        experts[b.name] = [formats[c] for c in choice[k:k + b.num_experts]]
-        k += b.num_experts
-    return Plan(experts, dict(base.dense), q.group_size, q.sym, budget_bytes=budget_bytes, scope=a.scope,
+        alloc = solve_allocation(item_cost, item_bytes, capacity, solver=a.solver, rel_gap=a.rel_gap)
+    experts = groups.entries(alloc.choice)
+    return Plan(experts, dict(base.dense), q.group_size, q.sym, budget_bytes=budget_bytes, scope=a.scope, target=a.target,
                 allocation={"objective": a.objective, "eps_quantizer": a.eps_quantizer,
                             "layer_weights": layer_weights(a.objective, sensitivity), "solver": alloc.solver,
                             "seconds": round(alloc.seconds, 3), "gap": alloc.gap, "status": alloc.status, "cost": alloc.objective,
                             "expert_bytes": alloc.total_bytes, "capacity": int(capacity), "fixed_bytes": int(fixed)},
                 analysis=analysis_table(measurements, blocks, nbytes, formats))
+
+
+class TargetGroups:
+    """The LP's items under a target (targets.py): experts (native), a layer's experts per projection (gguf: one ggml
+    type per stacked tensor) or a layer's experts (vllm: one scheme per layer). A group's cost of a format is the sum
+    of its members' measured costs (the LP's additivity across experts, extended across projections), its bytes the
+    members' exact bytes; a format a member's matrix cannot take is not a choice of its group."""
+
+    def __init__(self, target, blocks: list[MoEBlock], formats: list[str], group_size: int, sym: bool):
+        self.target, self.blocks, self.formats, self.gs, self.sym = target, blocks, formats, group_size, sym
+        self.bounds = np.cumsum([0] + [b.num_experts for b in blocks])
+
+    def _per_block(self, per_expert: np.ndarray) -> np.ndarray:  # [N, ...] -> [blocks, ...], summed over experts
+        return np.add.reduceat(per_expert, self.bounds[:-1], axis=0)
+
+    def costs(self, cost: np.ndarray, cost_proj: np.ndarray | None) -> np.ndarray:
+        if self.target.unit == "layer":
+            return self._per_block(cost)                                    # [blocks, F]
+        return self._per_block(cost_proj).transpose(0, 2, 1).reshape(-1, len(self.formats))  # [blocks x 2, F]
+
+    def nbytes(self) -> np.ndarray:
+        rows = []
+        for b in self.blocks:
+            per = np.array([projection_bytes(b, f, self.gs, self.sym, strict=False) for f in self.formats],
+                           dtype=np.int64)  # [F, 2]
+            rows += [per.sum(1) * b.num_experts] if self.target.unit == "layer" else list(per.T * b.num_experts)
+        return np.array(rows, dtype=np.int64)
+
+    def entries(self, choice: np.ndarray) -> dict[str, list[str]]:
+        """The LP's choice [items] -> each block's plan entries."""
+        out = {}
+        for k, b in enumerate(self.blocks):
+            if self.target.unit == "expert":
+                picked = [self.formats[c] for c in choice[self.bounds[k]:self.bounds[k + 1]]]
+            elif self.target.unit == "layer":
+                picked = [self.formats[choice[k]]] * b.num_experts
+            else:
+                picked = [join_formats(self.formats[choice[2 * k]], self.formats[choice[2 * k + 1]])] * b.num_experts
+            out[b.name] = picked
+        return out
 
 
 def layer_weights(objective: str, sensitivity: torch.Tensor | None) -> str | list[float] | None:

@@ -10,8 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ..allocation.budget import parse_budget
 from ..prune.calibrate import DEFAULT_RENORMALIZE
 from ..prune.rule import DEFAULT_PROTECT
+from ..quantize.formats import ALL_FORMATS
 
-FormatName = Literal["keep", "int8", "int4", "int3", "int2", "ternary", "drop"]
+FormatName = Literal[ALL_FORMATS]  # this project's formats and the GGUF block types (quantize/formats.py)
 BITS_TO_FORMAT = {16: "keep", 8: "int8", 4: "int4", 3: "int3", 2: "int2"}
 
 
@@ -68,6 +69,10 @@ class Allocation(Section):
     budget: str | None = Field(None, description="e.g. 3.4GB, 3.4GiB, 512MB, 2.5bits; None: uniform `bits`")
     scope: Literal["model", "experts"] = Field("model", description="what the budget counts")
     formats: list[FormatName] = Field(["keep", "int8", "int4", "int3", "int2"], description="allowed formats")
+    target: Literal["native", "gguf", "vllm"] = Field(
+        "native", description="where the model will run (compressor/targets.py): native (this project's runtime, a "
+        "format per expert), gguf (llama.cpp: ggml types, one per layer and projection), vllm (vLLM/SGLang fused MoE: "
+        "symmetric int4/int8, group 128, one per layer)")
     objective: Literal["global", "per_layer", "frequency"] = Field(
         "global", description="global LP, MC-MoE per-layer LP, or frequency-only importance"
     )

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..arch.view import MoEBlock
 from ..plan import Plan, split_format
-from ..quantize.formats import QuantSpec, packed_nbytes
+from ..quantize.formats import QuantSpec, packable, packed_nbytes
 from ..runtime.experts import PackedMatrix
 
 COMPONENTS = ("experts", "shared_experts", "attention", "embeddings", "other")
@@ -81,14 +81,21 @@ def predict_bytes(model: nn.Module, blocks: list[MoEBlock], dense: dict[str, nn.
     return out
 
 
-def expert_matrix_bytes(b: MoEBlock, fmt: str, group_size: int, sym: bool) -> int:
+def expert_matrix_bytes(b: MoEBlock, fmt: str, group_size: int, sym: bool, strict: bool = True) -> int:
     """Bytes of one expert of block `b` in plan entry `fmt` (gate_up + down)."""
-    return sum(projection_bytes(b, fmt, group_size, sym))
+    return sum(projection_bytes(b, fmt, group_size, sym, strict))
 
 
-def projection_bytes(b: MoEBlock, fmt: str, group_size: int, sym: bool) -> tuple[int, int]:
-    """Bytes of one expert's gate_up and of its down in plan entry `fmt` ("int4", or "q4_0+q6_k")."""
+def projection_bytes(b: MoEBlock, fmt: str, group_size: int, sym: bool, strict: bool = True) -> tuple[int, int]:
+    """Bytes of one expert's gate_up and of its down in plan entry `fmt` ("int4", or "q4_0+q6_k"). A format that
+    cannot hold a matrix (ggml blocks that do not divide its rows) is an error, or 0 bytes with strict=False (the LP
+    gives it an infinite cost)."""
     _, I2, H = b.gate_up().shape
     O, I = b.down().shape[-2:]  # O = H, except for an MLPMoE whose output width differs from its input
+
+    def nbytes(f: str, out: int, n: int) -> int:
+        spec = QuantSpec(f, group_size, sym)
+        return packed_nbytes(spec, out, n) if strict or packable(spec, n) else 0
+
     f_gu, f_d = split_format(fmt)
-    return packed_nbytes(QuantSpec(f_gu, group_size, sym), I2, H), packed_nbytes(QuantSpec(f_d, group_size, sym), O, I)
+    return nbytes(f_gu, I2, H), nbytes(f_d, O, I)

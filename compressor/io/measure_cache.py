@@ -19,6 +19,7 @@ import torch
 
 from ..measure import BlockMeasurement
 from .journal import Journal
+from ..targets import target
 from .keyed import read_keyed, write_keyed
 
 MEASURE_VERSION = 1
@@ -49,6 +50,7 @@ def cache_key(model_dir: Path, recipe, windows: torch.Tensor) -> tuple[str, dict
         "sym": q.sym,
         "formats": list(a.formats),
         "eps_quantizer": a.eps_quantizer,
+        "per_projection": target(a.target).per_projection,
         "gptq": q.gptq_options if a.eps_quantizer == "gptq" else None,
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24], inputs
@@ -71,8 +73,9 @@ def _pack(measurements: list[BlockMeasurement]) -> tuple[dict[str, torch.Tensor]
     """(tensors, the rest as JSON)."""
     tensors, blocks = {}, []
     for i, m in enumerate(measurements):
-        for field in ("count", "weight_sum", "eps_sq", "hess_err"):
-            tensors[f"{i}.{field}"] = getattr(m, field)
+        for field in ("count", "weight_sum", "eps_sq", "hess_err", "eps_proj"):
+            if getattr(m, field) is not None:
+                tensors[f"{i}.{field}"] = getattr(m, field)
         blocks.append({"name": m.name, "layer_idx": m.layer_idx, "formats": m.formats,
                        "total_tokens": m.total_tokens, "out_energy": m.out_energy})
     return tensors, json.dumps(blocks)
@@ -82,7 +85,8 @@ def _unpack(tensors: dict[str, torch.Tensor], blocks_json: str) -> list[BlockMea
     try:
         return [BlockMeasurement(b["name"], b["layer_idx"], b["formats"], tensors[f"{i}.count"],
                                  tensors[f"{i}.weight_sum"], b["total_tokens"], tensors[f"{i}.eps_sq"],
-                                 tensors[f"{i}.hess_err"], b["out_energy"]) for i, b in enumerate(json.loads(blocks_json))]
+                                 tensors[f"{i}.hess_err"], b["out_energy"], tensors.get(f"{i}.eps_proj"))
+                for i, b in enumerate(json.loads(blocks_json))]
     except (KeyError, ValueError, TypeError):
         return None
 

@@ -88,6 +88,11 @@ def packed_shapes(spec: QuantSpec, out_features: int, in_features: int) -> dict[
     return shapes
 
 
+def packable(spec: QuantSpec, in_features: int) -> bool:
+    """Can a matrix with rows of `in_features` take this format? (ggml types store whole blocks only)"""
+    return spec.ggml is None or in_features % spec.ggml.block == 0
+
+
 def packed_nbytes(spec: QuantSpec, out_features: int, in_features: int) -> int:
     """EXACT sum of .nbytes of the tensors pack() writes for one [out, in] matrix (padding included)."""
     return sum(math.prod(shape) * dtype.itemsize
