@@ -9,6 +9,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/tiny.py
 sys.path.insert(0, str(Path(__file__).parent.parent))  # cli.py, evals/
+# Subprocesses the tests start (the CLI, torchrun ranks) import this checkout's package too, not whichever copy an
+# editable install points at (another worktree)
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH")]))
 
 # The tests (and the CLI subprocesses they start) keep cached pass-1 measurements in a directory of their own,
 # never the user's cache; set before compressor.assets reads it.
