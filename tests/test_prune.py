@@ -127,7 +127,7 @@ def test_renormalize_preserves_weight_sum(models):
 @pytest.mark.parametrize("name", FAMILIES + ["mixtral-packed"])
 def test_pruned_slots_are_not_computed(models, name):
     """Rows through each expert's gate (hence both matmuls) drop to the kept slots; an expert left without
-    tokens is not even fetched/dequantized (PackedExperts.expert_weights)."""
+    tokens is not even computed (one gate_up product per expert with tokens)."""
     model = models[name]
     blocks = find_moe_blocks(model)
     rows = {"n": 0}
@@ -143,12 +143,12 @@ def test_pruned_slots_are_not_computed(models, name):
         if isinstance(ex, Experts):
             originals.append((ex, "apply_gate", gate))
             ex.apply_gate = counting
-            fw = ex.expert_weights
+            fw = ex.gate_up_proj
 
-            def counting_weights(e, fw=fw):
+            def counting_proj(e, x, fw=fw):
                 fetched["n"] += 1
-                return fw(e)
-            ex.expert_weights = counting_weights
+                return fw(e, x)
+            ex.gate_up_proj = counting_proj
         else:
             ex._apply_gate = counting
     try:
@@ -163,7 +163,7 @@ def test_pruned_slots_are_not_computed(models, name):
     finally:
         for b in blocks:
             ex = b.block.experts
-            for attr in ("apply_gate", "expert_weights", "_apply_gate"):
+            for attr in ("apply_gate", "gate_up_proj", "_apply_gate"):
                 ex.__dict__.pop(attr, None)
     T = ids.numel()
     assert full_rows == T * blocks[0].top_k * len(blocks)

@@ -2,9 +2,10 @@
 `experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]` (or [T, O]: an MoE in place
 of a two-layer MLP whose output width differs from its input, runtime/moe.py).
 
-`DenseExperts` runs canonical fp32 weights (calibration, fake quantization); `PackedExperts` keeps
-each expert packed in its own format and dequantizes it when a token is routed to it. Indices
-outside [0, E) (e.g. -1 from dynamic pruning) are skipped, so a pruned slot costs no compute.
+`DenseExperts` runs canonical fp32 weights (calibration, fake quantization); `PackedExperts` keeps each expert
+packed in its own format and computes from the packed bytes (runtime/kernels/: a kernel per format, chosen per
+matrix when first used). Tokens are grouped by expert (runtime/dispatch.py): one product per expert that has
+tokens; indices outside [0, E) (-1 from dynamic pruning) are skipped, so a pruned slot costs no compute.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from torch import nn
 from ..plan import join_formats, split_format
 from ..quantize.formats import QuantSpec, packed_shapes
 from ..quantize.qweight import pack, unpack
+from .dispatch import group_by_expert
+from .kernels import Kernel, kernel_for
 
 
 class ExpertObserver(Protocol):
@@ -48,18 +51,22 @@ class Experts(nn.Module):
     def _bias(self, b: torch.Tensor | None, e: int, dtype: torch.dtype) -> torch.Tensor | None:
         return None if b is None else b[e].to(dtype)
 
+    def gate_up_proj(self, e: int, x: torch.Tensor) -> torch.Tensor:  # [n, H] -> [n, 2I]
+        return F.linear(x, self.expert_weights(e)[0].to(x.dtype), self._bias(self.gate_up_bias, e, x.dtype))
+
+    def down_proj(self, e: int, h: torch.Tensor) -> torch.Tensor:  # [n, I] -> [n, O]
+        return F.linear(h, self.expert_weights(e)[1].to(h.dtype), self._bias(self.down_bias, e, h.dtype))
+
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         out = hidden.new_zeros(hidden.shape[0], self.out_features())
-        valid = (top_k_index >= 0) & (top_k_index < self.num_experts)
-        for e in torch.unique(top_k_index[valid]).tolist():
-            tok, pos = torch.where(top_k_index == e)
-            x = hidden[tok]  # [n, H]
-            w_gu, w_d = self.expert_weights(e)
-            h = self.apply_gate(F.linear(x, w_gu.to(x.dtype), self._bias(self.gate_up_bias, e, x.dtype)))  # [n, I]
-            weights = top_k_weights[tok, pos]
+        flat_weights = top_k_weights.reshape(-1)
+        for e, tok, slots in group_by_expert(top_k_index, self.num_experts):
+            x = hidden.index_select(0, tok)  # [n, H]
+            h = self.apply_gate(self.gate_up_proj(e, x))  # [n, I]
+            weights = flat_weights.index_select(0, slots)
             if self.observer is not None:
                 self.observer(e, x, h, tok, weights)
-            y = F.linear(h, w_d.to(x.dtype), self._bias(self.down_bias, e, x.dtype))  # [n, H]
+            y = self.down_proj(e, h)  # [n, O]
             out.index_add_(0, tok, (y * weights[:, None].to(y.dtype)).to(out.dtype))
         return out
 
@@ -114,9 +121,24 @@ class PackedMatrix(nn.Module):
 
         return super()._apply(move, recurse)
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, n) for n in self.names}
+
     def dequantized(self) -> torch.Tensor:  # [out, in] float32 (not `weight`: the "keep" format stores a buffer of that name)
-        tensors = {n: getattr(self, n) for n in self.names}
-        return unpack(tensors, self.spec, self.out_features, self.in_features)
+        return unpack(self.tensors(), self.spec, self.out_features, self.in_features)
+
+    def kernel(self, act_dtype: torch.dtype = torch.bfloat16) -> Kernel:
+        """The product x [n, in] -> [n, out] from the packed tensors (runtime/kernels), chosen on first use and kept
+        while the tensors it was built on are the module's, unchanged (a device move or a new state dict rebuilds it).
+        `act_dtype`: the activations' dtype, which torch's own packed kernels are built for."""
+        k = self.__dict__.get("_kernel")
+        tensors = self.tensors()
+        if k is None or not k.current(tensors):
+            k = self.__dict__["_kernel"] = kernel_for(tensors, self.spec, self.out_features, self.in_features, act_dtype)
+        return k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [n, in] -> [n, out]
+        return self.kernel(x.dtype)(x)
 
 
 def packed_layout(spec: QuantSpec, out_features: int, in_features: int) -> dict[str, torch.Tensor]:
@@ -152,6 +174,14 @@ class PackedExperts(Experts):
         pair = getattr(self, str(e))
         return pair.gate_up.dequantized(), pair.down.dequantized()
 
+    def gate_up_proj(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        y = getattr(self, str(e)).gate_up(x)
+        return y if self.gate_up_bias is None else y + self.gate_up_bias[e].to(y.dtype)
+
+    def down_proj(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        y = getattr(self, str(e)).down(h)
+        return y if self.down_bias is None else y + self.down_bias[e].to(y.dtype)
+
     def out_features(self) -> int:
         return getattr(self, "0").down.out_features
 
@@ -174,8 +204,8 @@ class PackedLinear(nn.Module):
             self.bias = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.packed.dequantized().to(x.dtype), b)
+        y = self.packed(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
 def empty_packed_experts(view, formats: list[str], group_size: int, sym: bool, dtype: torch.dtype) -> PackedExperts:
