@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                                             args.dynamic_pruning)
                 print(f"perplexity: {r['perplexity']:.4f}  ({r['tokens']} tokens, {r['seconds']:.1f} s)")
                 print(f"model tensors in memory: {r['resident_bytes']:,} bytes; in the checkpoint: "
-                      f"{r['checkpoint_bytes']:,} bytes (unquantized tensors are held in float32 for the CPU)")
+                      f"{r['checkpoint_bytes']:,} bytes (unquantized tensors in {r['dtype']}; experts packed)")
                 print(r["activation"])
             if args.tasks:
                 _run_tasks(args)

@@ -372,6 +372,7 @@ def evaluate_perplexity(model_dir: Path | None, text: Path, seq_len: int = 512, 
     result = perplexity(model, tokenize(tokenizer, read_text(text)), seq_len, batch_size)
     result["activation"] = prune.activation_line(model)
     result["resident_bytes"] = sum(t.nbytes for t in unique_state(model).values())
+    result["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     result["checkpoint_bytes"] = sum(ckpt.tensor_nbytes(model_dir).values())
     return result
 

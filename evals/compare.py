@@ -119,7 +119,7 @@ def row_model(model_dir: Path, runs: Path, name: str, overrides: dict, results: 
         src = model_dir if overrides["from"] == "fp16" else runs / overrides["from"]
         row.update(total_bytes=results[overrides["from"]]["total_bytes"], compress_seconds=0.0,
                    expert_bytes=results[overrides["from"]]["expert_bytes"])
-        model, tok = load_model(src, dynamic_pruning=False), load_tokenizer(src)
+        model, tok = load_model(src, torch.float32, dynamic_pruning=False), load_tokenizer(src)
         recipe = apply_overrides(Recipe(), {"model": str(model_dir), "calibration.samples": samples,
                                             "pruning.target": overrides["pruning.target"]})
         prune.attach(model, api.calibrate_pruning(recipe, model, api.calibration_data(recipe, tok), log=lambda *_: None))
@@ -139,7 +139,7 @@ def row_model(model_dir: Path, runs: Path, name: str, overrides: dict, results: 
     measured = json.loads((directory / "plan.json").read_text())["allocation"].get("measurements", "")
     if measured.startswith("pass 1 reused"):  # its compress seconds exclude pass 1
         row["pass1_reused"] = True
-    return load_model(directory), load_tokenizer(directory), row
+    return load_model(directory, torch.float32), load_tokenizer(directory), row  # every row computes in fp32
 
 
 def run(suite: str, model_dir: Path, max_tokens: int, seq_len: int, samples: int, tasks: list[str],

@@ -37,7 +37,7 @@ def test_family_compress_reload_forward(model_type, tiny_dirs, tmp_path):
     plan = json.loads((out / "plan.json").read_text())
     assert file_tensor_bytes(out) == plan["predicted_bytes"]
 
-    model = load_model(out)
+    model = load_model(out, torch.float32)
     blocks = find_moe_blocks(model)
     assert all(isinstance(b.block.experts, PackedExperts) for b in blocks)
     assert all(f == "int3" for b in blocks for f in b.block.experts.formats())
@@ -73,7 +73,8 @@ def test_reload_matches_in_memory_compressed_model(tiny_dirs, tmp_path):
     layerwise(model, windows, QuantizePass(model, blocks, dense, plan, recipe))
     model = model.half().float()  # the checkpoint stores unquantized tensors in float16
     ids = torch.randint(0, 300, (2, 32))
-    torch.testing.assert_close(load_model(out)(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(load_model(out, torch.float32)(input_ids=ids).logits, model(input_ids=ids).logits,
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_quantized_model_is_close_to_original_and_worse_at_fewer_bits(tiny_dirs, tmp_path):

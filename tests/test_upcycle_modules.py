@@ -198,7 +198,7 @@ def test_compress_rtn_bytes_as_predicted_and_reload_identical(dirs, inputs, kind
     plan = json.loads((out / "plan.json").read_text())
     assert file_tensor_bytes(out) == plan["predicted_bytes"]
     assert (out / "preprocessor_config.json").is_file()
-    loaded = load_model(out)
+    loaded = load_model(out, torch.float32)
     packed = find_moe_blocks(loaded)
     assert all(isinstance(b.experts, PackedExperts) and b.experts.formats() == ["int4"] * 4 for b in packed)
 
@@ -212,8 +212,9 @@ def test_compress_rtn_bytes_as_predicted_and_reload_identical(dirs, inputs, kind
         qpass(i, None, None)
     model.load_state_dict({k: v.half().float() if v.is_floating_point() else v  # what the checkpoint holds
                            for k, v in model.state_dict().items()})
-    assert torch.equal(run(loaded, kind, inputs), run(model, kind, inputs))
-    for W, b in zip(originals, packed):  # and each packed expert is RTN of the original weights
+    # equal up to summation order: the packed experts compute from their codes (runtime/kernels), not from dense copies
+    torch.testing.assert_close(run(loaded, kind, inputs), run(model, kind, inputs), rtol=1e-5, atol=1e-5)
+    for W, b in zip(originals, packed):  # and each packed expert is exactly RTN of the original weights
         want = quantize_rtn(W, QuantSpec("int4", 16, False)).dequantize()
         assert all(torch.equal(b.experts.expert_weights(e)[0], want[e]) for e in range(4))
 

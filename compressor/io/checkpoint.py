@@ -170,14 +170,19 @@ def load_upcycled(model_dir: Path, dtype: torch.dtype = torch.float32) -> nn.Mod
     return model.eval()
 
 
-def load_compressed(model_dir: Path, dtype: torch.dtype = torch.float32, dynamic_pruning: bool = True) -> nn.Module:
+def load_compressed(model_dir: Path, dtype: torch.dtype | None = None, dynamic_pruning: bool = True) -> nn.Module:
     """Rebuild the architecture on the meta device, swap in packed modules of the recorded formats,
-    and load the tensors: experts stay packed in memory and are dequantized per expert in the forward."""
+    and load the tensors: experts stay packed in memory and compute from their packed bytes (runtime/kernels, chosen
+    here per matrix). dtype None: the unquantized tensors in the checkpoint's dtype."""
     from transformers import AutoConfig
+
+    from ..runtime.kernels import prepare
 
     config = AutoConfig.from_pretrained(model_dir)
     qc = config.quantization_config
     del config.quantization_config
+    dtype = dtype or getattr(config, "dtype", None) or torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     model = skeleton(config, dtype)
     gs, sym = qc["group_size"], qc["sym"]
     for b in find_moe_blocks(model):
@@ -188,16 +193,23 @@ def load_compressed(model_dir: Path, dtype: torch.dtype = torch.float32, dynamic
     _load_weights(model, Path(model_dir))
     model.config.quantization_config = qc
     prune.apply_saved(model, enabled=dynamic_pruning)
+    prepare(model, dtype)
     return model.eval()
 
 
 def _load_weights(model: nn.Module, model_dir: Path) -> None:
-    """Materialise a meta-device skeleton and load the checkpoint's tensors into it, exactly."""
-    model.to_empty(device="cpu")
-    init_non_persistent_buffers(model)
-    missing, unexpected = model.load_state_dict(read_tensors(model_dir), strict=False)
+    """Load the checkpoint's tensors into a meta-device skeleton, exactly: each tensor is cast to the skeleton's dtype
+    for it (packed tensors keep theirs) and taken as the module's own, so the weights are in memory once."""
+    state = model.state_dict()
+    tensors = read_tensors(model_dir)
+    for k, t in tensors.items():
+        if k in state and t.dtype != state[k].dtype:
+            tensors[k] = t.to(state[k].dtype)
+    init_non_persistent_buffers(model)  # before the weights: a module's _init_weights may touch its parameters too
+    unexpected = model.load_state_dict(tensors, strict=False, assign=True).unexpected_keys
+    del tensors
     model.tie_weights()
-    missing = [k for k in missing if not _is_tied(model, k)]
+    missing = [k for k, t in model.state_dict().items() if t.is_meta]
     if missing or unexpected:
         raise ModelDirError(f"{model_dir}: checkpoint does not match its config (missing {missing[:5]}, "
                             f"unexpected {unexpected[:5]}); was it written by another version?")
@@ -220,8 +232,3 @@ def init_non_persistent_buffers(model: nn.Module, only: set[nn.Module] | None = 
             if m._buffers.get(name) is not None and m._buffers[name].is_meta:
                 m._buffers[name] = torch.empty_like(m._buffers[name], device="cpu")
         top._init_weights(m)
-
-
-def _is_tied(model: nn.Module, key: str) -> bool:
-    t = model.state_dict()[key]
-    return any(o is not t and o.data_ptr() == t.data_ptr() for k, o in model.state_dict().items() if k != key)

@@ -67,11 +67,13 @@ def check_supported(config: dict) -> None:
         family_for(config.get("model_type", "<missing model_type>"))
 
 
-def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+def load_model(model_dir: str | Path, dtype: torch.dtype | None = None, trust_remote_code: bool = False,
                dynamic_pruning: bool = True) -> nn.Module:
     """Any supported model: an original transformers checkpoint, one up-cycled with MLPMoE blocks
     (`upcycle --modules`, any architecture), or one this project compressed (with its saved
-    dynamic-pruning rule applied unless `dynamic_pruning` is False)."""
+    dynamic-pruning rule applied unless `dynamic_pruning` is False). `dtype` of the unquantized tensors: None means
+    the checkpoint's own 16-bit dtype for a compressed model (its experts stay packed either way) and float32
+    otherwise."""
     from transformers import AutoModelForCausalLM
 
     model_dir = Path(model_dir)
@@ -81,6 +83,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, trust_
         from .checkpoint import load_compressed
 
         return load_compressed(model_dir, dtype, dynamic_pruning)
+    dtype = torch.float32 if dtype is None else dtype
     _check_weights(model_dir)
     if MOE_MODULES in config:
         from .checkpoint import load_upcycled

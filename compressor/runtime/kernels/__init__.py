@@ -138,3 +138,30 @@ def kernel_for(tensors: dict[str, torch.Tensor], spec: QuantSpec, out_features: 
         if int8pack_fits(spec, in_features):
             return TorchPackKernel(Int8PackLinear(*args), "torch-int8pack", *args)
     return Kernel(*args)
+
+
+def prepare(model: torch.nn.Module, act_dtype: torch.dtype) -> dict:
+    """Choose every packed matrix's kernel now (at load, not in the first forward; builds the compiled kernels once
+    per machine) and return `report(model)`."""
+    from ..experts import PackedMatrix
+
+    for m in model.modules():
+        if isinstance(m, PackedMatrix) and m.spec.format != "drop":
+            m.kernel(act_dtype)
+    return report(model)
+
+
+def report(model: torch.nn.Module) -> dict:
+    """Kernel paths in use ({path: matrices}), the bytes their own layouts hold beyond the checkpoint's tensors, and
+    the bytes of the shared workspace so far."""
+    from ..experts import PackedMatrix
+
+    paths: dict[str, int] = {}
+    extra = 0
+    for m in model.modules():
+        k = m.__dict__.get("_kernel") if isinstance(m, PackedMatrix) else None
+        if k is not None:
+            paths[k.path] = paths.get(k.path, 0) + 1
+            extra += k.extra_bytes
+    return {"paths": paths, "extra_bytes": extra, "workspace_bytes": WORKSPACE.nbytes(),
+            "native": native.unavailable_reason() or "built"}
