@@ -132,6 +132,32 @@ def _upcycle_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true")
 
 
+def _bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="prefill / decode speed and memory of a compressed model against its original")
+    p.add_argument("model", nargs="?", help="compressed model directory")
+    p.add_argument("--original", help="the uncompressed model (default: recipe.yaml's model)")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--gen-len", type=int, default=64)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--threads", type=int, help="default: OMP_NUM_THREADS or the CPU count")
+    p.add_argument("--repeats", type=int, default=3, help="fresh processes per model")
+    p.add_argument("--no-dynamic-pruning", dest="dynamic_pruning", action="store_false")
+    p.add_argument("--json", help="write the full report here")
+
+
+def _run_bench(args: argparse.Namespace) -> None:
+    import json
+
+    from compressor.api import model_or_default
+    from compressor.runtime.bench import bench, format_report
+
+    report = bench(model_or_default(args.model), args.original, args.prompt_len, args.gen_len, args.batch,
+                   args.threads, args.repeats, args.dynamic_pruning)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    print(format_report(report))
+
+
 def _run_upcycle(args: argparse.Namespace) -> None:
     from compressor.upcycle import upcycle_cli
 
@@ -170,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     _compress_parser(sub)
     _eval_parser(sub)
     _upcycle_parser(sub)
+    _bench_parser(sub)
     sub.add_parser("inspect", help="architecture, experts, bytes by component, formats").add_argument(
         "model", nargs="?", help="model directory (default: the shipped default model)")
     args = parser.parse_args(argv)
@@ -200,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                 _run_tasks(args)
         elif args.command == "upcycle":
             _run_upcycle(args)
+        elif args.command == "bench":
+            _run_bench(args)
         elif args.command == "inspect":
             print(format_inspect(api.inspect_model(args.model)))
     except USER_ERRORS as err:

@@ -1,0 +1,134 @@
+"""Every kernel path equals the dequantized dense product, for every format, group size and odd shape.
+
+Tolerances (y against x @ W_hat^T in float64, W_hat = the format's exact dequantization):
+  float32 x   |y - ref| <= 2e-5 * (|x| @ |W_hat|^T): the compiled kernels split x into two bfloat16 halves
+              (hi + lo = x to 2^-16) and accumulate in float32, in another order than the reference
+  bfloat16 x  2^-7 * (|x| @ |W_hat|^T): the output is rounded to bfloat16, and on the GEMM path (more rows than
+              GEMV_ROWS) so is the dequantized operand, as in any bfloat16 model
+and the dequantization itself (the prefill path's operand) is bit-exact, in float32, bfloat16 and float16.
+"""
+
+import pytest
+import torch
+
+from compressor.quantize import QuantSpec, pack, quantize_rtn, unpack
+from compressor.quantize.formats import ALL_FORMATS, packable
+from compressor.runtime import kernels
+from compressor.runtime.kernels import GEMV_ROWS, Kernel, TorchPackKernel, native
+from compressor.runtime.kernels.torch_paths import (Int4PackLinear, Int8PackLinear, dequantize_into, int4pack_group,
+                                                    int8pack_fits)
+
+FORMATS = [f for f in ALL_FORMATS if f != "drop"]
+# (out, in, group): in not a multiple of 8 / 16 / 32 / the group, in below the group, a group not a multiple of 8,
+# in = whole 128-code chunks plus a tail, rows not a multiple of the kernels' 4-row blocks
+SHAPES = [(5, 13, 32), (9, 100, 64), (37, 256, 128), (16, 576, 128), (6, 60, 20), (3, 512, 32), (64, 512, 256)]
+LIB = native.library()
+needs_lib = pytest.mark.skipif(LIB is None, reason=f"compiled kernels unavailable: {native.unavailable_reason()}")
+
+
+def packed(fmt: str, n_out: int, n_in: int, gs: int, sym: bool = False, seed: int = 0):
+    spec = QuantSpec(fmt, gs, sym)
+    W = torch.randn(n_out, n_in, generator=torch.Generator().manual_seed(seed))
+    W[0, : min(n_in, 5)] = 0.0  # a row that starts with zeros
+    tensors = pack(quantize_rtn(W, spec))
+    return spec, tensors, unpack(tensors, spec, n_out, n_in)
+
+
+def cases():
+    for fmt in FORMATS:
+        for n_out, n_in, gs in SHAPES:
+            if packable(QuantSpec(fmt), n_in):
+                yield fmt, n_out, n_in, gs
+
+
+def check_product(kernel, W: torch.Tensor, dtype: torch.dtype, rows: int, seed: int = 1) -> None:
+    x = torch.randn(rows, W.shape[1], generator=torch.Generator().manual_seed(seed)).to(dtype)
+    y = kernel(x)
+    assert y.dtype == dtype and y.shape == (rows, W.shape[0])
+    ref = x.double() @ W.double().T
+    bound = (2e-5 if dtype == torch.float32 else 2.0 ** -7) * (x.double().abs() @ W.double().abs().T) + 1e-30
+    err = (y.double() - ref).abs()
+    assert (err <= bound).all(), f"worst excess {(err - bound).max().item():.3g}"
+
+
+@needs_lib
+@pytest.mark.parametrize("fmt,n_out,n_in,gs", list(cases()))
+def test_native_kernel_equals_dequantized_product(fmt, n_out, n_in, gs):
+    for sym in ([False, True] if QuantSpec(fmt).is_int else [False]):
+        spec, tensors, W = packed(fmt, n_out, n_in, gs, sym)
+        k = kernels.kernel_for(tensors, spec, n_out, n_in)
+        assert k.path == "native" and k.extra_bytes == 0
+        for dtype in (torch.float32, torch.bfloat16):
+            for rows in (1, 2, 3, 5, GEMV_ROWS + 3):  # the decode kernel (1-2 rows per pass), then the GEMM path
+                check_product(k, W, dtype, rows)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            assert torch.equal(k.dequantize_into(torch.empty(n_out, n_in, dtype=dtype)), W.to(dtype))
+
+
+@pytest.mark.parametrize("fmt,n_out,n_in,gs", list(cases()))
+def test_torch_dequantization_is_exact(fmt, n_out, n_in, gs):
+    spec, tensors, W = packed(fmt, n_out, n_in, gs)
+    assert torch.equal(dequantize_into(tensors, spec, n_out, n_in, torch.empty(n_out, n_in)), W)
+    check_product(Kernel(tensors, spec, n_out, n_in), W, torch.float32, 3)
+
+
+@pytest.mark.parametrize("n_out,n_in,gs", [(32, 256, 128), (16, 576, 128), (48, 64, 64), (16, 96, 32)])
+def test_torch_int4pack_kernel(n_out, n_in, gs):
+    spec, tensors, W = packed("int4", n_out, n_in, gs)
+    assert int4pack_group(spec, n_out, n_in) is not None
+    k = TorchPackKernel(Int4PackLinear(tensors, spec, n_out, n_in), "torch-int4pack", tensors, spec, n_out, n_in)
+    assert k.extra_bytes > 0  # its own layout, reported
+    # scale-and-zero pairs held in bfloat16 (the kernel's dtype): 2^-8 relative on each group's terms
+    x = torch.randn(2, n_in).bfloat16()
+    ref = x.double() @ W.double().T
+    bound = 2.0 ** -6 * (x.double().abs() @ W.double().abs().T)
+    assert ((k(x).double() - ref).abs() <= bound).all()
+
+
+def test_torch_packed_kernels_refuse_shapes_they_cannot_take():
+    assert int4pack_group(QuantSpec("int4", 128), 33, 256) is None  # rows not in tiles of 16
+    assert int4pack_group(QuantSpec("int4", 128), 32, 100) is None  # no power-of-two group divides the row
+    assert int4pack_group(QuantSpec("int4", 128), 32, 576) == 64  # 576 = 4.5 x 128: groups of 64 inside ours
+    assert not int8pack_fits(QuantSpec("int8", 128), 256)  # two groups per row, one scale per row in the kernel
+    assert not int8pack_fits(QuantSpec("int8", 128), 100)
+
+
+def test_torch_int8pack_kernel():
+    spec, tensors, W = packed("int8", 24, 96, 128)
+    k = TorchPackKernel(Int8PackLinear(tensors, spec, 24, 96), "torch-int8pack", tensors, spec, 24, 96)
+    x = torch.randn(3, 96).bfloat16()
+    ref = x.double() @ W.double().T
+    assert ((k(x).double() - ref).abs() <= 2.0 ** -6 * (x.double().abs() @ W.double().abs().T)).all()
+
+
+def test_kernel_follows_its_tensors():
+    """A kernel is rebuilt when its matrix's tensors are replaced (a device move, a new state dict) or, for a derived
+    layout, changed in place."""
+    from compressor.runtime.experts import PackedMatrix
+
+    spec, tensors, W = packed("int4", 32, 256, 128)
+    m = PackedMatrix(spec, 32, 256, tensors)
+    k = m.kernel()
+    assert m.kernel() is k
+    m.qweight = m.qweight.clone()
+    assert m.kernel() is not k
+    k2 = TorchPackKernel(Int4PackLinear(m.tensors(), spec, 32, 256), "torch-int4pack", m.tensors(), spec, 32, 256)
+    assert k2.current(m.tensors())
+    m.qweight.add_(0)
+    assert not k2.current(m.tensors())
+
+
+def test_without_compiled_kernels_the_torch_paths_run(monkeypatch):
+    monkeypatch.setenv(native.ENV, "torch")
+    native.library.cache_clear()
+    try:
+        assert native.library() is None and "torch" in native.unavailable_reason()
+        spec, tensors, W = packed("int3", 16, 200, 64)
+        k = kernels.kernel_for(tensors, spec, 16, 200)
+        assert k.path == "torch"
+        check_product(k, W, torch.float32, 2)
+        spec, tensors, W = packed("int4", 32, 256, 128)
+        assert kernels.kernel_for(tensors, spec, 32, 256, torch.bfloat16).path == "torch-int4pack"
+    finally:
+        monkeypatch.delenv(native.ENV)
+        native.library.cache_clear()
