@@ -125,3 +125,18 @@ def test_loaded_model_matches_its_dense_equivalent(compressed):
         torch.testing.assert_close(packed(input_ids=ids).logits, logits, rtol=1e-4, atol=1e-4)
     assert F.cosine_similarity(load_model(compressed)(input_ids=ids).logits.float().flatten(), logits.flatten(),
                                dim=0) > 0.999  # the 16-bit load: the same model up to bfloat16 rounding
+
+
+def test_decode_calls_take_one_compiled_call_when_they_can(block):
+    from compressor.runtime.fused import FusedExperts, activation_code
+    from compressor.runtime.kernels import native
+
+    if native.library() is None:
+        pytest.skip(f"compiled kernels unavailable: {native.unavailable_reason()}")
+    experts = PackedExperts.rtn(block, QuantSpec("int4", group_size=32))
+    experts(torch.randn(1, 64), torch.tensor([[1, 3]]), torch.tensor([[0.6, 0.4]]))
+    assert isinstance(experts.__dict__["_fused"], FusedExperts)
+    getattr(experts, "1").gate_up.qweight = getattr(experts, "1").gate_up.qweight.clone()  # a replaced tensor
+    assert not experts.__dict__["_fused"].current()
+    assert activation_code(experts.apply_gate, 48) == 0
+    assert activation_code(lambda x: F.gelu(x[:, :48]) * x[:, 48:], 48) is None  # another activation: generic path

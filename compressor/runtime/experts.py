@@ -20,6 +20,7 @@ from ..plan import join_formats, split_format
 from ..quantize.formats import QuantSpec, packed_shapes
 from ..quantize.qweight import pack, unpack
 from .dispatch import group_by_expert
+from .fused import FUSED_SLOTS, FusedExperts
 from .kernels import Kernel, kernel_for
 
 
@@ -173,6 +174,15 @@ class PackedExperts(Experts):
     def expert_weights(self, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         pair = getattr(self, str(e))
         return pair.gate_up.dequantized(), pair.down.dequantized()
+
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self.observer is None and top_k_index.numel() <= FUSED_SLOTS:
+            fused = self.__dict__.get("_fused")
+            if fused is None or (fused and not fused.current()):
+                fused = self.__dict__["_fused"] = FusedExperts.build(self) or False
+            if fused:
+                return fused(hidden, top_k_index, top_k_weights)
+        return super().forward(hidden, top_k_index, top_k_weights)
 
     def gate_up_proj(self, e: int, x: torch.Tensor) -> torch.Tensor:
         y = getattr(self, str(e)).gate_up(x)

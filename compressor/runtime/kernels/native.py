@@ -90,6 +90,10 @@ def library() -> ctypes.CDLL | None:
     lib.mc_gemv.restype = None
     lib.mc_dequant.argtypes = [ctypes.POINTER(Mat), ctypes.c_void_p, ctypes.c_int32, ctypes.c_int]
     lib.mc_dequant.restype = None
+    lib.mc_experts.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                               ctypes.c_int64, ctypes.POINTER(Mat), ctypes.POINTER(Mat), ctypes.c_int32, ctypes.c_void_p,
+                               ctypes.c_int]
+    lib.mc_experts.restype = None
     return lib
 
 

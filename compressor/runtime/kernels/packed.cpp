@@ -558,6 +558,40 @@ void mc_gemv(const Mat* A, int64_t M, const float* x, int64_t ldx, float* y, int
   for (int64_t b = 0; b < blocks; ++b) rows(*A, a, y, ldy, b * per, std::min(A->N, (b + 1) * per));
 }
 
+// One MoE layer's routed experts for a few tokens (decode): out[t] = sum over slots j of w[t, j] * down(act(gate_up(x[t])))
+// for the expert e = idx[t, j] in [0, E) (others skipped: pruned or masked), one product per expert with tokens.
+// act 0: silu(gate) * up, gate_up's rows being [gate; up] (Mixtral, Qwen-MoE, DeepSeek, OLMoE). x, w, out float32.
+void mc_experts(int64_t T, int64_t k, const float* x, const int64_t* idx, const float* w, int64_t E, const Mat* gate_up,
+                const Mat* down, int32_t act, float* out, int nthreads) {
+  const int64_t H = gate_up[0].K, O = down[0].N;
+  std::memset(out, 0, sizeof(float) * T * O);
+  std::vector<int64_t> tok;
+  std::vector<float> wt, xe, g, h, y;
+  for (int64_t e = 0; e < E; ++e) {
+    tok.clear();
+    wt.clear();
+    for (int64_t s = 0; s < T * k; ++s)
+      if (idx[s] == e) { tok.push_back(s / k); wt.push_back(w[s]); }
+    if (tok.empty()) continue;
+    const int64_t n = (int64_t)tok.size(), I2 = gate_up[e].N, I = I2 / 2;
+    xe.resize(n * H);
+    for (int64_t i = 0; i < n; ++i) std::memcpy(&xe[i * H], x + tok[i] * H, sizeof(float) * H);
+    g.resize(n * I2);
+    mc_gemv(&gate_up[e], n, xe.data(), H, g.data(), I2, nthreads);
+    h.resize(n * I);
+    if (act == 0)
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t j = 0; j < I; ++j) {
+          const float a = g[i * I2 + j];
+          h[i * I + j] = a / (1.0f + std::exp(-a)) * g[i * I2 + I + j];
+        }
+    y.resize(n * O);
+    mc_gemv(&down[e], n, h.data(), I, y.data(), O, nthreads);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t o = 0; o < O; ++o) out[tok[i] * O + o] += wt[i] * y[i * O + o];
+  }
+}
+
 void mc_dequant(const Mat* A, void* out, int32_t out_kind, int nthreads) {
   int64_t per;
   const int nt = split(*A, 1, nthreads, &per);
