@@ -13,7 +13,7 @@ from compressor.io.models import load_model
 from compressor.quantize import QuantSpec
 from compressor.runtime.dispatch import HOST_SLOTS, group_by_expert
 from compressor.runtime.experts import DenseExperts, PackedExperts, PackedMatrix
-from compressor.runtime.kernels import report
+from compressor.runtime.kernels import WORKSPACE, report
 from tiny import save_tiny, tiny_model
 
 E = 4
@@ -105,6 +105,7 @@ def test_loaded_model_holds_the_packed_tensors(compressed):
     r = report(model)
     assert r["extra_bytes"] == 0 or r["paths"].get("native") is None  # compiled kernels read the packed bytes as is
     ids = torch.randint(0, 300, (2, 40))
+    WORKSPACE.buffers.clear()  # shared by the process: only this model's use
     with torch.no_grad():
         model(input_ids=ids)
     largest = max(m.out_features * m.in_features for m in model.modules() if isinstance(m, PackedMatrix))

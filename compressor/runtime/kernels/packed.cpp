@@ -455,19 +455,85 @@ static void rows_ternary(const Mat& A, const Acts& a, float* y, int64_t ldy, int
 
 // ---- rows decoded to float (ternary without BF16, ggml types, keep) -----------------------------------------------
 
-static void decode_row(const Mat& A, int64_t n, float* w) {  // ternary: the trits, unscaled
+#if defined(__AVX512F__)
+template <int B> static inline __m512i codes16(const uint8_t* p);  // 16 codes from a byte boundary, as int32 lanes
+template <> inline __m512i codes16<8>(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)); }
+template <> inline __m512i codes16<4>(const uint8_t* p) {
+  uint64_t w;
+  std::memcpy(&w, p, 8);
+  const __m128i v = _mm_cvtsi64_si128((long long)w), m = _mm_set1_epi8(0x0f);
+  return _mm512_cvtepu8_epi32(_mm_unpacklo_epi8(_mm_and_si128(v, m), _mm_and_si128(_mm_srli_epi16(v, 4), m)));
+}
+template <> inline __m512i codes16<2>(const uint8_t* p) {
+  uint32_t w;
+  std::memcpy(&w, p, 4);
+  const __m512i sh = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  return _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32((int)w), sh), _mm512_set1_epi32(3));
+}
+template <> inline __m512i codes16<3>(const uint8_t* p) {
+  uint32_t lo;  // 6 bytes as a 4- and a 2-byte load (one 6-byte copy through memory stalls store forwarding)
+  uint16_t hi;
+  std::memcpy(&lo, p, 4);
+  std::memcpy(&hi, p + 4, 2);
+  const uint64_t w = lo | (uint64_t)hi << 32;
+  const __m512i sh = _mm512_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21, 0, 3, 6, 9, 12, 15, 18, 21);
+  const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32((int)(w & 0xffffff))),
+                                       _mm256_set1_epi32((int)((w >> 24) & 0xffffff)), 1);
+  return _mm512_and_si512(_mm512_srlv_epi32(v, sh), _mm512_set1_epi32(7));
+}
+#endif
+
+template <int B>
+static void int_codes(const uint8_t* row, int64_t K, int64_t rowbytes, float* w) {
+  int64_t k = 0;
+#if defined(__AVX512F__)
+  for (; k + 16 <= K; k += 16) _mm512_storeu_ps(w + k, _mm512_cvtepi32_ps(codes16<B>(row + k * B / 8)));
+#endif
+  for (; k < K; ++k) w[k] = (float)code_at(row, k, B, rowbytes);
+}
+
+static void decode_row(const Mat& A, int64_t n, float* w) {  // ternary: the trits, unscaled; int: the codes
   const uint8_t* row = A.q + n * A.rowbytes;
   if (A.kind == KIND_F16) {
     const uint16_t* h = (const uint16_t*)A.q + n * A.K;
     for (int64_t k = 0; k < A.K; ++k) w[k] = h2f(h[k]);
   } else if (A.kind == KIND_TERNARY) {
-    for (int64_t k = 0; k < A.K; ++k) w[k] = TRIT_F32[row[k / 5]][k % 5];
+    for (int64_t j = 0, k = 0; k < A.K; ++j)
+      for (int i = 0; i < 5 && k < A.K; ++i, ++k) w[k] = TRIT_F32[row[j]][i];
   } else if (A.kind == KIND_GGML) {
     const int nb = GGML_BLOCK_BYTES[A.bits];
     for (int64_t k = 0, at = 0; k < A.K; at += nb) k += ggml_block(A.bits, row + at, w + k);
   } else {
-    for (int64_t k = 0; k < A.K; ++k) w[k] = (float)code_at(row, k, A.bits, A.rowbytes);
+    switch (A.bits) {
+      case 2: return int_codes<2>(row, A.K, A.rowbytes, w);
+      case 3: return int_codes<3>(row, A.K, A.rowbytes, w);
+      case 4: return int_codes<4>(row, A.K, A.rowbytes, w);
+      default: return int_codes<8>(row, A.K, A.rowbytes, w);
+    }
   }
+}
+
+// float32 row -> out (float32, or bfloat16 / float16 rounded to nearest even, as torch converts)
+static void store_row(const float* w, int64_t K, void* out, int32_t out_kind) {
+  if (out_kind == OUT_F32) { std::memcpy(out, w, K * sizeof(float)); return; }
+  uint16_t* o = (uint16_t*)out;
+  int64_t k = 0;
+#if defined(__AVX512F__)
+  if (out_kind == OUT_BF16) {
+    const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
+    for (; k + 16 <= K; k += 16) {
+      const __m512i u = _mm512_castps_si512(_mm512_loadu_ps(w + k));
+      const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), one))), 16);
+      const __mmask16 nan = _mm512_cmp_ps_mask(_mm512_loadu_ps(w + k), _mm512_loadu_ps(w + k), _CMP_UNORD_Q);
+      if (nan) break;  // NaN: the scalar path below keeps it a NaN
+      _mm256_storeu_si256((__m256i*)(o + k), _mm512_cvtepi32_epi16(r));
+    }
+  } else {
+    for (; k + 16 <= K; k += 16)
+      _mm256_storeu_si256((__m256i*)(o + k), _mm512_cvtps_ph(_mm512_loadu_ps(w + k), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+#endif
+  for (; k < K; ++k) o[k] = out_kind == OUT_BF16 ? f2bf(w[k]) : f2h(w[k]);
 }
 
 static inline float dot(const float* a, const float* b, int64_t n) {
@@ -537,6 +603,49 @@ static int split(const Mat& A, int64_t M, int nthreads, int64_t* per) {
   return nt;
 }
 
+#if defined(__AVX512F__)
+static inline void store16(__m512 v, void* out, int64_t k, int32_t out_kind) {  // as store_row, 16 finite values
+  if (out_kind == OUT_F32) { _mm512_storeu_ps((float*)out + k, v); return; }
+  __m256i h;
+  if (out_kind == OUT_BF16) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16));
+  } else {
+    h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  _mm256_storeu_si256((__m256i*)((uint16_t*)out + k), h);
+}
+
+// One row of an int format straight to `out`: (q - z) * s per 16 codes (whole 16-code runs of byte-aligned groups),
+// the rest through the float row
+template <int B>
+static void dequant_int_row(const Mat& A, int64_t n, float* w, void* out, int32_t out_kind) {
+  const uint8_t* row = A.q + n * A.rowbytes;
+  const float zdef = (float)(1 << (B - 1));
+  bool rest = false;
+  for (int64_t g = 0; g < A.G; ++g) {
+    const int64_t k0 = g * A.gs, k1 = std::min(A.K, k0 + A.gs);
+    const float s = h2f(A.scales[n * A.G + g]), z = A.zeros ? h2f(A.zeros[n * A.G + g]) : zdef;
+    int64_t k = k0;
+    if ((k0 * B) % 8 == 0) {
+      const __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z);
+      for (; k + 16 <= k1; k += 16)
+        store16(_mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(codes16<B>(row + k * B / 8)), vz), vs), out, k, out_kind);
+    }
+    for (; k < k1; ++k, rest = true) w[k] = ((float)code_at(row, k, B, A.rowbytes) - z) * s;
+  }
+  if (!rest) return;
+  for (int64_t g = 0; g < A.G; ++g) {  // the codes the vector loop left, converted one by one
+    const int64_t k0 = g * A.gs, k1 = std::min(A.K, k0 + A.gs);
+    for (int64_t k = (k0 * B) % 8 == 0 ? k0 + (k1 - k0) / 16 * 16 : k0; k < k1; ++k) {
+      if (out_kind == OUT_F32) ((float*)out)[k] = w[k];
+      else ((uint16_t*)out)[k] = out_kind == OUT_BF16 ? f2bf(w[k]) : f2h(w[k]);
+    }
+  }
+}
+#endif
+
 extern "C" {
 
 int mc_abi_version() { return 1; }
@@ -595,25 +704,55 @@ void mc_experts(int64_t T, int64_t k, const float* x, const int64_t* idx, const 
 void mc_dequant(const Mat* A, void* out, int32_t out_kind, int nthreads) {
   int64_t per;
   const int nt = split(*A, 1, nthreads, &per);
-  const int64_t blocks = (A->N + per - 1) / per;
+  const int64_t blocks = (A->N + per - 1) / per, item = out_kind == OUT_F32 ? 4 : 2;
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
   for (int64_t b = 0; b < blocks; ++b) {
     std::vector<float> w(A->K + 256);
+    std::vector<uint16_t> t;
     for (int64_t n = b * per; n < std::min(A->N, (b + 1) * per); ++n) {
+      void* o = (char*)out + n * A->K * item;
+#if defined(__AVX512F__)
+      if (A->kind == KIND_INT) {
+        switch (A->bits) {
+          case 2: dequant_int_row<2>(*A, n, w.data(), o, out_kind); continue;
+          case 3: dequant_int_row<3>(*A, n, w.data(), o, out_kind); continue;
+          case 4: dequant_int_row<4>(*A, n, w.data(), o, out_kind); continue;
+          case 8: dequant_int_row<8>(*A, n, w.data(), o, out_kind); continue;
+        }
+      }
+#endif
+#if defined(MC_BF16)
+      if (A->kind == KIND_TERNARY) {  // trits by decode_trits, then t * s per 16
+        t.resize(A->rowbytes * 5 + 32);
+        decode_trits(A->q + n * A->rowbytes, A->rowbytes, t.data());
+        for (int64_t g = 0; g < A->G; ++g) {
+          const int64_t k0 = g * A->gs, k1 = std::min(A->K, k0 + A->gs);
+          const float s = h2f(A->scales[n * A->G + g]);
+          int64_t k = k0;
+          for (; k + 16 <= k1 && out_kind != OUT_F32; k += 16) {
+            const __m512i b = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(t.data() + k)));
+            store16(_mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(b, 16)), _mm512_set1_ps(s)), o, k, out_kind);
+          }
+          for (; k < k1; ++k) {
+            const float v = bf2f(t[k]) * s;
+            if (out_kind == OUT_F32) ((float*)o)[k] = v;
+            else ((uint16_t*)o)[k] = out_kind == OUT_BF16 ? f2bf(v) : f2h(v);
+          }
+        }
+        continue;
+      }
+#endif
       decode_row(*A, n, w.data());
       if (A->kind == KIND_INT || A->kind == KIND_TERNARY) {  // w = (q - z) * s, as quantize/grid.py
         const float zdef = A->kind == KIND_INT ? (float)(1 << (A->bits - 1)) : 0.0f;
         for (int64_t g = 0; g < A->G; ++g) {
           const float s = h2f(A->scales[n * A->G + g]), z = A->zeros ? h2f(A->zeros[n * A->G + g]) : zdef;
-          for (int64_t k = g * A->gs; k < std::min(A->K, (g + 1) * A->gs); ++k) w[k] = (w[k] - z) * s;
+          float* wg = w.data() + g * A->gs;
+          const int64_t len = std::min(A->K, (g + 1) * A->gs) - g * A->gs;
+          for (int64_t k = 0; k < len; ++k) wg[k] = (wg[k] - z) * s;
         }
       }
-      if (out_kind == OUT_F32) {
-        std::memcpy((float*)out + n * A->K, w.data(), A->K * sizeof(float));
-      } else {
-        uint16_t* o = (uint16_t*)out + n * A->K;
-        for (int64_t k = 0; k < A->K; ++k) o[k] = out_kind == OUT_BF16 ? f2bf(w[k]) : f2h(w[k]);
-      }
+      store_row(w.data(), A->K, o, out_kind);
     }
   }
 }
