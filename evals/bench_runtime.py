@@ -56,8 +56,8 @@ def compressed(name: str, model: str, overrides: dict, given: dict[str, str]) ->
 
 
 def table(results: dict) -> str:
-    lines = ["| variant | setting | compressed tok/s | original fp32 tok/s | original 16-bit tok/s | ratio | resident MiB "
-             "| checkpoint MiB | load avg |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| variant | setting | compressed tok/s | original fp32 tok/s | original 16-bit tok/s | ratio | ratio per "
+             "CPU-s | resident MiB | checkpoint MiB | load avg |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, runs in results.items():
         for setting, r in runs.items():
             metric = "decode_tok_s" if setting.startswith("decode") else "prefill_tok_s"
@@ -67,9 +67,10 @@ def table(results: dict) -> str:
                                                                   and k != "original float32"), None)):
                 v = rows.get(label, {}).get(metric) if label else None
                 cells.append(f"{v['median']:,.1f} [{v['min']:,.1f}-{v['max']:,.1f}]" if v else "-")
-            ratio = r.get(f"{metric}_ratio")
+            ratio, cpu = r.get(f"{metric}_ratio"), r.get(f"{metric.replace('_s', '_cpu_s')}_ratio")
             c = rows["compressed"]
             lines.append(f"| {name} | {setting} | {' | '.join(cells)} | {f'{ratio:.2f}x' if ratio else '-'} | "
+                         f"{f'{cpu:.2f}x' if cpu else '-'} | "
                          f"{c['resident']['median'] / MIB:,.0f} | {c['checkpoint_bytes'] / MIB:,.1f} | "
                          f"{r['load'][0]:.1f} |")
     return "\n".join(lines)
