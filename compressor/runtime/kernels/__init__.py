@@ -98,7 +98,9 @@ class NativeKernel(Kernel):
         return native.dequant_into(self.lib, self.mat, out)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
-        return native.gemv(self.lib, self.mat, x.float().contiguous()).to(x.dtype)
+        if x.dtype not in native.OUT_KIND:
+            return native.gemv(self.lib, self.mat, x.float().contiguous()).to(x.dtype)
+        return native.linear(self.lib, self.mat, x)
 
 
 class TorchPackKernel(Kernel):
@@ -142,19 +144,24 @@ def kernel_for(tensors: dict[str, torch.Tensor], spec: QuantSpec, out_features: 
 
 def prepare(model: torch.nn.Module, act_dtype: torch.dtype) -> dict:
     """Choose every packed matrix's kernel now (at load, not in the first forward; builds the compiled kernels once
-    per machine) and return `report(model)`."""
+    per machine), give the model's own 16-bit linear layers the compiled decode path (runtime/linear.py), and
+    return `report(model)`."""
+    from .. import linear
     from ..experts import PackedMatrix
 
     for m in model.modules():
         if isinstance(m, PackedMatrix) and m.spec.format != "drop":
             m.kernel(act_dtype)
+    linear.accelerate(model)
     return report(model)
 
 
 def report(model: torch.nn.Module) -> dict:
-    """Kernel paths in use ({path: matrices}), the bytes their own layouts hold beyond the checkpoint's tensors, and
-    the bytes of the shared workspace so far."""
+    """Kernel paths in use ({path: matrices}, the model's own accelerated linear layers included), the bytes their
+    own layouts hold beyond the checkpoint's tensors, and the bytes of the shared workspace so far."""
     from ..experts import PackedMatrix
+
+    from ..linear import _Forward
 
     paths: dict[str, int] = {}
     extra = 0
@@ -163,5 +170,7 @@ def report(model: torch.nn.Module) -> dict:
         if k is not None:
             paths[k.path] = paths.get(k.path, 0) + 1
             extra += k.extra_bytes
+        if isinstance(m.__dict__.get("forward"), _Forward):
+            paths["16-bit linear, compiled decode"] = paths.get("16-bit linear, compiled decode", 0) + 1
     return {"paths": paths, "extra_bytes": extra, "workspace_bytes": WORKSPACE.nbytes(),
             "native": native.unavailable_reason() or "built"}

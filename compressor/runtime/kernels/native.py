@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("packed.cpp")
-HEADERS = [Path(__file__).with_name("ggml_blocks.h")]
+HEADERS = sorted(Path(__file__).parent.glob("*.h"))
 ENV = "MOE_COMPRESSOR_KERNELS"  # "torch": never build or load the compiled kernels; "dequant": nor torch's packed ones
-KIND = {"int": 0, "ternary": 1, "ggml": 2, "f16": 3}
+KIND = {"int": 0, "ternary": 1, "ggml": 2, "f16": 3, "bf16": 4}
 OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
@@ -94,6 +94,9 @@ def library() -> ctypes.CDLL | None:
                                ctypes.c_int64, ctypes.POINTER(Mat), ctypes.POINTER(Mat), ctypes.c_int32, ctypes.c_void_p,
                                ctypes.c_int]
     lib.mc_experts.restype = None
+    lib.mc_linear.argtypes = [ctypes.POINTER(Mat), ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p,
+                              ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int]
+    lib.mc_linear.restype = None
     return lib
 
 
@@ -108,6 +111,24 @@ def gemv(lib: ctypes.CDLL, mat: Mat, x: torch.Tensor) -> torch.Tensor:
     lib.mc_gemv(ctypes.byref(mat), x.shape[0], x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0),
                 torch.get_num_threads())
     return y
+
+
+def linear(lib: ctypes.CDLL, mat: Mat, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] (float32 / bfloat16 / float16) -> x W^T (+ bias) [..., N] in x's dtype, converted inside."""
+    x = x.contiguous()
+    y = torch.empty(*x.shape[:-1], mat.N, dtype=x.dtype)
+    b = None if bias is None else bias.contiguous()
+    lib.mc_linear(ctypes.byref(mat), x.numel() // mat.K, x.data_ptr(), OUT_KIND[x.dtype],
+                  None if b is None else b.data_ptr(), OUT_KIND[b.dtype] if b is not None else 0, y.data_ptr(),
+                  OUT_KIND[y.dtype], torch.get_num_threads())
+    return y
+
+
+def dense_mat(weight: torch.Tensor) -> Mat:
+    """A 16-bit [N, K] weight (contiguous, on the CPU) as a Mat: the compiled products of a model's own linear layers."""
+    kind = {torch.float16: "f16", torch.bfloat16: "bf16"}[weight.dtype]
+    N, K = weight.shape
+    return Mat(KIND[kind], 16, N, K, weight.data_ptr(), 2 * K, None, None, 1, K)
 
 
 def dequant_into(lib: ctypes.CDLL, mat: Mat, out: torch.Tensor) -> torch.Tensor:
