@@ -7,7 +7,8 @@ RSS. The variants are the compressed model (unquantized tensors in its checkpoin
 float32 and in its 16-bit checkpoint dtype; rounds run the variants in turn, `repeats` times, and each number is the
 median over rounds with its range. Ratios are taken against the faster form of the original, per metric.
 
-resident = loaded RSS - baseline RSS: the memory the loaded model holds (weights, kernel layouts, the allocator's
+resident = loaded RSS - baseline RSS, every page of every tensor read first (the loader maps the checkpoint file,
+whose pages arrive when first read): the memory the loaded model holds (weights, kernel layouts, the allocator's
 slack), against the checkpoint's tensor bytes.
 """
 
@@ -42,11 +43,25 @@ def _import_model_code(model_dir: str) -> None:
     `resident` counts the model and not the code."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from ..io import checkpoint  # noqa: F401 - the loader's own code
+    from .kernels import native
+
+    native.library()  # loads (or builds) the compiled kernels
     config = AutoConfig.from_pretrained(model_dir)
     try:
         AutoModelForCausalLM._model_mapping[type(config)]
     except KeyError:
         pass  # not a causal LM of the auto mapping (an up-cycled vision model): its code loads with it
+
+
+def _touch(model) -> None:
+    """Read one byte of every page of every tensor: the loader maps the checkpoint's file, whose pages arrive as they
+    are first read, and `resident` is meant to count the whole model."""
+    import torch
+
+    for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values():
+        if t.numel() and t.device.type == "cpu":
+            t.detach().reshape(-1).view(torch.uint8)[::4096].sum()
 
 
 def measure(model_dir: str, dtype: str | None, prompt_len: int, gen_len: int, batch: int, threads: int,
@@ -63,6 +78,7 @@ def measure(model_dir: str, dtype: str | None, prompt_len: int, gen_len: int, ba
     t0 = time.perf_counter()
     model = load_model(model_dir, None if dtype is None else getattr(torch, dtype), dynamic_pruning=dynamic_pruning)
     load_s = time.perf_counter() - t0
+    _touch(model)
     loaded = _rss()
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=g)
