@@ -6,6 +6,7 @@ from .arch.families import UnsupportedArchitecture
 from .calibration.images import ImageCalibrationError
 from .calibration.stats import NonFiniteError
 from .config.loader import RecipeError
+from .export.source import ExportError
 from .io.checkpoint import OutputExists
 from .io.models import ModelDirError
 from .prune.rule import NothingToPrune
@@ -22,4 +23,5 @@ USER_ERRORS = (
     FileNotFoundError,
     UpcycleError,
     NothingToPrune,
+    ExportError,
 )
