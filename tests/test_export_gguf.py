@@ -187,3 +187,17 @@ def test_uncompressed_input_is_refused(tmp_path):
     src = save_tiny("mixtral", tmp_path / "src")
     with pytest.raises(ExportError, match="not a model compressed"):
         export(src, "gguf", tmp_path / "m.gguf", **QUIET)
+
+
+def test_gguf_experts_read_back_into_the_original_model(mixtral_gguf):
+    """evals/gguf_weights.py (how llama.cpp's own quantizations are evaluated with our tooling) reads the experts
+    back exactly: the original model with the GGUF's experts holds our compressed model's expert weights."""
+    from evals.gguf_weights import model_with_gguf_experts
+
+    src, out, path, _ = mixtral_gguf
+    back = {b.layer_idx: b for b in find_moe_blocks(model_with_gguf_experts(src, path))}
+    for b in find_moe_blocks(load_model(out)):
+        for e in range(b.num_experts):
+            gate_up = torch.cat([expert_rows(b, e, "gate"), expert_rows(b, e, "up")])
+            assert torch.equal(back[b.layer_idx].gate_up()[e], gate_up)
+            assert torch.equal(back[b.layer_idx].down()[e], expert_rows(b, e, "down"))
