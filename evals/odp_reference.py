@@ -1,7 +1,7 @@
 """Online dynamic pruning where it can lose: the curve on a reference MoE whose experts differ in weight
 (`reference-moe-drop`), on its 16-bit model and on the budget suite's global-LP models (issue 22).
 
-    python -m evals.odp_reference --model ~/.cache/moe-compressor/reference-moe-drop --runs /work/runs/odp \\
+    python -m evals.odp_reference --model ~/.cache/moe-compressor/reference-moe-drop [--runs DIR] \\
         --points 2.5b,3.25b --stages compress,curves,walltime,tasks,ablations --tasks piqa,arc_easy --limit 500
 
 Stages, in the order given; every finished measurement is written at once to evals/results/odp_<model>.json and
@@ -302,7 +302,8 @@ def floats(text: str) -> list[float]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, required=True, help="the 16-bit reference MoE")
-    p.add_argument("--runs", type=Path, default=Path("/work/runs/odp"), help="where compressed models are written")
+    p.add_argument("--runs", type=Path, default=Path(__file__).resolve().parent / "runs" / "odp",
+                   help="where the compressed models are written (default evals/runs/odp)")
     p.add_argument("--points", default="2.5b,3.25b", help=f"budget points among {', '.join(compare.BUDGET_POINTS)}")
     p.add_argument("--stages", default=",".join(STAGES))
     p.add_argument("--models", default="", help="models to measure: bf16 and <point>-global (default: all)")
