@@ -8,8 +8,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import UserError
 
-class NonFiniteError(ValueError):
+
+class NonFiniteError(UserError, ValueError):
     pass
 
 

@@ -9,10 +9,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from ..errors import UserError
 from .schema import Recipe
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     pass
 
 

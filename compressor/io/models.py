@@ -9,12 +9,13 @@ import torch
 from torch import nn
 
 from ..arch.families import family_for
+from ..errors import UserError
 from ..runtime.moe import CONFIG_KEY as MOE_MODULES
 
 QUANT_METHOD = "moe-compressor"
 
 
-class ModelDirError(ValueError):
+class ModelDirError(UserError, ValueError):
     pass
 
 
@@ -25,10 +26,19 @@ def read_config(model_dir: str | Path) -> dict:
     cfg = model_dir / "config.json"
     if not cfg.is_file():
         raise ModelDirError(f"{model_dir} has no config.json: pass a transformers model directory (save_pretrained output)")
+    return read_config_file(cfg)
+
+
+def read_config_file(cfg: Path) -> dict:
+    """A config.json file: one JSON object."""
     try:
-        return json.loads(cfg.read_text())
-    except json.JSONDecodeError as err:
+        config = json.loads(Path(cfg).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelDirError(f"{cfg} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise ModelDirError(f"{cfg} holds a JSON {type(config).__name__}, not an object: it must be the config.json of a "
+                            "transformers model (save_pretrained output)")
+    return config
 
 
 def is_compressed(model_dir: str | Path) -> bool:
@@ -60,11 +70,14 @@ def architecture_class(architectures: list[str] | None):
     return cls
 
 
-def check_supported(config: dict) -> None:
+def check_supported(config: dict, where: str | Path = "config.json") -> None:
     """An error listing the supported families unless config.json is one of them (or lists up-cycled MLP blocks,
     which any architecture may hold)."""
     if MOE_MODULES not in config:
         family_for(config.get("model_type", "<missing model_type>"))
+        from .validate import check_architecture
+
+        check_architecture(config, where)
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
@@ -76,7 +89,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, trust_
 
     model_dir = Path(model_dir)
     config = read_config(model_dir)
-    check_supported(config)
+    check_supported(config, model_dir / "config.json")
     if is_compressed(model_dir):
         from .checkpoint import load_compressed
 
@@ -86,6 +99,9 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, trust_
         from .checkpoint import load_upcycled
 
         return load_upcycled(model_dir, dtype)
+    from .validate import check_checkpoint
+
+    check_checkpoint(model_dir, trust_remote_code)  # damaged or mismatched weights: an error, not a random init
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
     )

@@ -26,12 +26,14 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..errors import UserError
+
 IMPORTANCE_SIGNALS = ("residual_norm", "input_norm", "attention")
 KINDS = ("ratio", "random")
 RULE_VERSION = 1
 
 
-class NothingToPrune(ValueError):
+class NothingToPrune(UserError, ValueError):
     """The model routes each token to a single expert: there is no weaker expert to drop."""
 
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..errors import UserError
 from ..quantize.formats import DEFAULT_GROUP_SIZE
 from .ternary import TernarySTE
 
@@ -37,7 +38,7 @@ COPIED_CONFIG = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attentio
 
 
 
-class UpcycleError(ValueError):
+class UpcycleError(UserError, ValueError):
     """Bad input to up-cycling; the message names the problem and the fix."""
 
 def mlp_names(dense: nn.Module) -> list[str]:
