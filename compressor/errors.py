@@ -41,8 +41,13 @@ class OutputError(UserError):
         self.errno = errno_
 
 
-class EvalError(UserError, ValueError):
-    """Bad settings of `eval`."""
+class NonFiniteError(UserError, ValueError):
+    """NaN or inf in a model's weights or activations: the checkpoint is damaged (or the model overflows)."""
+
+
+class SettingError(UserError, ValueError):
+    """A flag or recipe value that does not fit the model or the command (a window longer than the model's context,
+    a window of 0 tokens)."""
 
 
 # USER_ERRORS: what cli.py prints as `error:` (kept as a tuple for callers that catch it)
@@ -94,7 +99,11 @@ def environment_error(err: BaseException, where: str = "") -> OutputError | None
     return OutputError(f"{action} {where}: {os_err.strerror}; {OS_FIXES[os_err.errno]}", os_err.errno)
 
 
+def shorten(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """`text` cut to `limit` characters, saying how long it was."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
 def excerpt(value, limit: int = EXCERPT_CHARS) -> str:
     """repr(value), cut to `limit` characters: what a message may quote of a user's input."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+    return shorten(repr(value), limit)

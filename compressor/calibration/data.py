@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import EvalError, MissingFile, TextError
+from ..errors import MissingFile, SettingError, TextError
 
 
 def read_text(path: str | Path) -> str:
@@ -44,9 +44,9 @@ def calibration_windows(ids: torch.Tensor, samples: int, seq_len: int, seed: int
 
 def check_eval_settings(seq_len: int, batch_size: int) -> None:
     if seq_len < 2:
-        raise EvalError(f"--seq-len {seq_len}: a window needs at least 2 tokens (one to predict from, one to predict)")
+        raise SettingError(f"--seq-len {seq_len}: a window needs at least 2 tokens (one to predict from, one to predict)")
     if batch_size < 1:
-        raise EvalError(f"--batch-size {batch_size}: at least 1 window per batch")
+        raise SettingError(f"--batch-size {batch_size}: at least 1 window per batch")
 
 
 def eval_windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:

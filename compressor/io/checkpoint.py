@@ -189,12 +189,17 @@ def load_compressed(model_dir: Path, dtype: torch.dtype = torch.float32, dynamic
     qc = config.quantization_config
     del config.quantization_config
     model = skeleton(config, dtype)
-    gs, sym = qc["group_size"], qc["sym"]
-    for b in find_moe_blocks(model):
-        b.block.experts = empty_packed_experts(b, qc["experts"][b.name], gs, sym, dtype)
-    for name, fmt in qc["dense"].items():
-        parent, attr = name.rsplit(".", 1)
-        setattr(model.get_submodule(parent), attr, empty_packed_linear(model.get_submodule(name), fmt, gs, sym, dtype))
+    try:  # formats of modules the model does not have, or that do not exist: a config.json edited or damaged
+        gs, sym = qc["group_size"], qc["sym"]
+        for b in find_moe_blocks(model):
+            b.block.experts = empty_packed_experts(b, qc["experts"][b.name], gs, sym, dtype)
+        for name, fmt in qc["dense"].items():
+            parent, attr = name.rsplit(".", 1)
+            setattr(model.get_submodule(parent), attr, empty_packed_linear(model.get_submodule(name), fmt, gs, sym, dtype))
+    except (KeyError, AttributeError, TypeError, ValueError) as err:
+        raise ModelDirError(f"{model_dir}/config.json: its quantization_config does not describe this model "
+                            f"({type(err).__name__}: {str(err)[:120]}); was it edited, or written by another version? "
+                            "Compress the original model again") from None
     _load_weights(model, Path(model_dir))
     model.config.quantization_config = qc
     prune.apply_saved(model, enabled=dynamic_pruning)

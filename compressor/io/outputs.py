@@ -21,8 +21,6 @@ from pathlib import Path
 
 from ..errors import OutputError, UserError, environment_error
 
-SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
 
 def existing_ancestor(path: Path) -> Path:
     path = Path(path).absolute()
@@ -45,7 +43,9 @@ def check_writable(out_dir: Path) -> None:
         os.close(fd)
         os.remove(probe)
     except OSError as err:
-        raise environment_error(err, str(where)) or OutputError(f"cannot write in {where}: {err}") from None
+        reason = OSError(err.errno, err.strerror)  # not the probe's name: the directory's
+        raise environment_error(reason, f"{out_dir} (in {where})") or OutputError(f"cannot write in {where}: {err}") \
+            from None
 
 
 def check_space(out_dir: Path, need: int, what: str) -> None:
@@ -98,15 +98,15 @@ def remove_stale_files(directory: Path) -> None:
 
 def after_failure(err: BaseException, journal_dir: Path, log=print) -> None:
     """Keep `journal_dir` after the failure `err` only if it holds finished layers and `err` is not the input's fault
-    (a UserError: the same command would fail the same way); say so, with how to resume. Else remove it."""
+    (a UserError other than the output location's: the same command would fail the same way); say so, with how to
+    resume. Else remove it."""
     journal_dir = Path(journal_dir)
     layers = sorted(journal_dir.glob("layer-*.safetensors")) if journal_dir.is_dir() else []
-    if not layers or isinstance(err, UserError):
+    if not layers or (isinstance(err, UserError) and not isinstance(err, OutputError)):
         shutil.rmtree(journal_dir, ignore_errors=True)
         return
     size = sum(p.stat().st_size for p in layers)
-    env = environment_error(err)
-    first = "free space, then " if env is not None and env.errno in SPACE_ERRORS else ""
+    first = "once the error below is fixed, " if isinstance(err, OutputError) or environment_error(err) else ""
     log(f"interrupted: {len(layers)} finished layer(s) ({size:,} bytes) kept in {journal_dir}; {first}the same command "
         "resumes from them (delete that directory to start over)")
 

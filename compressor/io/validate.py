@@ -141,20 +141,36 @@ def check_original(model_dir: Path, config) -> dict[str, TensorHeader]:
     tied = _tied_groups(model)
     meta = model.state_dict()
     renamings, converters = _split(_conversions(model))
-    kinds = []
-    for key, h in headers.items():  # floating checkpoint tensors for floating parameters
-        target, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
-        if target in meta and meta[target].is_floating_point() and not h.dtype.is_floating_point:
+    kinds, sources = [], defaultdict(lambda: defaultdict(list))  # target -> source pattern -> shapes
+    for key, h in headers.items():
+        target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
+        if target not in meta:
+            continue
+        sources[target][pattern or key].append(h.shape)
+        if meta[target].is_floating_point() and not h.dtype.is_floating_point:
             kinds.append(f"{key} is {h.dtype} where the model holds floating-point weights")
     state = {k: torch.empty(h.shape, dtype=h.dtype, device="meta") for k, h in headers.items()}
     with _quiet():
         info, _ = convert_and_load_state_dict_in_model(
             model, state, LoadStateDictConfig(device_map={"": "meta"}, weight_mapping=_conversions(model)))
-    missing = sorted(k for k in info.missing_keys if not (tied.get(k, set()) - info.missing_keys))
-    problems = kinds + load_problems(info)
+    failed = set(info.conversion_errors) | {k for k, _, _ in info.mismatched_keys}
+    missing = sorted(k for k in info.missing_keys - failed if not (tied.get(k, set()) - info.missing_keys))
+    problems = kinds + [f"{k} cannot be built from the checkpoint's {_sources(sources[k])}"
+                        if k in info.conversion_errors and sources[k] else p
+                        for k, p in zip(sorted(failed), load_problems(info, sorted(failed)))]
     if missing or problems:
         raise mismatch(model_dir, missing, problems)
     return headers
+
+
+def _sources(patterns: dict[str, list]) -> str:
+    """The checkpoint tensors a converted parameter is built from: how many of each pattern, of which shapes."""
+    def shapes(found: list) -> str:
+        counts = defaultdict(int)
+        for s in found:
+            counts[tuple(s)] += 1
+        return ", ".join(f"{list(s)} x{n}" for s, n in counts.items())
+    return "; ".join(f"{len(found)} x {pattern}: {shapes(found)}" for pattern, found in sorted(patterns.items()))
 
 
 def check_state(model_dir: Path, model: nn.Module) -> None:
@@ -179,19 +195,19 @@ def check_state(model_dir: Path, model: nn.Module) -> None:
         raise mismatch(model_dir, missing, problems)
 
 
-def load_problems(info) -> list[str]:
-    """transformers' loading report (LoadStateDictInfo) as short lines: shape mismatches and conversion errors,
-    without the tracebacks transformers keeps in them."""
-    out = [f"{k}: checkpoint {list(a)}, model {list(b)}" for k, a, b in sorted(info.mismatched_keys)]
-    for k, text in sorted(info.conversion_errors.items()):
-        lines = [line for line in str(text).strip().splitlines() if line.strip()]
-        out.append(f"{k}: {' / '.join(lines[-2:])}")
+def load_problems(info, keys: list[str] | None = None) -> list[str]:
+    """transformers' loading report (LoadStateDictInfo) as one short line per parameter (of `keys`, in that order;
+    default all): shape mismatches and conversion errors, without the tracebacks transformers keeps in them."""
+    lines = {k: f"{k}: checkpoint {list(a)}, model {list(b)}" for k, a, b in info.mismatched_keys}
+    for k, text in info.conversion_errors.items():
+        last = [line for line in str(text).strip().splitlines() if line.strip()][-2:]
+        lines[k] = f"{k}: {' / '.join(last)}"
+    out = [lines[k] for k in (keys if keys is not None else sorted(lines))]
     return out + [str(m).strip().splitlines()[-1] for m in info.error_msgs if str(m).strip()]
 
 
 def mismatch(model_dir: Path, missing: list[str], problems: list[str]) -> ModelDirError:
-    parts = ([f"missing {_names(missing)}"] if missing else []) + ([f"wrong {_names(problems, sep='; ')}"] if problems
-                                                                  else [])
+    parts = ([f"missing {_names(missing)}"] if missing else []) + ([_names(problems, sep="; ")] if problems else [])
     return ModelDirError(f"{model_dir}: the weights do not match its config.json ({'; '.join(parts)}). Check that every "
                          "weight file is present and complete, and that config.json belongs to these weights")
 
