@@ -158,6 +158,10 @@ def _run_tasks(args: argparse.Namespace) -> None:
     from compressor.prune import activation_line
 
     model_dir = model_or_default(args.model)
+    if args.limit is not None and args.limit < 1:
+        from compressor.errors import SettingError
+
+        raise SettingError(f"--limit {args.limit}: at least 1 example per task")
     model = load_model(model_dir, dynamic_pruning=args.dynamic_pruning)
     results = run_tasks(model, load_tokenizer(model_dir), args.tasks.split(","), args.limit, args.batch_size,
                         args.output_path)

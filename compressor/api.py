@@ -214,7 +214,7 @@ def plan_synthetic(recipe: Recipe, config: dict, seed: int = 0) -> Plan:
     blocks = find_moe_blocks(model)
     target(recipe.allocation.target).check_blocks(blocks)
     if recipe.pruning.target is not None:
-        prune.check_prunable(blocks)  # top-1 routing: say so before the long work
+        prune.check_prunable(blocks, recipe.pruning.target, recipe.pruning.protect)  # before the long work
     dense = dense_linears(model, blocks)
     dtype = DTYPES[recipe.dtype]
     measurements = synthetic_measurements(blocks, list(recipe.allocation.formats), seed)
@@ -268,7 +268,7 @@ def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = 
     feed = image_feed(recipe, model, blocks, model_dir, trust_remote_code)
     tokenizer = None if image_path else load_tokenizer(model_dir, trust_remote_code)
     if recipe.pruning.target is not None:
-        prune.check_prunable(blocks)  # top-1 routing: say so before the long work
+        prune.check_prunable(blocks, recipe.pruning.target, recipe.pruning.protect)  # before the long work
     dense = dense_linears(model, blocks)
     dtype = DTYPES[recipe.dtype]
     original = {k: v.numel() * (dtype.itemsize if v.is_floating_point() else v.element_size())

@@ -75,8 +75,9 @@ def check_supported(config: dict, where: str | Path = "config.json") -> None:
     which any architecture may hold)."""
     if MOE_MODULES not in config:
         family_for(config.get("model_type", "<missing model_type>"))
-        from .validate import check_architecture
+        from .validate import check_architecture, check_config_values
 
+        check_config_values(config, where)
         check_architecture(config, where)
 
 

@@ -5,9 +5,9 @@
 - `remove_stale`: the temporary directories and files a killed process left beside an output (`.<name>.tmp-<pid>`,
   `.<name>.old-<pid>`) or in a journal (`.<file>.<pid>.tmp`) are removed by the next run when that process is dead;
   an `.old-<pid>` whose output is missing (a kill between the two renames of a commit) is put back first.
-- `after_failure`: a journal (io/journal.py) is kept after a failure only when it holds finished layers and the
-  failure is not the input's (an interrupt, a full disk: the same command then resumes from it, and the log says so);
-  otherwise it is removed.
+- `after_failure`: a journal (io/journal.py) is kept after a failure only when it holds finished layers that a rerun
+  can use (an interrupt, a full disk, a setting refused after pass 2: the log says so and how to resume); when the
+  input model is damaged (NaN weights, a bad checkpoint) or nothing was finished, it is removed.
 """
 
 from __future__ import annotations
@@ -19,7 +19,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..errors import OutputError, UserError, environment_error
+from ..errors import NonFiniteError, OutputError, environment_error
+from .models import ModelDirError
+
+INPUT_DAMAGE = (NonFiniteError, ModelDirError)  # failures after which a journal of the same model is of no use
 
 
 def existing_ancestor(path: Path) -> Path:
@@ -97,18 +100,18 @@ def remove_stale_files(directory: Path) -> None:
 
 
 def after_failure(err: BaseException, journal_dir: Path, log=print) -> None:
-    """Keep `journal_dir` after the failure `err` only if it holds finished layers and `err` is not the input's fault
-    (a UserError other than the output location's: the same command would fail the same way); say so, with how to
-    resume. Else remove it."""
+    """Keep `journal_dir` after the failure `err` only if it holds finished layers and `err` does not say the input
+    model is damaged (a fixed model is another model: its run would discard the journal); say so, with how to resume.
+    Else remove it."""
     journal_dir = Path(journal_dir)
     layers = sorted(journal_dir.glob("layer-*.safetensors")) if journal_dir.is_dir() else []
-    if not layers or (isinstance(err, UserError) and not isinstance(err, OutputError)):
+    if not layers or isinstance(err, INPUT_DAMAGE):
         shutil.rmtree(journal_dir, ignore_errors=True)
         return
     size = sum(p.stat().st_size for p in layers)
     first = "once the error below is fixed, " if isinstance(err, OutputError) or environment_error(err) else ""
-    log(f"interrupted: {len(layers)} finished layer(s) ({size:,} bytes) kept in {journal_dir}; {first}the same command "
-        "resumes from them (delete that directory to start over)")
+    log(f"interrupted: {len(layers)} finished layer(s) ({size:,} bytes) kept in {journal_dir}; {first}a run with the "
+        "same model, calibration and quantization settings resumes from them (delete that directory to start over)")
 
 
 def write_plan_only(plan, out_dir: Path, model_dir: Path, overwrite: bool, log=print) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,14 +154,31 @@ def check_original(model_dir: Path, config) -> dict[str, TensorHeader]:
     with _quiet():
         info, _ = convert_and_load_state_dict_in_model(
             model, state, LoadStateDictConfig(device_map={"": "meta"}, weight_mapping=_conversions(model)))
+    problems = kinds + _extra_layers(model, info.unexpected_keys)
     failed = set(info.conversion_errors) | {k for k, _, _ in info.mismatched_keys}
     missing = sorted(k for k in info.missing_keys - failed if not (tied.get(k, set()) - info.missing_keys))
-    problems = kinds + [f"{k} cannot be built from the checkpoint's {_sources(sources[k])}"
-                        if k in info.conversion_errors and sources[k] else p
-                        for k, p in zip(sorted(failed), load_problems(info, sorted(failed)))]
+    problems += [f"{k} cannot be built from the checkpoint's {_sources(sources[k])}"
+                 if k in info.conversion_errors and sources[k] else p
+                 for k, p in zip(sorted(failed), load_problems(info, sorted(failed)))]
     if missing or problems:
         raise mismatch(model_dir, missing, problems)
     return headers
+
+
+def _extra_layers(model: nn.Module, unexpected: set[str]) -> list[str]:
+    """Checkpoint tensors of decoder layers the config does not have (config.json's layer count lowered): tensors the
+    model does not use are otherwise ignored, as from_pretrained ignores them, unless its class says to (DeepSeek-V3's
+    multi-token-prediction layer is one past num_hidden_layers)."""
+    from ..arch.view import decoder_layers, layers_prefix
+
+    ignore = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []]
+    pattern = re.compile(rf"^{re.escape(layers_prefix(model))}\.(\d+)\.")
+    n = len(decoder_layers(model))
+    extra = sorted({int(m.group(1)) for k in unexpected if (m := pattern.match(k)) and int(m.group(1)) >= n
+                    and not any(p.search(k) for p in ignore)})
+    if not extra:
+        return []
+    return [f"the checkpoint holds decoder layer(s) {extra[:SHOWN]} beyond config.json's {n} (num_hidden_layers)"]
 
 
 def _sources(patterns: dict[str, list]) -> str:
@@ -223,6 +241,37 @@ def _tied_groups(model: nn.Module) -> dict[str, set[str]]:
     for k, t in model.state_dict(keep_vars=True).items():
         by_tensor[id(t)].add(k)
     return {k: group - {k} for group in by_tensor.values() for k in group}
+
+
+SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+             "num_attention_heads", "num_key_value_heads", "head_dim", "num_experts_per_tok")
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64", "float8_e4m3fn", "float8_e5m2", "auto")
+
+
+def check_config_values(config: dict, where: str | Path = "config.json") -> None:
+    """The sizes of a supported MoE config.json are positive integers, top-k at most the expert count, the dtype a
+    dtype, and transformers' own config class accepts the rest: a config.json edited into nonsense is refused here,
+    not met as a division by zero or a top-k out of range inside the first layer."""
+    from transformers import AutoConfig
+
+    bad = [f"{k} {config[k]!r}" for k in SIZE_KEYS + EXPERT_COUNT_KEYS
+           if k in config and config[k] is not None and not (type(config[k]) is int and config[k] >= 1)]
+    experts = next((config[k] for k in EXPERT_COUNT_KEYS if type(config.get(k)) is int), None)
+    top_k = config.get("num_experts_per_tok")
+    if not bad and type(top_k) is int and experts is not None and top_k > experts:
+        bad.append(f"num_experts_per_tok {top_k} with {experts} experts")
+    dtype = config.get("dtype", config.get("torch_dtype"))
+    if dtype is not None and dtype not in DTYPE_NAMES:
+        bad.append(f"dtype {str(dtype)[:40]!r} (expected one of {', '.join(DTYPE_NAMES)})")
+    if not bad:
+        try:
+            AutoConfig.for_model(**config)
+        except Exception as err:  # noqa: BLE001 (transformers' own validation, of any kind)
+            bad.append(str(err).strip().splitlines()[-1][:200] or type(err).__name__)
+    if bad:
+        raise ModelDirError(f"{where}: {'; '.join(bad[:SHOWN])}: sizes must be positive integers, top-k at most the "
+                            "number of experts; use the config.json that came with these weights")
 
 
 def check_architecture(config: dict, where: str | Path = "config.json") -> None:
