@@ -152,16 +152,16 @@ def build_recipe(args: argparse.Namespace):
 
 def _run_tasks(args: argparse.Namespace) -> None:
     from compressor.api import model_or_default
+    from compressor.errors import SettingError
     from compressor.io.models import load_model, load_tokenizer
+
+    if args.limit is not None and args.limit < 1:
+        raise SettingError(f"--limit {args.limit}: at least 1 example per task")
     from evals.lm_eval_runner import format_table, run_tasks  # the optional eval extra
 
     from compressor.prune import activation_line
 
     model_dir = model_or_default(args.model)
-    if args.limit is not None and args.limit < 1:
-        from compressor.errors import SettingError
-
-        raise SettingError(f"--limit {args.limit}: at least 1 example per task")
     model = load_model(model_dir, dynamic_pruning=args.dynamic_pruning)
     results = run_tasks(model, load_tokenizer(model_dir), args.tasks.split(","), args.limit, args.batch_size,
                         args.output_path)
