@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import cli
 from compressor import api
+from test_upcycle import saved, tiny_llama
 from tiny import save_tiny
 
 CALIB = ["--calib", "{m}/calib.txt", "--samples", "4", "--seq-len", "32", "--group-size", "32"]
@@ -27,7 +28,7 @@ OUT = ["--output", "{root}/o"]
 
 @dataclass
 class Case:
-    argv: list[str]  # {m}: the model's copy, {c}: a compressed copy, {s}: a sharded copy, {root}: the case's directory
+    argv: list[str]  # copies of the model {m}, compressed {c}, sharded {s}, a dense Llama {d}; {root}: the case's directory
     match: str  # a regex the error message must match
     setup: Callable | None = None  # (root, m, monkeypatch) -> None, before the snapshot of the inputs
 
@@ -253,6 +254,16 @@ CASES = {
     "recipe-long-wrong-value": Case(["compress", "{m}", "--recipe", "{root}/r.yaml", *OUT], r"quantization\.bits: .*\(200,002 characters\)",
                                     write("r.yaml", "quantization:\n  bits: '" + "x" * 200_000 + "'")),
     "recipe-not-utf8": Case(["compress", "{m}", "--recipe", "{root}/r.yaml", *OUT], r"not UTF-8 text", write("r.yaml", bytes(range(256)))),
+    # upcycle (a dense Llama, {d})
+    "upcycle-truncated-weights": Case(["upcycle", "{d}", *OUT, "--experts", "2"], r"d/model\.safetensors: it is truncated",
+                                      edit_bytes(lambda b: b[: len(b) // 2], "../d/model.safetensors")),
+    "upcycle-top-k-0": Case(["upcycle", "{d}", *OUT, "--experts", "2", "--top-k", "0"], r"--top-k 0: out of range"),
+    "upcycle-checkpoint-every-0": Case(["upcycle", "{d}", *OUT, "--experts", "2", "--train-text", "{m}/calib.txt", "--steps", "2",
+                                        "--checkpoint-every", "0"], r"--checkpoint-every 0: out of range"),
+    "upcycle-modules-not-a-regex": Case(["upcycle", "{d}", *OUT, "--experts", "2", "--modules", "("], r"is not a regular expression"),
+    "upcycle-train-text-too-short": Case(["upcycle", "{d}", *OUT, "--experts", "2", "--train-text", "{root}/s.txt", "--steps", "2"],
+                                         r"fewer than seq_len \+ 2 = 258: use a longer --train-text", write("s.txt", "the quick brown fox")),
+    "upcycle-into-the-model": Case(["upcycle", "{d}", "--output", "{d}", "--experts", "2"], r"it is or contains the input model"),
     # settings that do not fit the model
     "dynamic-pruning-out-of-reach": Case(["compress", "{m}", *OUT, "--method", "rtn", "--dynamic-pruning", "0.9", *CALIB],
                                          r"target 90% is out of reach: .* at most 49\.0%"),
@@ -266,6 +277,7 @@ def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("sources")
     m = save_tiny("mixtral", root / "m")
     save_tiny("mixtral", root / "s", max_shard_size="150KB")
+    saved(tiny_llama(), root / "d")
     assert len(list((root / "s").glob("model-*.safetensors"))) > 2
     quiet = ["--calib", str(m / "calib.txt"), "--samples", "4", "--seq-len", "32", "--group-size", "32"]
     assert cli.main(["compress", str(m), "--output", str(root / "c"), "--method", "rtn", *quiet]) == 0
@@ -282,7 +294,7 @@ def snapshot(root: Path) -> dict[str, str]:
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input(name, sources, tmp_path, monkeypatch, capsys):
     case, root = CASES[name], tmp_path
-    for part in ("m", "c", "s"):
+    for part in ("m", "c", "s", "d"):
         if part == "m" or f"{{{part}}}" in " ".join(case.argv):
             shutil.copytree(sources / part, root / part)
     monkeypatch.chdir(root)  # a default output would land here
@@ -292,7 +304,7 @@ def test_bad_input(name, sources, tmp_path, monkeypatch, capsys):
         case.setup(root, root / "m", monkeypatch)
     capsys.readouterr()
     before = snapshot(root)
-    argv = [a.format(m=root / "m", c=root / "c", s=root / "s", root=root) for a in case.argv]
+    argv = [a.format(m=root / "m", c=root / "c", s=root / "s", d=root / "d", root=root) for a in case.argv]
     code = cli.main(argv)
     err = capsys.readouterr().err
     assert code == 2, err

@@ -110,7 +110,7 @@ def test_a_full_disk_keeps_only_the_journal_and_the_rerun_resumes(src, tmp_path,
     assert "Traceback" not in logged.err and message.startswith(f"error: cannot write {tmp_path}/.o.tmp-")
     assert message.endswith("/model.safetensors: No space left on device; free space on that file system, or write "
                                "somewhere else\n")
-    assert f"2 finished layer(s)" in logged.out and f"kept in {tmp_path / '.o.partial'}; once the error" in logged.out
+    assert "2 finished layer(s)" in logged.out and f"kept in {tmp_path / '.o.partial'}; once the error" in logged.out
     assert not out.exists() and beside(out) == [".o.partial"]
     monkeypatch.setattr(keyed, "save_file", real)
     assert cli.main(argv(src, out, *extra)) == 0

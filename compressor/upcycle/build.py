@@ -93,7 +93,7 @@ def drop_neurons(gate_up: torch.Tensor, down: torch.Tensor, ratio: float, gen: t
     back (measured on SmolLM2-135M at ratio 0.1: held-out perplexity x1.4 at step 0, against x2 with
     redrawn down columns)."""
     if not 0.0 <= ratio <= 1.0:
-        raise UpcycleError(f"drop ratio must be in [0, 1], got {ratio}")
+        raise UpcycleError(f"drop ratio must be in [0, 1], got {ratio} (--drop-ratio)")
     E, I2, H = gate_up.shape
     I = I2 // 2
     n = round(ratio * I)
@@ -122,7 +122,7 @@ def upcycle(dense_model: nn.Module, experts: int = 8, top_k: int | None = None, 
     _check_dense(dense_model)
     top_k = top_k or (1 if shared_expert else DEFAULT_TOP_K)
     if not 1 <= top_k <= experts:
-        raise UpcycleError(f"top_k must be in [1, experts={experts}], got {top_k}")
+        raise UpcycleError(f"top_k must be in [1, experts={experts}], got {top_k}: pass --top-k, or more --experts")
     layers = select_layers(dense_model, modules)
     config = moe_config(dense_model.config, experts, top_k, shared_expert, layers)
     moe = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
