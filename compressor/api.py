@@ -292,11 +292,11 @@ def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = 
                 "the compressed model and pass 2's journal of finished layers")
     resident = stream.kept if stream is not None else in_memory  # pass 2 keeps each layer it quantized
     data = feed.pixels if feed is not None else windows
-    journal = Journal(beside(out_dir), journal_digest(asdict(plan), recipe, model_fingerprint(model_dir),
-                                              None if data is None else windows_digest(data)), log)
     tmp = ckpt.prepare_output(out_dir, model_dir, overwrite, log)
-    qpass = QuantizePass(model, blocks, dense, plan, recipe, journal)
     try:
+        journal = Journal(beside(out_dir), journal_digest(asdict(plan), recipe, model_fingerprint(model_dir),
+                                                  None if data is None else windows_digest(data)), log)
+        qpass = QuantizePass(model, blocks, dense, plan, recipe, journal)
         if image_path:  # no decoder layers to walk: block by block, on the images if any (else no forward runs)
             blockwise(blocks, feed if qpass.needs_data() else None, qpass, desc="quantize")
         else:
@@ -314,7 +314,7 @@ def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = 
         ckpt.commit_output(tmp, out_dir)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        after_failure(err, journal.dir, log)  # the journal kept only if it can be resumed, and then said so
+        after_failure(err, beside(out_dir), log)  # the journal kept only if it can be resumed, and then said so
         raise
     journal.remove()
     log(format_report(report))
