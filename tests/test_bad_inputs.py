@@ -181,6 +181,12 @@ CASES = {
     "config-zero-experts": Case(["inspect", "{m}"], r"num_local_experts 0", edit_json("config.json", lambda c: c.update(num_local_experts=0))),
     "config-top-k-above-experts": Case(["compress", "{m}", *OUT, *CALIB], r"num_experts_per_tok 9 with 4 experts",
                                        edit_json("config.json", lambda c: c.update(num_experts_per_tok=9))),
+    "config-quantization-config-not-an-object": Case(["compress", "{m}", *OUT, *CALIB], r"quantization_config 'yes' \(expected an object\)",
+                                                     edit_json("config.json", lambda c: c.update(quantization_config="yes"))),
+    "config-another-tools-quantization": Case(["eval", "{m}", "--ppl", "{m}/heldout.txt"], r"cannot load this model here: .*optimum",
+                                              edit_json("config.json", lambda c: c.update(quantization_config={"quant_method": "gptq", "bits": 4}))),
+    "config-rope-type-unknown": Case(["compress", "{m}", *OUT, *CALIB], r"cannot build the model its config\.json describes \(KeyError: 'nonsense'\)",
+                                     edit_json("config.json", lambda c: c.update(rope_parameters={"rope_type": "nonsense"}))),
     "config-dtype-unknown": Case(["inspect", "{m}"], r"dtype 'float7'", edit_json("config.json", lambda c: c.update(dtype="float7"))),
     # NaN experts: pass 2 journals layer 0, then fails at layer 1; pass 1 (budget) likewise in the measurement cache
     "nan-expert-pass-2": Case(["compress", "{m}", *OUT, *CALIB], r"NaN or inf in the weights of model\.layers\.1\.mlp\.experts expert\(s\) \[2\]",

@@ -155,10 +155,18 @@ def skeleton(config, dtype: torch.dtype | None = None) -> nn.Module:
 
     entry = getattr(config, MOE_MODULES, None)
     kw = {} if dtype is None else {"dtype": dtype}
-    with torch.device("meta"):
-        if not entry:
-            return AutoModelForCausalLM.from_config(config, **kw)
-        model = architecture_class(config.architectures)._from_config(config, **kw)
+    try:
+        with torch.device("meta"):
+            if not entry:
+                return AutoModelForCausalLM.from_config(config, **kw)
+            model = architecture_class(config.architectures)._from_config(config, **kw)
+    except (KeyError, ValueError, TypeError, AttributeError, IndexError, ZeroDivisionError) as err:
+        if isinstance(err, ModelDirError):
+            raise
+        where = getattr(config, "_name_or_path", "") or "the model"
+        raise ModelDirError(f"{where}: transformers cannot build the model its config.json describes "
+                            f"({type(err).__name__}: {str(err)[:160]}); use the config.json that came with these "
+                            "weights") from None
     for name, spec in entry.items():
         try:
             mlp = two_layer_mlp(model.get_submodule(name))

@@ -43,7 +43,7 @@ def read_config_file(cfg: Path) -> dict:
 
 def is_compressed(model_dir: str | Path) -> bool:
     qc = read_config(model_dir).get("quantization_config") or {}
-    return qc.get("quant_method") == QUANT_METHOD
+    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
 
 
 def _check_weights(model_dir: Path) -> None:
@@ -103,9 +103,12 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, trust_
     from .validate import check_checkpoint
 
     check_checkpoint(model_dir, trust_remote_code)  # damaged or mismatched weights: an error, not a random init
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except ImportError as err:  # another tool's quantization_config whose package is not installed, and the like
+        raise ModelDirError(f"{model_dir}: transformers cannot load this model here: {str(err)[:300]}") from None
     return model.eval()
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import excerpt
 from .models import ModelDirError
 
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
@@ -255,23 +256,25 @@ def check_config_values(config: dict, where: str | Path = "config.json") -> None
     not met as a division by zero or a top-k out of range inside the first layer."""
     from transformers import AutoConfig
 
-    bad = [f"{k} {config[k]!r}" for k in SIZE_KEYS + EXPERT_COUNT_KEYS
+    bad = [f"{k} {excerpt(config[k], 40)} (a positive integer)" for k in SIZE_KEYS + EXPERT_COUNT_KEYS
            if k in config and config[k] is not None and not (type(config[k]) is int and config[k] >= 1)]
     experts = next((config[k] for k in EXPERT_COUNT_KEYS if type(config.get(k)) is int), None)
     top_k = config.get("num_experts_per_tok")
     if not bad and type(top_k) is int and experts is not None and top_k > experts:
-        bad.append(f"num_experts_per_tok {top_k} with {experts} experts")
+        bad.append(f"num_experts_per_tok {top_k} with {experts} experts (at most the number of experts)")
+    if not isinstance(config.get("quantization_config") or {}, dict):
+        bad.append(f"quantization_config {excerpt(config['quantization_config'], 40)} (expected an object)")
     dtype = config.get("dtype", config.get("torch_dtype"))
     if dtype is not None and dtype not in DTYPE_NAMES:
-        bad.append(f"dtype {str(dtype)[:40]!r} (expected one of {', '.join(DTYPE_NAMES)})")
+        bad.append(f"dtype {excerpt(dtype, 40)} (expected one of {', '.join(DTYPE_NAMES)})")
     if not bad:
         try:
             AutoConfig.for_model(**config)
         except Exception as err:  # noqa: BLE001 (transformers' own validation, of any kind)
             bad.append(str(err).strip().splitlines()[-1][:200] or type(err).__name__)
     if bad:
-        raise ModelDirError(f"{where}: {'; '.join(bad[:SHOWN])}: sizes must be positive integers, top-k at most the "
-                            "number of experts; use the config.json that came with these weights")
+        raise ModelDirError(f"{where}: {'; '.join(bad[:SHOWN])}; fix it, or use the config.json that came with these "
+                            "weights")
 
 
 def check_architecture(config: dict, where: str | Path = "config.json") -> None:
