@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""moe-compressor command line: compress, eval, inspect. Thin: parse, build the recipe, call compressor.api.
+"""moe-compressor command line: compress, eval, inspect, upcycle, export. Thin: parse, build the recipe, call compressor.api.
 
 Every flag of `compress` maps onto one field of the recipe schema (compressor/config/schema.py), where
 its default lives; a flag overrides the recipe file given with --recipe.
@@ -142,6 +142,24 @@ def _run_upcycle(args: argparse.Namespace) -> None:
     print(f"wrote {upcycle_cli(args.model, args.output, **kwargs)}")
 
 
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export", help="write a compressed model in a layout another runtime loads: GGUF (llama.cpp) "
+                                      "or compressed-tensors (vLLM, SGLang)")
+    p.add_argument("model", help="a compressed model directory (the output of compress)")
+    p.add_argument("--format", required=True, choices=["gguf", "compressed-tensors"])
+    p.add_argument("--output", "-o", help="default: beside the model, <name>.gguf or <name>-compressed-tensors/")
+    p.add_argument("--overwrite", action="store_true")
+
+
+def _run_export(args: argparse.Namespace) -> None:
+    from compressor.export import export
+
+    path, summary = export(args.model, args.format, args.output, args.overwrite)
+    if "bytes_by_type" in summary:
+        print("tensor bytes by type: " + ", ".join(f"{t} {n:,}" for t, n in summary["bytes_by_type"].items()))
+    print(f"wrote {path}")
+
+
 def build_recipe(args: argparse.Namespace):
     from compressor.config import Recipe, apply_overrides, load_recipe
 
@@ -175,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     _compress_parser(sub)
     _eval_parser(sub)
     _upcycle_parser(sub)
+    _export_parser(sub)
     sub.add_parser("inspect", help="architecture, experts, bytes by component, formats").add_argument(
         "model", nargs="?", help="model directory (default: the shipped default model)")
     args = parser.parse_args(argv)
@@ -204,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                 _run_tasks(args)
         elif args.command == "upcycle":
             _run_upcycle(args)
+        elif args.command == "export":
+            _run_export(args)
         elif args.command == "inspect":
             print(format_inspect(api.inspect_model(args.model)))
     except Exception as err:  # noqa: BLE001 (the one error boundary of every command)

@@ -121,10 +121,12 @@ def make_plan(recipe: Recipe, model: nn.Module, blocks, dense, windows: torch.Te
     if a.plan is not None:
         return check_plan(Plan.load(a.plan), blocks, dense, a.plan)  # made for this model, formats it can hold
     if a.budget is None:
-        plan = Plan.uniform({b.name: b.num_experts for b in blocks}, list(dense), q.expert_format, q.dense_format,
-                            group_size=q.group_size, sym=q.sym, target=a.target)
+        t = target(a.target)
+        plan = Plan.uniform({b.name: b.num_experts for b in blocks}, q.expert_format,
+                            t.dense_entries(dense, q.dense_bits_or_bits), group_size=q.group_size, sym=q.sym,
+                            target=a.target)
         if a.target != "native":  # the target's format of --bits for each matrix width
-            plan.experts = target(a.target).uniform_entries(blocks, q.bits)
+            plan.experts = t.uniform_entries(blocks, q.bits)
         for name, flags in pinned_ternary(model, blocks, q.group_size, resident).items():  # MoTE experts stay ternary
             plan.experts[name] = ["ternary" if t else f for t, f in zip(flags, plan.experts[name])]
         return plan

@@ -42,9 +42,9 @@ class Plan:
     made_for: dict[str, Any] = field(default_factory=dict)  # the model's MoE blocks and dense linears (plan_check.py)
 
     @classmethod
-    def uniform(cls, experts: dict[str, int], dense: list[str], expert_format: str, dense_format: str, **kw) -> "Plan":
-        """experts: module name -> number of experts."""
-        return cls({n: [expert_format] * e for n, e in experts.items()}, {n: dense_format for n in dense}, **kw)
+    def uniform(cls, experts: dict[str, int], expert_format: str, dense: dict[str, str], **kw) -> "Plan":
+        """experts: module name -> number of experts; dense: dense linear name -> format."""
+        return cls({n: [expert_format] * e for n, e in experts.items()}, dict(dense), **kw)
 
     def format_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -95,7 +95,8 @@ def plan_budget(recipe: Recipe, model: nn.Module, blocks: list[MoEBlock], dense:
     ternary = ternary_experts(blocks, q.group_size) if ternary is None else ternary
     pinned = np.array([t for b in blocks for t in ternary[b.name]], dtype=bool)  # [N]
     formats = list(measurements[0].formats)  # what pass 1 measured: candidate_formats(...)
-    base = Plan.uniform({b.name: b.num_experts for b in blocks}, list(dense), "drop", q.dense_format,
+    base = Plan.uniform({b.name: b.num_experts for b in blocks}, "drop",
+                        target(a.target).dense_entries(dense, q.dense_bits_or_bits),
                         group_size=q.group_size, sym=q.sym)
     fixed = sum(predict_bytes(model, blocks, dense, base, dtype).values())  # everything but the routed experts
     budget = parse_budget(a.budget)

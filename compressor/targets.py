@@ -27,7 +27,12 @@ TARGETS = ("native", "gguf", "vllm")
 # with q4_0 standing in for IQ4_NL (4.5 bits per weight both), which this project does not implement
 GGUF_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0",
                  "tq1_0": "q4_0", "tq2_0": "q4_0"}
-GGUF_BITS = {2: "q2_k", 3: "q3_k", 4: "q4_k", 8: "q8_0", 16: "keep"}
+# --bits in each target's formats
+BITS_TABLES = {
+    "native": {16: "keep", 8: "int8", 4: "int4", 3: "int3", 2: "int2"},
+    "gguf": {2: "q2_k", 3: "q3_k", 4: "q4_k", 8: "q8_0", 16: "keep"},
+    "vllm": {4: "int4", 8: "int8", 16: "keep"},
+}
 
 
 class TargetError(UnsupportedArchitecture):
@@ -76,21 +81,28 @@ class Target:
         t = GGML_TYPES.get(fmt)
         return t is None or width % t.block == 0
 
-    def uniform_entry(self, bits: int, widths: tuple[int, int]) -> str:
-        """The plan entry of a uniform `--bits` plan for an expert whose gate_up and down rows have these widths."""
-        if self.name == "native":
-            raise AssertionError("native uniform plans come from the recipe's format")
-        table = GGUF_BITS if self.name == "gguf" else {4: "int4", 8: "int8", 16: "keep"}
+    def format_for(self, bits: int, width: int) -> str:
+        """The target's format of `bits` (--bits, --dense-bits) for a matrix whose rows are `width` long."""
+        table = BITS_TABLES[self.name]
         if bits not in table:
             raise TargetError(f"--target {self.name} has no {bits}-bit format; --bits may be {sorted(table)}")
-        f = table[bits]
-        parts = [f if self.fits(f, w) else GGUF_FALLBACK[f] for w in widths]
-        return join_formats(*parts)
+        return self.fallback(table[bits], width)
+
+    def fallback(self, fmt: str, width: int) -> str:
+        """`fmt`, or what llama-quantize substitutes for it when rows of `width` are not whole blocks: a 32-weight
+        block type, and the 16-bit weight where not even those fit."""
+        while not self.fits(fmt, width):
+            fmt = GGUF_FALLBACK.get(fmt, "keep")
+        return fmt
 
     def uniform_entries(self, blocks, bits: int) -> dict[str, list[str]]:
-        """A uniform `--bits` plan's entries for every block."""
-        return {b.name: [self.uniform_entry(bits, (b.gate_up().shape[-1], b.down().shape[-1]))] * b.num_experts
-                for b in blocks}
+        """A uniform `--bits` plan's entries for every block (gate_up and down each in the format its width takes)."""
+        return {b.name: [join_formats(self.format_for(bits, b.gate_up().shape[-1]),
+                                      self.format_for(bits, b.down().shape[-1]))] * b.num_experts for b in blocks}
+
+    def dense_entries(self, dense: dict, bits: int) -> dict[str, str]:
+        """Each dense FFN linear's (shared experts, dense layers; `dense`: name -> nn.Linear) format of `bits`."""
+        return {name: self.format_for(bits, lin.in_features) for name, lin in dense.items()}
 
     def check_blocks(self, blocks) -> None:
         """MoE blocks the target cannot express are refused before any work."""

@@ -238,8 +238,6 @@ CASES = {
                                             lambda root, m, mp: ((root / "o").mkdir(), (root / "o" / "plan.json").write_text("{}"))),
     "synthetic-dry-run-beside-its-config": Case(["compress", "{m}/config.json", "--dry-run", "--synthetic-stats", "--output", "{m}",
                                                  "--budget", "4bits"], r"it is or contains the input model"),
-    "output-is-a-file": Case(["compress", "{m}", *OUT, "--overwrite", "--method", "rtn", *CALIB], r"o is a file; the output is a directory",
-                             write("o", "x")),
     "output-under-a-file": Case(["compress", "{m}", "--output", "{root}/f/o", "--method", "rtn", *CALIB], r"f is a file, not a directory",
                                 write("f", "x")),
     "output-read-only": Case(["compress", "{m}", *OUT, "--method", "rtn", *CALIB], r"Read-only file system; that file system is read-only",

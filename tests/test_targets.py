@@ -111,3 +111,12 @@ def test_target_refusals(wide, tmp_path, over, match):
     with pytest.raises(TargetError, match=match):
         api.compress(r, **QUIET)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("fmt, width, expect", [
+    ("q4_k", 512, "q4_k"), ("q4_k", 64, "q5_0"), ("q2_k", 96, "q4_0"), ("q4_k", 48, "keep"), ("q8_0", 48, "keep"),
+    ("tq1_0", 256, "tq1_0"), ("tq2_0", 32, "q4_0")])
+def test_gguf_fallback_is_llama_quantize_substitution(fmt, width, expect):
+    """k-quants and TQ need rows of whole 256-weight blocks, the 32-weight types rows of 32; what fits nothing
+    stays 16-bit."""
+    assert api.target("gguf").fallback(fmt, width) == expect

@@ -13,7 +13,9 @@ from ..prune.rule import DEFAULT_PROTECT
 from ..quantize.formats import ALL_FORMATS
 
 FormatName = Literal[ALL_FORMATS]  # this project's formats and the GGUF block types (quantize/formats.py)
-BITS_TO_FORMAT = {16: "keep", 8: "int8", 4: "int4", 3: "int3", 2: "int2"}
+from ..targets import BITS_TABLES
+
+BITS_TO_FORMAT = BITS_TABLES["native"]
 
 
 class Section(BaseModel):
@@ -56,8 +58,9 @@ class Quantization(Section):
         return "ternary" if self.method == "ternary" else BITS_TO_FORMAT[self.bits]
 
     @property
-    def dense_format(self) -> str:
-        return BITS_TO_FORMAT[self.dense_bits if self.dense_bits is not None else self.bits]
+    def dense_bits_or_bits(self) -> int:
+        """Bits of shared experts and dense FFNs (in the target's formats: targets.Target.dense_entries)."""
+        return self.dense_bits if self.dense_bits is not None else self.bits
 
     @property
     def gptq_options(self) -> dict:

@@ -70,6 +70,8 @@ def prepare_output(out_dir: Path, model_dir: Path, overwrite: bool, log=print) -
 
 def commit_output(tmp: Path, out_dir: Path) -> None:
     """Atomic replace: the finished temporary directory takes the output's name."""
+    from .outputs import remove_path
+
     out_dir = out_dir.resolve()
     old = None
     if out_dir.exists():
@@ -77,7 +79,7 @@ def commit_output(tmp: Path, out_dir: Path) -> None:
         out_dir.rename(old)
     tmp.rename(out_dir)
     if old is not None:
-        shutil.rmtree(old)
+        remove_path(old)  # the previous output: a directory, or a file --overwrite replaces
 
 
 def write_tensors(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int) -> int:

@@ -2,9 +2,10 @@
 
 - `check_writable` and `check_space`: an output whose location is read-only, not a directory or too small for what
   the run will write is refused before pass 1 (writable) and before pass 2 (space), not when the first file fails.
-- `remove_stale`: the temporary directories and files a killed process left beside an output (`.<name>.tmp-<pid>`,
-  `.<name>.old-<pid>`) or in a journal (`.<file>.<pid>.tmp`) are removed by the next run when that process is dead;
-  an `.old-<pid>` whose output is missing (a kill between the two renames of a commit) is put back first.
+- `remove_stale`: the temporary outputs (directories, or an export's files) a killed process left beside an output
+  (`.<name>.tmp-<pid>`, `.<name>.old-<pid>`) or in a journal (`.<file>.<pid>.tmp`) are removed by the next run when
+  that process is dead; an `.old-<pid>` whose output is missing (a kill between the two renames of a commit) is put
+  back first.
 - `after_failure`: a journal (io/journal.py) is kept after a failure only when it holds finished layers that a rerun
   can use (an interrupt, a full disk, a setting refused after pass 2: the log says so and how to resume); when the
   input model is damaged (NaN weights, a bad checkpoint) or nothing was finished, it is removed.
@@ -36,8 +37,6 @@ def check_writable(out_dir: Path) -> None:
     """Can `out_dir` (and its temporary siblings) be created? Probed with a file in its nearest existing ancestor,
     removed at once."""
     out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputError(f"{out_dir} is a file; the output is a directory: choose another --output")
     where = existing_ancestor(out_dir.parent)
     if not where.is_dir():
         raise OutputError(f"cannot create {out_dir}: {where} is a file, not a directory; choose another --output")
@@ -84,8 +83,16 @@ def remove_stale(out_dir: Path, log=print) -> None:
             p.rename(out_dir)  # killed between moving the old output aside and moving the new one in
             log(f"restored {out_dir} from {p.name}, left by a killed run")
         else:
-            shutil.rmtree(p, ignore_errors=True)
+            remove_path(p)
             log(f"removed {p}, left by a killed run (process {m.group(2)})")
+
+
+def remove_path(path: Path) -> None:
+    """A directory with its contents, or a file (an export's output is a file)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def remove_stale_files(directory: Path) -> None:
