@@ -30,10 +30,10 @@ from .io.models import (ModelDirError, check_supported, copy_sidecars, is_compre
                         read_config, read_config_file)
 from .io.journal import Journal, beside, journal_bytes, journal_digest
 from .io.measure_cache import MeasurementCache, model_fingerprint, windows_digest
+from .io.outputs import after_failure, check_space, write_plan_only
 from .io.streaming import StreamedModel
 from .io.report import build_report, format_report
 from .measure import BlockMeasurement, MeasurePass, synthetic_measurements
-from .io.outputs import after_failure, check_space, write_plan_only
 from .plan import Plan
 from .plan_check import check_budget, check_plan, made_for
 from .planning import TernaryScan, candidate_formats, plan_budget, ternary_experts

@@ -11,6 +11,7 @@ nothing of the package, so every package (the pure ones too) may import it.
 from __future__ import annotations
 
 import errno
+import os
 import re
 
 EXCERPT_CHARS = 80  # the most of a user's input an error message quotes
@@ -46,8 +47,7 @@ class NonFiniteError(UserError, ValueError):
 
 
 class SettingError(UserError, ValueError):
-    """A flag or recipe value that does not fit the model or the command (a window longer than the model's context,
-    a window of 0 tokens)."""
+    """A flag or recipe value the command cannot work with (a window of 0 tokens, a batch of none)."""
 
 
 # USER_ERRORS: what cli.py prints as `error:` (kept as a tuple for callers that catch it)
@@ -78,10 +78,7 @@ def os_error_of(err: BaseException) -> OSError | None:
     if type(err).__name__ == "SafetensorError":
         m = _OS_ERROR_CODE.search(str(err))
         if m and int(m.group(1)) in OS_FIXES:
-            code = int(m.group(1))
-            import os
-
-            return OSError(code, os.strerror(code))
+            return OSError(int(m.group(1)), os.strerror(int(m.group(1))))
     return None
 
 
