@@ -158,9 +158,10 @@ def check_original(model_dir: Path, config) -> dict[str, TensorHeader]:
     problems = kinds + _extra_layers(model, info.unexpected_keys)
     failed = set(info.conversion_errors) | {k for k, _, _ in info.mismatched_keys}
     missing = sorted(k for k in info.missing_keys - failed if not (tied.get(k, set()) - info.missing_keys))
+    lines = load_problems(info, sorted(failed))  # one per failed parameter, then transformers' other messages
     problems += [f"{k} cannot be built from the checkpoint's {_sources(sources[k])}"
-                 if k in info.conversion_errors and sources[k] else p
-                 for k, p in zip(sorted(failed), load_problems(info, sorted(failed)))]
+                 if k in info.conversion_errors and sources[k] else line
+                 for k, line in zip(sorted(failed), lines)] + lines[len(failed):]
     if missing or problems:
         raise mismatch(model_dir, missing, problems)
     return headers
