@@ -194,6 +194,7 @@ CASES = {
     "config-with-fewer-layers": Case(COMPRESS, r"decoder layer\(s\) \[1\] beyond config\.json's 1",
                                      config(num_hidden_layers=1)),
     # config.json itself
+    "model-is-a-file": Case(["compress", "{m}/config.json", *OUT], r"config\.json is a file: pass the model directory"),
     "config-is-a-list": Case(["inspect", "{m}"], r"config\.json holds a JSON list", write("m/config.json", "[]")),
     "config-not-json": Case(["inspect", "{m}"], r"config\.json is not valid JSON", write("m/config.json", "{'a': 1")),
     "architectures-of-another-model": Case(RTN, r"'architectures' names \['BertForMaskedLM'\].*MixtralForCausalLM",

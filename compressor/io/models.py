@@ -21,6 +21,9 @@ class ModelDirError(UserError, ValueError):
 
 def read_config(model_dir: str | Path) -> dict:
     model_dir = Path(model_dir)
+    if model_dir.is_file():
+        raise ModelDirError(f"{model_dir} is a file: pass the model directory (config.json and its weights); a "
+                            "config.json alone is planned by `compress CONFIG.json --dry-run --synthetic-stats`")
     if not model_dir.is_dir():
         raise ModelDirError(f"model directory not found: {model_dir}")
     cfg = model_dir / "config.json"
