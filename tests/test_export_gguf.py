@@ -145,7 +145,8 @@ def test_metadata_and_tokenizer(mixtral_gguf):
 @pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "olmoe"])
 def test_families_export_with_llama_cpp_names(tmp_path, family):
     """Narrow tiny models (rows of 64 and 48-96): uniform 8 bits -> q8_0 (32-weight blocks fit)."""
-    widths = {"olmoe": dict(intermediate_size=64)}.get(family, dict(moe_intermediate_size=64))  # rows of 32-blocks
+    widths = {"olmoe": dict(intermediate_size=64, num_key_value_heads=4)}.get(  # llama.cpp's olmoe is MHA only
+        family, dict(moe_intermediate_size=64))  # rows of 32-blocks
     routing = {"qwen3_moe": dict(norm_topk_prob=True)}.get(family, {})  # as Qwen3-30B-A3B's config.json
     src = save_tiny(family, tmp_path / "src", **widths, **routing)
     out = api.compress(gguf_recipe(src, tmp_path / "out", **{"quantization.bits": 8}), **QUIET)
@@ -201,3 +202,11 @@ def test_gguf_experts_read_back_into_the_original_model(mixtral_gguf):
             gate_up = torch.cat([expert_rows(b, e, "gate"), expert_rows(b, e, "up")])
             assert torch.equal(back[b.layer_idx].gate_up()[e], gate_up)
             assert torch.equal(back[b.layer_idx].down()[e], expert_rows(b, e, "down"))
+
+
+def test_olmoe_with_grouped_kv_heads_is_refused(tmp_path):
+    """llama.cpp's olmoe normalises k over the full hidden width (shape checked at load): MHA only."""
+    src = save_tiny("olmoe", tmp_path / "src", intermediate_size=64)  # 4 heads, 2 kv heads
+    out = api.compress(gguf_recipe(src, tmp_path / "out", **{"quantization.bits": 8}), **QUIET)
+    with pytest.raises(ExportError, match="as many key/value heads as heads"):
+        export(out, "gguf", tmp_path / "m.gguf", **QUIET)

@@ -25,6 +25,7 @@ class GGUFFamily:
     expert_ff: str | None = None   # config field of the routed experts' width (else intermediate_size)
     shared_ff: str | None = None   # config field of the shared expert's width
     all_moe: tuple[str, ...] = field(default=())  # config fields that would make some layers dense (must be unset)
+    mha_only: bool = False       # llama.cpp's q/k norms span the full hidden width: as many key/value heads as heads
 
 
 GGUF_FAMILIES: dict[str, GGUFFamily] = {
@@ -33,7 +34,7 @@ GGUF_FAMILIES: dict[str, GGUFFamily] = {
                             shared_ff="shared_expert_intermediate_size", all_moe=("mlp_only_layers",)),
     "qwen3_moe": GGUFFamily("qwen3moe", norm_topk=True, expert_ff="moe_intermediate_size",
                             all_moe=("mlp_only_layers",)),
-    "olmoe": GGUFFamily("olmoe", norm_topk=False),
+    "olmoe": GGUFFamily("olmoe", norm_topk=False, mha_only=True),
 }
 
 
@@ -53,6 +54,10 @@ def gguf_family(model_type: str, config: dict) -> GGUFFamily:
         if config.get(key):
             raise ExportError(f"export --format gguf: this model has dense layers ({key}={config[key]}), which "
                               f"llama.cpp's {fam.arch} does not run (it expects every layer to be an MoE layer)")
+    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    if fam.mha_only and kv != heads:
+        raise ExportError(f"export --format gguf: llama.cpp's {fam.arch} normalises keys over the full hidden width, so "
+                          f"it runs only models with as many key/value heads as heads (this one: {kv} of {heads})")
     if config.get("decoder_sparse_step", 1) != 1:
         raise ExportError(f"export --format gguf: decoder_sparse_step={config['decoder_sparse_step']} makes some "
                           f"layers dense, which llama.cpp's {fam.arch} does not run")
