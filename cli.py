@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 
 # flag dest -> recipe field (dotted path)
@@ -169,7 +170,11 @@ def build_recipe(args: argparse.Namespace):
 
 def _run_tasks(args: argparse.Namespace) -> None:
     from compressor.api import model_or_default
+    from compressor.errors import SettingError
     from compressor.io.models import load_model, load_tokenizer
+
+    if args.limit is not None and args.limit < 1:
+        raise SettingError(f"--limit {args.limit}: at least 1 example per task")
     from evals.lm_eval_runner import format_table, run_tasks  # the optional eval extra
 
     from compressor.prune import activation_line
@@ -194,14 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from compressor import api
-    from compressor.errors import USER_ERRORS
     from compressor.io.report import format_inspect
 
     try:
         if args.command == "compress" and args.synthetic_stats:
             if not args.dry_run:
                 parser.error("--synthetic-stats plans only; add --dry-run")
-            api.dry_run_synthetic(build_recipe(args))
+            api.dry_run_synthetic(build_recipe(args), overwrite=args.overwrite)
         elif args.command == "compress":
             api.compress(build_recipe(args), overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
                          dry_run=args.dry_run)
@@ -223,10 +227,27 @@ def main(argv: list[str] | None = None) -> int:
             _run_export(args)
         elif args.command == "inspect":
             print(format_inspect(api.inspect_model(args.model)))
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:  # noqa: BLE001 (the one error boundary of every command)
+        return report_error(err)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
+
+
+def report_error(err: Exception) -> int:
+    """What the user can fix (compressor.errors.UserError, or the environment: a full disk, a read-only location) is
+    one `error:` paragraph, exit 2; anything else is a bug: its traceback, said to be one, exit 1."""
+    from compressor.errors import UserError, environment_error
+
+    user = err if isinstance(err, UserError) else environment_error(err)
+    if user is not None:
+        print(f"error: {user}", file=sys.stderr)
+        return 2
+    traceback.print_exc()
+    print(f"error: internal error ({type(err).__name__}): this is a bug in moe-compressor, not a problem with your "
+          "input; please report it with the command line and the traceback above", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

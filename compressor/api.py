@@ -19,7 +19,7 @@ from .apply_plan import QuantizePass
 from .arch.families import MLP_MOE, UnsupportedArchitecture
 from .arch.view import decoder_layers, dense_linears, find_moe_blocks
 from .assets import CALIB_TEXT, DEFAULT_MODEL_DIR, MEASUREMENTS_DIR
-from .calibration.data import calibration_windows, eval_windows, read_text, tokenize
+from .calibration.data import calibration_windows, check_eval_settings, eval_windows, read_text, tokenize
 from .calibration.images import ImageCalibrationError, ImageFeed, blockwise, image_files, load_pixels
 from .calibration.layerwise import Resident, in_memory, layerwise
 from .calibration.sensitivity import layer_sensitivity
@@ -27,13 +27,15 @@ from .config import Recipe, dump_recipe
 from .io import checkpoint as ckpt
 from .io.accounting import bytes_by_component, predict_bytes, unique_state
 from .io.models import (ModelDirError, check_supported, copy_sidecars, is_compressed, load_model, load_tokenizer,
-                        read_config)
-from .io.journal import Journal, beside, journal_digest
+                        read_config, read_config_file)
+from .io.journal import Journal, beside, journal_bytes, journal_digest
 from .io.measure_cache import MeasurementCache, model_fingerprint, windows_digest
+from .io.outputs import after_failure, check_space, write_plan_only
 from .io.streaming import StreamedModel
 from .io.report import build_report, format_report
 from .measure import BlockMeasurement, MeasurePass, synthetic_measurements
 from .plan import Plan
+from .plan_check import check_budget, check_plan, made_for
 from .planning import TernaryScan, candidate_formats, plan_budget, ternary_experts
 from .runtime.experts import PackedExperts
 from .runtime.moe import CONFIG_KEY as MOE_MODULES
@@ -117,7 +119,7 @@ def make_plan(recipe: Recipe, model: nn.Module, blocks, dense, windows: torch.Te
     q, a = recipe.quantization, recipe.allocation
     resident = stream.resident if stream is not None else in_memory
     if a.plan is not None:
-        return Plan.load(a.plan)
+        return check_plan(Plan.load(a.plan), blocks, dense, a.plan)  # made for this model, formats it can hold
     if a.budget is None:
         t = target(a.target)
         plan = Plan.uniform({b.name: b.num_experts for b in blocks}, q.expert_format,
@@ -187,7 +189,7 @@ def streamed_model(model_dir: Path, trust_remote_code: bool, log=print) -> Strea
     reads each layer and keeps it quantized, so the 16-bit model is never whole in memory. None (with the reason
     logged): the model is loaded whole."""
     config = read_config(model_dir)
-    check_supported(config)
+    check_supported(config, model_dir / "config.json")
     why = ("it holds up-cycled MLP blocks (not in decoder layers: worked on block by block)" if MOE_MODULES in config
            else "--trust-remote-code (streaming builds transformers' own model classes)" if trust_remote_code
            else "its config.json has a quantization_config" if config.get("quantization_config") else None)
@@ -214,24 +216,27 @@ def plan_synthetic(recipe: Recipe, config: dict, seed: int = 0) -> Plan:
     blocks = find_moe_blocks(model)
     target(recipe.allocation.target).check_blocks(blocks)
     if recipe.pruning.target is not None:
-        prune.check_prunable(blocks)  # top-1 routing: say so before the long work
+        prune.check_prunable(blocks, recipe.pruning.target, recipe.pruning.protect)  # before the long work
     dense = dense_linears(model, blocks)
     dtype = DTYPES[recipe.dtype]
     measurements = synthetic_measurements(blocks, list(recipe.allocation.formats), seed)
     plan = plan_budget(recipe, model, blocks, dense, measurements, dtype)
-    plan.predicted_bytes = sum(predict_bytes(model, blocks, dense, plan, dtype).values())
+    predicted = predict_bytes(model, blocks, dense, plan, dtype)
+    plan.predicted_bytes, plan.made_for = sum(predicted.values()), made_for(blocks, dense)
+    plan.allocation["budget_counts"] = scope_bytes(plan, predicted, blocks)
     return plan
 
 
-def dry_run_synthetic(recipe: Recipe, log=print) -> Plan:
+def dry_run_synthetic(recipe: Recipe, log=print, overwrite: bool = False) -> Plan:
     """`compress MODEL --dry-run --synthetic-stats`: MODEL is a config.json or a directory holding one."""
     path = model_dir_of(recipe)
-    config = json.loads(path.read_text()) if path.is_file() else read_config(path)
+    config = read_config_file(path) if path.is_file() else read_config(path)
+    if recipe.output:
+        ckpt.check_output(Path(recipe.output), path, overwrite, log)  # the rules of a real output
     plan = plan_synthetic(recipe, config)
     log(plan_summary(plan))
     if recipe.output:
-        Path(recipe.output).mkdir(parents=True, exist_ok=True)
-        plan.save(Path(recipe.output) / "plan.json")
+        write_plan_only(plan, Path(recipe.output), path, overwrite, log)
     return plan
 
 
@@ -239,11 +244,10 @@ def plan_summary(plan: Plan) -> str:
     lines = [f"{name}: " + " ".join(f"{f} x{fmts.count(f)}" for f in sorted(set(fmts), key=fmts.index))
              for name, fmts in plan.experts.items()]
     alloc = plan.allocation
-    if alloc:
+    if {"objective", "solver", "seconds", "gap", "status"} <= alloc.keys():
         lines.append(f"allocation: {alloc['objective']} via {alloc['solver']} in {alloc['seconds']} s, "
                      f"gap {alloc['gap']:.2g}, status {alloc['status']}")
-    budget = f" of budget {plan.budget_bytes:,} ({plan.scope})" if plan.budget_bytes else ""
-    lines.append(f"formats {plan.format_counts()}; predicted {plan.predicted_bytes:,} bytes{budget}")
+    lines.append(f"formats {plan.format_counts()}; {plan.budget_line()}")
     return "\n".join(lines)
 
 
@@ -266,7 +270,7 @@ def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = 
     feed = image_feed(recipe, model, blocks, model_dir, trust_remote_code)
     tokenizer = None if image_path else load_tokenizer(model_dir, trust_remote_code)
     if recipe.pruning.target is not None:
-        prune.check_prunable(blocks)  # top-1 routing: say so before the long work
+        prune.check_prunable(blocks, recipe.pruning.target, recipe.pruning.protect)  # before the long work
     dense = dense_linears(model, blocks)
     dtype = DTYPES[recipe.dtype]
     original = {k: v.numel() * (dtype.itemsize if v.is_floating_point() else v.element_size())
@@ -276,26 +280,25 @@ def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = 
         else f"calibration: {feed.pixels.shape[0]} images of {tuple(feed.pixels.shape[1:])}; {len(blocks)} up-cycled "
              "MLP blocks" if feed is not None
         else f"no calibration data: {len(blocks)} up-cycled MLP blocks, compressed from their weights alone")
-    if not dry_run:
-        ckpt.check_output(out_dir, model_dir, overwrite)  # fail before the long work, not after
+    ckpt.check_output(out_dir, model_dir, overwrite, log)  # fail before the long work, not after (dry runs too)
     plan = make_plan(recipe, model, blocks, dense, windows, dtype, stream, log, feed)
     predicted = predict_bytes(model, blocks, dense, plan, dtype)
-    plan.predicted_bytes = sum(predicted.values())
-    if plan.budget_bytes is not None and scope_bytes(plan, predicted, blocks) > plan.budget_bytes:
-        raise AssertionError("internal error: the plan exceeds its budget")
+    plan.predicted_bytes, plan.made_for = sum(predicted.values()), made_for(blocks, dense)
+    plan.allocation["budget_counts"] = scope_bytes(plan, predicted, blocks)
+    check_budget(plan, plan.allocation["budget_counts"], recipe.allocation.plan)
     log(plan_summary(plan))
     if dry_run:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        plan.save(out_dir / "plan.json")
-        log(f"dry run: plan written to {out_dir / 'plan.json'}")
+        write_plan_only(plan, out_dir, model_dir, overwrite, log)
         return out_dir
+    check_space(out_dir, plan.predicted_bytes + journal_bytes(predicted, blocks, dense),
+                "the compressed model and pass 2's journal of finished layers")
     resident = stream.kept if stream is not None else in_memory  # pass 2 keeps each layer it quantized
     data = feed.pixels if feed is not None else windows
-    journal = Journal(beside(out_dir), journal_digest(asdict(plan), recipe, model_fingerprint(model_dir),
-                                              None if data is None else windows_digest(data)), log)
-    tmp = ckpt.prepare_output(out_dir, model_dir, overwrite)
-    qpass = QuantizePass(model, blocks, dense, plan, recipe, journal)
+    tmp = ckpt.prepare_output(out_dir, model_dir, overwrite, log)
     try:
+        journal = Journal(beside(out_dir), journal_digest(asdict(plan), recipe, model_fingerprint(model_dir),
+                                                  None if data is None else windows_digest(data)), log)
+        qpass = QuantizePass(model, blocks, dense, plan, recipe, journal)
         if image_path:  # no decoder layers to walk: block by block, on the images if any (else no forward runs)
             blockwise(blocks, feed if qpass.needs_data() else None, qpass, desc="quantize")
         else:
@@ -311,11 +314,9 @@ def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = 
         report["dynamic_pruning"] = rule.to_dict() if rule else None
         _write_sidecars(tmp, model_dir, tokenizer, plan, recipe, report)
         ckpt.commit_output(tmp, out_dir)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if qpass.reports:
-            log(f"interrupted: {len(qpass.reports)} quantized layer(s) kept in {journal.dir}; the same command resumes "
-                "from them")
+        after_failure(err, beside(out_dir), log)  # the journal kept only if it can be resumed, and then said so
         raise
     journal.remove()
     log(format_report(report))
@@ -369,9 +370,11 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int, batch_size: in
 def evaluate_perplexity(model_dir: Path | None, text: Path, seq_len: int = 512, batch_size: int = 4,
                         dynamic_pruning: bool = True) -> dict:
     model_dir = model_or_default(model_dir)
+    check_eval_settings(seq_len, batch_size)
+    text = read_text(text)  # an empty or missing text fails before the model loads
     model = load_model(model_dir, dynamic_pruning=dynamic_pruning)
     tokenizer = load_tokenizer(model_dir)
-    result = perplexity(model, tokenize(tokenizer, read_text(text)), seq_len, batch_size)
+    result = perplexity(model, tokenize(tokenizer, text), seq_len, batch_size)
     result["activation"] = prune.activation_line(model)
     result["resident_bytes"] = sum(t.nbytes for t in unique_state(model).values())
     result["checkpoint_bytes"] = sum(ckpt.tensor_nbytes(model_dir).values())

@@ -15,7 +15,8 @@ from torch import nn
 from .arch.view import MoEBlock, layers_prefix
 from .calibration.layerwise import LayerInputs
 from .io.report import peak_rss_mb
-from .calibration.stats import ExpertStats, LinearHessian, NonFiniteError, RoutedObserver, WeightedObserver
+from .calibration.stats import (ExpertStats, LinearHessian, NonFiniteError, RoutedObserver, WeightedObserver,
+                                check_finite_weights)
 from .config.schema import Recipe
 from .plan import Plan, split_format
 from .quantize.formats import QuantSpec
@@ -43,6 +44,8 @@ def quantize_matrices(W: torch.Tensor, H: torch.Tensor | None, spec: QuantSpec, 
 def _named(where: str, fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
+    except NonFiniteError as err:  # a dense linear's weights (experts are checked whole before)
+        raise NonFiniteError(f"{where}: {err}; the checkpoint is damaged: download or save the model again") from None
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
 
@@ -147,7 +150,7 @@ class QuantizePass:
         return dense, stats, handles
 
     def _quantize_block(self, b: MoEBlock, dense: DenseExperts, stats: ExpertStats, rep: LayerReport) -> None:
-        _check_weights(b.name, dense)
+        check_finite_weights(b.name, dense.gate_up, dense.down)
         formats = self.plan.experts[b.name]
         with_h = self._hessian_experts(b.name, formats, stats, rep)
         H_in, H_mid = stats.hessians()
@@ -197,13 +200,6 @@ class QuantizePass:
 
 def _count_tokens(stats: ExpertStats, args) -> None:
     stats.total_tokens += args[0].shape[0]
-
-
-def _check_weights(name: str, dense: DenseExperts) -> None:
-    for part, W in (("gate_up", dense.gate_up), ("down", dense.down)):
-        bad = (~torch.isfinite(W).flatten(1).all(1)).nonzero().flatten().tolist()
-        if bad:
-            raise NonFiniteError(f"NaN or inf in the weights of {name} expert(s) {bad} ({part}); the checkpoint is damaged")
 
 
 def _log_damping(rep: LayerReport, where: str, damp: torch.Tensor | None, k: int, requested: float) -> None:

@@ -14,7 +14,7 @@ from torch import nn
 from .analysis.importance import output_error_sq
 from .arch.view import MoEBlock
 from .calibration.layerwise import LayerInputs
-from .calibration.stats import ExpertStats, RoutedObserver, check_finite
+from .calibration.stats import ExpertStats, RoutedObserver, check_finite, check_finite_weights
 from .quantize.formats import QuantSpec, packable
 from .quantize.ggml import GGML_TYPES
 from .quantize.gptq import gptq_quantize, hessian_error
@@ -130,6 +130,7 @@ class MeasurePass:
         for b in mine:
             original = b.block.experts
             dense = DenseExperts.from_view(b)
+            check_finite_weights(b.name, dense.gate_up, dense.down)
             E, _, H = dense.gate_up.shape
             I = dense.down.shape[-1]
             pre = self._routed_stats(b, layer, inputs, dense, i) if self.quantizer == "gptq" else None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .arch.view import MoEBlock
+from .calibration.stats import check_finite_weights
 from .measure import BlockMeasurement, candidates
 
 
@@ -21,6 +22,7 @@ def weight_measurements(blocks: list[MoEBlock], formats: list[str], group_size: 
     out = []
     for b in blocks:
         gu, d = b.gate_up().detach().float(), b.down().detach().float()
+        check_finite_weights(b.name, gu, d)
         eps_sq = torch.stack([(candidates(gu, f, group_size, sym) - gu).pow(2).sum(dim=(1, 2)) +
                               (candidates(d, f, group_size, sym) - d).pow(2).sum(dim=(1, 2)) for f in formats], dim=1)
         E = b.num_experts  # one token per expert: top_k slots each, their weights summing to 1 per token

@@ -21,6 +21,7 @@ from ..measure import BlockMeasurement
 from .journal import Journal
 from ..targets import target
 from .keyed import read_keyed, write_keyed
+from .outputs import after_failure, remove_stale_files
 
 MEASURE_VERSION = 1
 SENSITIVITY_VERSION = 1
@@ -152,13 +153,12 @@ class MeasurementCache:
             self.outcome = f"reused {path}"
             log(f"pass 1: reusing the measurements in {path}")
             return hit
+        remove_stale_files(self.directory)  # a killed run's half-written entry
         journal = MeasureJournal(self.directory / f"{key}.partial", key, log)
         try:
             measurements, ternary = measure(journal)
-        except BaseException:
-            if journal.dir.exists() and any(journal.dir.glob("layer-*")):
-                log(f"interrupted: the layers measured so far are kept in {journal.dir}; the same command "
-                    "resumes from them")
+        except BaseException as err:
+            after_failure(err, journal.dir, log)  # kept only if resumable, and then said so
             raise
         save(path, key, inputs, measurements, ternary)
         journal.remove()
