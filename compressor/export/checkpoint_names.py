@@ -70,7 +70,7 @@ class CheckpointNames:
                 raise ExportError(
                     f"{what}: this model's original checkpoint stores each layer's experts fused ({name!r}, "
                     f"{tuple(t.shape[:-1])}), not as per-expert linears, so there are no expert linears to write under "
-                    "their checkpoint names")
+                    "their checkpoint names; run it with this project's runtime")
             self.experts[b.name].append(ExpertLinear(name.removesuffix(".weight"), b, int(expert[0]), part, local))
         for b in blocks:
             self.experts[b.name].sort(key=lambda x: (x.expert, x.part, int(x.rows[0])))

@@ -102,14 +102,14 @@ class CompressedTensorsExport:
         if src.blocks[0].family is MLP_MOE:
             raise ExportError(f"{WHAT}: this model's MoE blocks ({src.blocks[0].name}, ...) are up-cycled MLPs "
                               "(upcycle --modules), which vLLM does not run")
-        self.specs = {b.name: layer_spec(b) for b in src.blocks}
         self.dense = src.dense_tensors()
+        self.linears = self._linear_modules()
+        names = list(dict.fromkeys([d.name for d in self.dense] + [f"{n}.weight" for n in self.linears]))
+        self.names = CheckpointNames(src.model, src.blocks, names, WHAT)  # refuses families with fused experts
+        self.specs = {b.name: layer_spec(b) for b in src.blocks}
         for d in self.dense:
             if d.packed is not None and d.packed.spec.format != "keep":
                 check_spec(d.packed.spec, d.name.removesuffix(".weight"), (d.packed.in_features,))
-        self.linears = self._linear_modules()
-        names = list(dict.fromkeys([d.name for d in self.dense] + [f"{n}.weight" for n in self.linears]))
-        self.names = CheckpointNames(src.model, src.blocks, names, WHAT)
         self.scale_change = [0.0, 0.0, 0.0]  # sum ||dW||^2, sum ||W||^2, max relative change of a scale
 
     def _linear_modules(self) -> dict[str, QuantSpec | None]:
