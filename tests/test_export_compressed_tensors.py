@@ -25,7 +25,7 @@ from compressor.export.compressed_tensors import int32_words  # noqa: E402
 from compressor.io.models import load_model  # noqa: E402
 from compressor.plan import Plan  # noqa: E402
 from compressor.quantize.packing import pack_bits  # noqa: E402
-from tiny import budget_recipe, save_tiny  # noqa: E402
+from tiny import budget_recipe, file_tensor_bytes, save_tiny  # noqa: E402
 
 QUIET = dict(log=lambda *_: None)
 # widths in whole groups of 128 (vLLM's kernels need them); three layers for a plan mixing int4, int8 and 16-bit
@@ -132,6 +132,15 @@ def test_every_expert_linear_decompresses_to_our_weights_exactly(exported):
             checked += 1
     assert checked == sum(3 * b.num_experts for b in blocks)
     assert summary["layers"] == {"int4": 1, "int8": 1, "16-bit": 1} and "scale_rounding" not in summary
+
+
+def test_bytes_are_the_compressed_models_plus_the_shapes(exported):
+    """Nothing re-quantized, nothing padded (rows of whole groups are whole int32 words): the exported tensors are the
+    compressed checkpoint's bytes plus one int64 [2] weight_shape per quantized linear."""
+    _, _, out, path, summary = exported
+    tensors = load_file(path / "model.safetensors")
+    shapes = [k for k in tensors if k.endswith(".weight_shape")]
+    assert summary["tensor_bytes"] == file_tensor_bytes(path) == file_tensor_bytes(out) + 16 * len(shapes)
 
 
 def test_tensor_names_are_what_save_pretrained_writes(exported):

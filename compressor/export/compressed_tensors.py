@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -91,6 +92,26 @@ def layer_spec(b) -> QuantSpec | None:
     return spec
 
 
+@dataclass
+class ScaleRounding:
+    """What casting fp16 scales to the model's dtype (vLLM's load) does to the weights, over the matrices it changes."""
+    change_sq: float = 0.0   # sum of ||W' - W||^2
+    weight_sq: float = 0.0   # sum of ||W||^2
+    worst: float = 0.0       # largest relative change of one scale
+
+    def add(self, W: torch.Tensor, s: torch.Tensor, s_new: torch.Tensor, spec: QuantSpec) -> None:
+        """W [out, in] dequantized on scales s [out, G]; W' = W * s_new / s, group by group."""
+        n = W.shape[-1]
+        self.change_sq += float((W * (expand_groups(s_new / s, group_size_for(spec, n), n) - 1)).pow(2).sum())
+        self.weight_sq += float(W.pow(2).sum())
+        self.worst = max(self.worst, float((s_new / s - 1).abs().max()))
+
+    def summary(self) -> dict | None:
+        if not self.weight_sq:
+            return None
+        return {"relative_weight_change": (self.change_sq / self.weight_sq) ** 0.5, "max_scale_change": self.worst}
+
+
 class CompressedTensorsExport:
     def __init__(self, src: CompressedModel, log=print):
         self.src, self.log, self.dtype = src, log, src.dtype
@@ -110,7 +131,7 @@ class CompressedTensorsExport:
         for d in self.dense:
             if d.packed is not None and d.packed.spec.format != "keep":
                 check_spec(d.packed.spec, d.name.removesuffix(".weight"), (d.packed.in_features,))
-        self.scale_change = [0.0, 0.0, 0.0]  # sum ||dW||^2, sum ||W||^2, max relative change of a scale
+        self.rounding = ScaleRounding()
 
     def _linear_modules(self) -> dict[str, QuantSpec | None]:
         """Every module outside the routed experts that multiplies by a 2-d weight (linears, routers, the LM head),
@@ -148,16 +169,9 @@ class CompressedTensorsExport:
         scales = pick(m.scales)
         stored = scales.to(self.dtype)
         if not torch.equal(stored.float(), scales.float()):
-            self._measure_scale_change(pick(m.dequantized()), scales.float(), stored.float(), m.spec, m.in_features)
+            self.rounding.add(pick(m.dequantized()), scales.float(), stored.float(), m.spec)
         return {f"{module}.weight_packed": int32_words(pick(m.qweight)), f"{module}.weight_scale": stored,
                 f"{module}.weight_shape": torch.tensor([scales.shape[0], m.in_features])}
-
-    def _measure_scale_change(self, W, s, s_new, spec: QuantSpec, n: int) -> None:
-        """What loading the scales in the model's dtype does to these weights: W * (s_new / s), group by group."""
-        ratio = expand_groups(s_new / s, group_size_for(spec, n), n)
-        self.scale_change[0] += float((W * (ratio - 1)).pow(2).sum())
-        self.scale_change[1] += float(W.pow(2).sum())
-        self.scale_change[2] = max(self.scale_change[2], float((s_new / s - 1).abs().max()))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -215,13 +229,14 @@ class CompressedTensorsExport:
                    "layers": {s: schemes.count(s) for s in sorted(set(schemes))},
                    "config_groups": len(qconfig["config_groups"]), "tokenizer_files": sidecars,
                    "scale_dtype": config["dtype"]}
-        if self.scale_change[1]:
-            rel = (self.scale_change[0] / self.scale_change[1]) ** 0.5
-            summary["scale_rounding"] = {"relative_weight_change": rel, "max_scale_change": self.scale_change[2]}
+        rounding = self.rounding.summary()
+        if rounding:
+            summary["scale_rounding"] = rounding
             self.log(f"warning: vLLM loads the scales in the model's {config['dtype']}, which does not hold these "
-                     f"fp16 scales: the weights it runs differ from the evaluated ones by {rel:.2e} (relative, "
-                     f"Frobenius; scales by up to {self.scale_change[2]:.2e}). Compress with --target vllm, whose "
-                     "grid gives a bfloat16 model scales bfloat16 holds")
+                     f"fp16 scales: the weights it runs differ from the evaluated ones by "
+                     f"{rounding['relative_weight_change']:.2e} (relative, Frobenius; scales by up to "
+                     f"{rounding['max_scale_change']:.2e}). Compress with --target vllm --dtype {config['dtype']}, whose "
+                     f"grid gives the scales values {config['dtype']} holds")
         return summary
 
 
