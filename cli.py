@@ -157,6 +157,9 @@ def _run_export(args: argparse.Namespace) -> None:
     path, summary = export(args.model, args.format, args.output, args.overwrite)
     if "bytes_by_type" in summary:
         print("tensor bytes by type: " + ", ".join(f"{t} {n:,}" for t, n in summary["bytes_by_type"].items()))
+    if "layers" in summary:  # compressed-tensors
+        print(f"MoE layers by scheme: {', '.join(f'{s} {n}' for s, n in summary['layers'].items())}; "
+              f"{summary['tensor_bytes']:,} tensor bytes")
     print(f"wrote {path}")
 
 

@@ -124,7 +124,7 @@ def make_plan(recipe: Recipe, model: nn.Module, blocks, dense, windows: torch.Te
         t = target(a.target)
         plan = Plan.uniform({b.name: b.num_experts for b in blocks}, q.expert_format,
                             t.dense_entries(dense, q.dense_bits_or_bits), group_size=q.group_size, sym=q.sym,
-                            target=a.target)
+                            scale_dtype=q.scale_dtype, target=a.target)
         if a.target != "native":  # the target's format of --bits for each matrix width
             plan.experts = t.uniform_entries(blocks, q.bits)
         for name, flags in pinned_ternary(model, blocks, q.group_size, resident).items():  # MoTE experts stay ternary
@@ -132,7 +132,7 @@ def make_plan(recipe: Recipe, model: nn.Module, blocks, dense, windows: torch.Te
         return plan
     if windows is None and feed is None:
         formats = candidate_formats(a.formats, ternary_experts(blocks, q.group_size))
-        plan = plan_budget(recipe, model, blocks, dense, weight_measurements(blocks, formats, q.group_size, q.sym), dtype)
+        plan = plan_budget(recipe, model, blocks, dense, weight_measurements(blocks, formats, q.group_size, q.sym, q.scale_dtype), dtype)
         plan.allocation["measurements"] = "data-free weight errors, uniform routing"
         return plan
     cache = MeasurementCache(MEASUREMENTS_DIR if a.reuse_measurements else None)
@@ -165,7 +165,7 @@ def measure(recipe: Recipe, model: nn.Module, blocks, windows: torch.Tensor | No
         formats = candidate_formats(a.formats, ternary)
         scan = TernaryScan(blocks, q.group_size, MeasurePass(
             blocks, formats, q.group_size, q.sym, a.eps_quantizer, q.gptq_options, journal,
-            per_projection=target(a.target).per_projection))
+            per_projection=target(a.target).per_projection, scale_dtype=q.scale_dtype))
         if feed is not None:
             blockwise(blocks, feed, scan, desc="measure")
         else:

@@ -71,7 +71,7 @@ class QuantizePass:
         self.reports: list[LayerReport] = []
 
     def _spec(self, fmt: str) -> QuantSpec:
-        return QuantSpec(fmt, group_size=self.plan.group_size, sym=self.plan.sym)
+        return QuantSpec(fmt, group_size=self.plan.group_size, sym=self.plan.sym, scale_dtype=self.plan.scale_dtype)
 
     def _gptq(self) -> bool:
         return self.recipe.quantization.method == "gptq"

@@ -39,10 +39,10 @@ class BlockMeasurement:
 
 
 def candidates(W: torch.Tensor, fmt: str, group_size: int, sym: bool, H: torch.Tensor | None = None,
-               **gptq: float | int | bool) -> torch.Tensor:
+               scale_dtype: str = "float16", **gptq: float | int | bool) -> torch.Tensor:
     """Dequantized version of W [E, out, in] in format `fmt`: RTN (or absmean ternary), or GPTQ with the
     per-expert Hessians H [E, in, in] when given (`gptq`: damp, block_size, act_order)."""
-    spec = QuantSpec(fmt, group_size, sym)
+    spec = QuantSpec(fmt, group_size, sym, scale_dtype)
     if H is not None:
         return gptq_quantize(W, H, spec, **gptq).qweight.dequantize()
     quant = quantize_ternary if fmt == "ternary" else quantize_rtn
@@ -80,7 +80,8 @@ class MeasurePass:
     """`on_layer` callback of `layerwise`; leaves the model unchanged."""
 
     def __init__(self, blocks: list[MoEBlock], formats: list[str], group_size: int, sym: bool,
-                 quantizer: str = "rtn", gptq: dict | None = None, journal=None, per_projection: bool = False):
+                 quantizer: str = "rtn", gptq: dict | None = None, journal=None, per_projection: bool = False,
+                 scale_dtype: str = "float16"):
         """`journal` (io/measure_cache.MeasureJournal, or None): a layer it holds in these formats is taken from it
         and not measured again (an interrupted pass 1 resumes); each layer measured is written to it.
         `per_projection`: measure eps_proj too (targets choosing a format per projection)."""
@@ -88,7 +89,7 @@ class MeasurePass:
             raise ValueError(f"eps quantizer must be 'rtn' or 'gptq', got {quantizer!r}")
         self.blocks, self.formats, self.group_size, self.sym = blocks, formats, group_size, sym
         self.quantizer, self.gptq = quantizer, gptq or {}
-        self.journal, self.per_projection = journal, per_projection
+        self.journal, self.per_projection, self.scale_dtype = journal, per_projection, scale_dtype
         self.results: list[BlockMeasurement] = []
 
     def _from_journal(self, i: int, names: list[str]) -> list[BlockMeasurement] | None:
@@ -116,7 +117,7 @@ class MeasurePass:
 
     def _candidates(self, W: torch.Tensor, H: torch.Tensor | None) -> torch.Tensor:  # [F, E, out, in]
         """Each format's version of W; W itself (an error of 0, set to inf afterwards) where a format cannot hold it."""
-        return torch.stack([candidates(W, f, self.group_size, self.sym, H, **self.gptq) if ok else W
+        return torch.stack([candidates(W, f, self.group_size, self.sym, H, self.scale_dtype, **self.gptq) if ok else W
                             for f, ok in zip(self.formats, self._fits(W).tolist())])
 
     def __call__(self, i: int, layer: nn.Module, inputs: LayerInputs) -> LayerInputs | None:

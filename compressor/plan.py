@@ -33,6 +33,7 @@ class Plan:
     dense: dict[str, str]  # dense FFN linear name -> format
     group_size: int = 128
     sym: bool = False
+    scale_dtype: str = "float16"  # the int scales' values (quantize/scales.round_scales): float16 or bfloat16
     predicted_bytes: int | None = None  # every tensor the checkpoint will hold
     budget_bytes: int | None = None
     scope: str = "model"

@@ -46,6 +46,10 @@ class Quantization(Section):
     bits: Literal[2, 3, 4, 8, 16] = Field(4, description="uniform bits for experts when no budget is given")
     group_size: int = Field(128, ge=1, description="columns per scale group (a narrower matrix uses one group)")
     sym: bool = Field(False, description="symmetric grid (no zero points)")
+    scale_dtype: Literal["float16", "bfloat16"] = Field(
+        "float16", description="values the int scales may take (they are stored as float16): float16, or bfloat16 "
+        "(values float16 and bfloat16 both hold, for a runtime that loads the scales in a bfloat16 model's dtype; "
+        "--target vllm sets it from --dtype)")
     act_order: bool = Field(False, description="GPTQ column order by descending Hessian diagonal, static groups")
     damp: float = Field(0.01, gt=0, description="GPTQ damping, a fraction of the mean Hessian diagonal")
     block_size: int = Field(128, ge=1, description="GPTQ lazy-update block width")

@@ -54,6 +54,8 @@ def cache_key(model_dir: Path, recipe, windows: torch.Tensor) -> tuple[str, dict
         "per_projection": target(a.target).per_projection,
         "gptq": q.gptq_options if a.eps_quantizer == "gptq" else None,
     }
+    if q.scale_dtype != "float16":  # only when set, so that the keys of entries measured before it existed still hold
+        inputs["scale_dtype"] = q.scale_dtype
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24], inputs
 
 
