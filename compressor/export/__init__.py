@@ -36,9 +36,14 @@ def _writer(fmt: str) -> tuple[Callable, str]:
 
 
 def export(src_dir: str | Path, fmt: str, output: str | Path | None = None, overwrite: bool = False,
-           log=print) -> tuple[Path, dict]:
-    """Export a compressed model directory; returns (the output path, a summary of what was written)."""
+           log=print, accept_differences: bool = False) -> tuple[Path, dict]:
+    """Export a compressed model directory; returns (the output path, a summary of what was written).
+    `accept_differences` (gguf): export a model the runtime computes differently from transformers (named in the
+    refusal otherwise), with a warning for each difference."""
     write, suffix = _writer(fmt)
+    options = {"accept_differences": True} if accept_differences else {}
+    if options and fmt != "gguf":
+        raise ExportError("--accept-differences applies to --format gguf only")
     src_dir = Path(src_dir)
     out = Path(output) if output else src_dir.parent / f"{src_dir.name}{suffix}"
     check_output(out, src_dir, overwrite)
@@ -47,7 +52,7 @@ def export(src_dir: str | Path, fmt: str, output: str | Path | None = None, over
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
-        summary = write(src, tmp, log)
+        summary = write(src, tmp, log, **options)
         if tmp.is_dir():
             commit_output(tmp, out)
         else:
