@@ -1,15 +1,18 @@
 """Do our GGUF exports run in llama.cpp as they run here? (evals, never CI: needs the llama.cpp build of
 evals/llamacpp.py)
 
-    python -m evals.gguf_check --families [--families-list mixtral,gpt_oss/truncate]  # tiny random models, every case
+    python -m evals.gguf_check --families [--families-list mixtral,gpt_oss/truncate] [--exact]  # tiny random models
     python -m evals.gguf_check --model COMPRESSED_DIR [--max-tokens 8192]       # a real model, held-out texts
 
---families: for each case (a family and a config), a tiny random model (rows of whole 256-weight blocks, so k-quants
-apply) is compressed with --target gguf under a budget, exported (with --accept-differences: the differences
-llama.cpp's graph has by design are measured here, and listed in the row), and run by both runtimes on the same
-token windows: the largest and the mean logit difference relative to the logits' standard deviation, the
-perplexities, and whether llama.cpp tokenizes the held-out text as we do are reported (a wrong name, a missed hyperparameter, a wrong rope order or gate/up split shows as a difference of
-order 1; llama.cpp's own arithmetic, which rounds activations to 8 bits for quantized matmuls, as a small one).
+--families: for each case (a family and a config, CASES), a tiny random model (rows of whole 256-weight blocks, so
+k-quants apply) is compressed with --target gguf under a budget, exported (with --accept-differences: the
+differences llama.cpp's graph has by design are measured here, and listed in the row), and run by both runtimes on
+the same token windows: the largest and the mean logit difference relative to the logits' standard deviation, the
+perplexities, and whether llama.cpp tokenizes the held-out text as we do are reported (a wrong name, a missed
+hyperparameter, a wrong rope order or gate/up split shows as a difference of order 1; llama.cpp's own arithmetic,
+which rounds activations to 8 bits for quantized matmuls and to 16 bits for F16 ones, as a small one, and as a
+larger one at a token whose routing is a near-tie that the rounding decides the other way). --exact: 16-bit plans,
+written as F32 and run in float32 by llama.cpp, which leaves only the model's differences.
 --model: perplexity of a compressed model on each held-out text, here and in llama.cpp (the same windows of our
 tokenizer's ids), and whether llama.cpp's tokenizer gives the same ids as ours.
 Results are appended to evals/results/gguf_check.json.
@@ -67,7 +70,10 @@ def quiet(*_):
     pass
 
 
-def family_check(case: str, root: Path, budget: str, threads: int) -> dict:
+def family_check(case: str, root: Path, budget: str, threads: int, exact: bool = False) -> dict:
+    """`exact`: every tensor kept 16-bit and written as F32, keys and values cached in F32, so that llama.cpp
+    computes in float32 as our runtime does: what remains is a different model (or a routing decision taken the
+    other way on a near-tie), not 8-bit activations or F16 rounding."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from tiny import budget_recipe, save_tiny
 
@@ -75,17 +81,17 @@ def family_check(case: str, root: Path, budget: str, threads: int) -> dict:
     work = root / case.replace("/", "-")
     src = save_tiny(family, work / "src", split_regex=SPLIT_TOKENIZER.get(family), **config)
     recipe = budget_recipe(src, work / "out", **{
-        "allocation.target": "gguf", "allocation.budget": budget, "allocation.formats": ["keep"],
-        "allocation.scope": "experts", "quantization.method": "rtn"})
+        "allocation.target": "gguf", "allocation.budget": "16bits" if exact else budget, "allocation.formats": ["keep"],
+        "allocation.scope": "experts", "quantization.method": "rtn", **({"quantization.bits": 16} if exact else {})})
     out = api.compress(recipe, log=quiet)
     warnings: list[str] = []
-    path, summary = export(out, "gguf", work / "model.gguf", accept_differences=True,
+    path, summary = export(out, "gguf", work / "model.gguf", accept_differences=True, float32=exact,
                            log=lambda m: warnings.append(m) if m.startswith("warning") else None)
     model = load_model(out)
     text = (src / "heldout.txt").read_text()
     ids = tokenize(load_tokenizer(out), text)
     windows = eval_windows(ids, 64)[:4]
-    llm = llamacpp.load(path, 64, threads)
+    llm = llamacpp.load(path, 64, threads, f32_cache=exact)
     worst, mean, ours_nll, theirs_nll = 0.0, 0.0, 0.0, 0.0
     for w in windows:
         with torch.no_grad():
@@ -97,7 +103,7 @@ def family_check(case: str, root: Path, budget: str, threads: int) -> dict:
         ours_nll += float(ce(ours[:-1], w[1:], reduction="sum"))
         theirs_nll += float(ce(theirs[:-1], w[1:], reduction="sum"))
     n = windows.numel() - windows.shape[0]
-    return {"family": case, "architecture": summary["architecture"], "types": summary["bytes_by_type"],
+    return {"family": case, "exact": exact, "architecture": summary["architecture"], "types": summary["bytes_by_type"],
             "max_logit_diff_rel": round(worst, 5), "mean_logit_diff_rel": round(mean, 5),
             "ppl_ours": round(float(torch.tensor(ours_nll / n).exp()), 4),
             "ppl_llama_cpp": round(float(torch.tensor(theirs_nll / n).exp()), 4),
@@ -130,6 +136,7 @@ def main() -> None:
     p.add_argument("--families", action="store_true")
     p.add_argument("--families-list", default=",".join(CASES))
     p.add_argument("--budget", default="4bits")
+    p.add_argument("--exact", action="store_true", help="16-bit plans run in float32 by llama.cpp (see family_check)")
     p.add_argument("--model", type=Path, action="append", default=[])
     p.add_argument("--max-tokens", type=int, default=8192)
     p.add_argument("--seq-len", type=int, default=512)
@@ -139,7 +146,7 @@ def main() -> None:
     if args.families:
         with tempfile.TemporaryDirectory() as tmp:
             for fam in args.families_list.split(","):
-                rows.append(family_check(fam, Path(tmp), args.budget, args.threads))
+                rows.append(family_check(fam, Path(tmp), args.budget, args.threads, args.exact))
                 print(json.dumps(rows[-1]))
     for m in args.model:
         rows.append(model_check(m, args.max_tokens, args.seq_len, args.threads))

@@ -36,14 +36,14 @@ def _writer(fmt: str) -> tuple[Callable, str]:
 
 
 def export(src_dir: str | Path, fmt: str, output: str | Path | None = None, overwrite: bool = False,
-           log=print, accept_differences: bool = False) -> tuple[Path, dict]:
+           log=print, **options) -> tuple[Path, dict]:
     """Export a compressed model directory; returns (the output path, a summary of what was written).
-    `accept_differences` (gguf): export a model the runtime computes differently from transformers (named in the
-    refusal otherwise), with a warning for each difference."""
+    `options` go to the format's writer; gguf: accept_differences (export a model llama.cpp computes differently
+    from transformers, with a warning for each difference; refused otherwise), float32 (16-bit tensors as F32)."""
     write, suffix = _writer(fmt)
-    options = {"accept_differences": True} if accept_differences else {}
+    options = {k: v for k, v in options.items() if v}
     if options and fmt != "gguf":
-        raise ExportError("--accept-differences applies to --format gguf only")
+        raise ExportError(f"{', '.join(options)}: options of --format gguf only")
     src_dir = Path(src_dir)
     out = Path(output) if output else src_dir.parent / f"{src_dir.name}{suffix}"
     check_output(out, src_dir, overwrite)

@@ -53,10 +53,10 @@ def row_bytes(t: torch.Tensor) -> np.ndarray:
 class GGUFExport:
     """Collects (GGUF name, row bytes, ggml type) for every tensor, then writes header and data in one pass."""
 
-    def __init__(self, src: CompressedModel, log=print, accept_differences: bool = False):
+    def __init__(self, src: CompressedModel, log=print, accept_differences: bool = False, float32: bool = False):
         import gguf
 
-        self.src, self.log = src, log
+        self.src, self.log, self.float32 = src, log, float32
         self.fam, diffs = gguf_family(src.model_type, src.config)
         refused = [d.what for d in diffs if d.refuse]
         if refused and not accept_differences:
@@ -110,15 +110,23 @@ class GGUFExport:
         if d.packed is not None:  # a dense linear in the plan's format: its packed rows
             qtype = ggml_type_of(d.packed.spec, d.name)
             rows = next(getattr(d.packed, n) for n in d.packed.names)
+            if d.packed.spec.format == "keep" and self.float32:
+                rows, qtype = self._float(rows)
         elif d.tensor.dim() == 1 or kind in F32_TENSORS + VECTORS:
             rows, qtype = d.tensor.float(), T.F32
         else:
-            rows, qtype = d.tensor, T[FLOAT_TYPES[d.tensor.dtype]]
+            rows, qtype = self._float(d.tensor)
         if kind in VECTORS:
             rows = rows.reshape(-1)
         if self.fam.rope_pairs and kind in heads:
             rows = rope_pair_order(rows, heads[kind])
         self._add(name, row_bytes(rows), qtype)
+
+    def _float(self, t: torch.Tensor):
+        """A 16-bit tensor as written: its own dtype, or F32 (the same values) when asked."""
+        from gguf import GGMLQuantizationType as T
+
+        return (t.float(), T.F32) if self.float32 else (t, T[FLOAT_TYPES[t.dtype]])
 
     def add_required(self) -> None:
         """Zeros for the tensors llama.cpp requires and this model does not have (a bias its config turned off)."""
@@ -140,6 +148,8 @@ class GGUFExport:
                 stack = self.src.expert_stack(b, proj)
                 qtype = ggml_type_of(stack.spec, stack.name)
                 data = stack.tensors["weight" if stack.format == "keep" else "qweight"]
+                if stack.format == "keep" and self.float32:
+                    data, qtype = self._float(data)
                 self._add(f"blk.{b.layer_idx}.{gguf_name}.weight", row_bytes(data), qtype)
                 bias = self.src.expert_bias(b, proj)
                 if bias is not None:
@@ -174,8 +184,11 @@ class GGUFExport:
                 "bytes_by_type": by_type, "tensor_bytes": sum(by_type.values())}
 
 
-def write_gguf(src: CompressedModel, path: Path, log=print, accept_differences: bool = False) -> dict:
+def write_gguf(src: CompressedModel, path: Path, log=print, accept_differences: bool = False,
+               float32: bool = False) -> dict:
+    """`float32`: 16-bit tensors written as F32, the same values, so that llama.cpp computes in float32 (how
+    evals/gguf_check.py --exact tells a different model from rounding)."""
     if src.pruning:
         log("note: the model's dynamic-pruning rule is not exported (llama.cpp has no such rule); "
             "the GGUF runs every routed expert")
-    return GGUFExport(src, log, accept_differences).write(path)
+    return GGUFExport(src, log, accept_differences, float32).write(path)
