@@ -149,8 +149,8 @@ def _export_parser(sub) -> None:
     p.add_argument("--output", "-o", help="default: beside the model, <name>.gguf or <name>-compressed-tensors/")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--accept-differences", action="store_true",
-                   help="gguf: export a model llama.cpp computes differently from transformers (PhiMoE), with a warning "
-                        "naming each difference; refused otherwise")
+                   help="gguf: export a model llama.cpp computes differently from transformers (PhiMoE), with a "
+                        "warning naming each difference; refused otherwise")
 
 
 def _run_export(args: argparse.Namespace) -> None:

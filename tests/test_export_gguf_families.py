@@ -49,7 +49,8 @@ def test_granitemoe_router_scales_and_rope_order(tmp_path):
                        logits_scaling=6.0)  # granite-3.0-1b-a400m's
     src, path, _ = exported(tmp_path, "granitemoe", **multipliers)
     r, found, sd = gguf.GGUFReader(str(path)), tensors(path), original(src)
-    for key, value in zip(("embedding_scale", "residual_scale", "attention.scale", "logit_scale"), multipliers.values()):
+    keys = ("embedding_scale", "residual_scale", "attention.scale", "logit_scale")
+    for key, value in zip(keys, multipliers.values()):
         assert field(r, f"granitemoe.{key}") == pytest.approx(value)
     router = found["blk.1.ffn_gate_inp.weight"]  # transformers' block_sparse_moe.router, not in gguf-py's map
     assert router.tensor_type.name == "F32"
@@ -84,7 +85,8 @@ def test_deepseek_mla_split_dense_lead_and_routing(tmp_path, family):
     rebuilt = np.concatenate([k_b.transpose(0, 2, 1), v_b], axis=1).reshape(H * (nope + v), rank)
     assert np.array_equal(rebuilt, sd["model.layers.1.self_attn.kv_b_proj.weight"].numpy())
     assert "blk.1.attn_kv_b.weight" not in found
-    assert {"blk.0.ffn_gate.weight", "blk.0.ffn_down.weight"} <= set(found) and "blk.0.ffn_gate_exps.weight" not in found
+    assert {"blk.0.ffn_gate.weight", "blk.0.ffn_down.weight"} <= set(found)  # the leading dense layer
+    assert "blk.0.ffn_gate_exps.weight" not in found
     assert found["blk.1.ffn_gate_shexp.weight"].tensor_type.name == "Q8_0"
     assert found["blk.1.ffn_up_exps.weight"].tensor_type.name == "Q8_0"
     if v3:  # the expert-selection bias (nonzero in the tiny model, as trained)
@@ -118,8 +120,9 @@ def test_phimoe_is_refused_unless_its_differences_are_accepted(tmp_path, capsys)
     with pytest.raises(ExportError, match="RMSNorm.*sparsemixer.*--accept-differences"):
         export(out, "gguf", tmp_path / "m.gguf", **QUIET)
     assert not (tmp_path / "m.gguf").exists()
-    assert cli.main(["export", str(out), "--format", "gguf", "-o", str(tmp_path / "m.gguf")]) == 2
-    assert cli.main(["export", str(out), "--format", "gguf", "-o", str(tmp_path / "m.gguf"), "--accept-differences"]) == 0
+    argv = ["export", str(out), "--format", "gguf", "-o", str(tmp_path / "m.gguf")]
+    assert cli.main(argv) == 2
+    assert cli.main([*argv, "--accept-differences"]) == 0
     assert "warning: llama.cpp's phimoe computes this model differently" in capsys.readouterr().out
     found = tensors(tmp_path / "m.gguf")
     # llama.cpp requires the output and attention-output biases this config turns off: zeros, the same model

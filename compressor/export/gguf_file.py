@@ -14,15 +14,14 @@ differently is refused, or exported with a warning naming the difference (gguf_f
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import re
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..quantize.formats import QuantSpec
-from .gguf_arch import GGUFFamily, gguf_family, hparams, rope_pair_order
+from .gguf_arch import gguf_family, hparams, rope_pair_order
 from .gguf_families import TensorRule
 from .gguf_vocab import read_vocab, write_vocab
 from .source import CompressedModel, DenseTensor, ExportError
@@ -43,6 +42,13 @@ def ggml_type_of(spec: QuantSpec, what: str):
         raise ExportError(f"export --format gguf: {what} is in this project's format {spec.format!r}, which GGUF "
                           "cannot hold; compress with --target gguf (a ggml type per layer and projection)")
     return GGMLQuantizationType[spec.ggml.gguf]
+
+
+def tensor_name(tensor: str, kind: str, layer: int | None) -> str:
+    """gguf-py's name of a gguf.MODEL_TENSOR (e.g. "ATTN_K_B", "weight", 3 -> blk.3.attn_k_b.weight)."""
+    import gguf
+
+    return f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[tensor]].format(bid=layer)}.{kind}"
 
 
 def row_bytes(t: torch.Tensor) -> np.ndarray:
@@ -86,8 +92,6 @@ class GGUFExport:
     def _placed(self, d: DenseTensor) -> list[tuple[str, DenseTensor]]:
         """(GGUF name, tensor) of a transformers tensor: gguf-py's name, or the family's TensorRule (a new name, or
         several tensors split from it)."""
-        import gguf
-
         rule = next((r for r in self.fam.tensors if d.name.endswith("." + r.suffix)), None)
         if rule is None:
             return [(self._gguf_name(d.name), d)]
@@ -97,7 +101,7 @@ class GGUFExport:
         parts = rule.split(d.tensor, self.src.config) if rule.split else (d.tensor,)
         layer = re.search(r"\.layers\.(\d+)\.", d.name)
         bid = int(layer.group(1)) if layer else None
-        return [(f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[tensor]].format(bid=bid)}.{kind}", DenseTensor(d.name, t))
+        return [(tensor_name(tensor, kind, bid), DenseTensor(d.name, t))
                 for (tensor, kind), t in zip(rule.outputs, parts)]
 
     def _add_dense(self, name: str, d: DenseTensor) -> None:
@@ -130,13 +134,11 @@ class GGUFExport:
 
     def add_required(self) -> None:
         """Zeros for the tensors llama.cpp requires and this model does not have (a bias its config turned off)."""
-        import gguf
-
         have = {name for name, _, _ in self.tensors}
         layers = range(self.src.config["num_hidden_layers"])
         for r in self.fam.required:
             for i in layers if r.per_layer else (None,):
-                name = f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[r.tensor]].format(bid=i)}.{r.kind}"
+                name = tensor_name(r.tensor, r.kind, i)
                 if name not in have:
                     self._add_dense(name, DenseTensor(name, torch.zeros(self.src.config[r.size])))
 
