@@ -149,12 +149,16 @@ def _export_parser(sub) -> None:
     p.add_argument("--format", required=True, choices=["gguf", "compressed-tensors"])
     p.add_argument("--output", "-o", help="default: beside the model, <name>.gguf or <name>-compressed-tensors/")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--accept-differences", action="store_true",
+                   help="gguf: export a model llama.cpp computes differently from transformers (PhiMoE), with a "
+                        "warning naming each difference; refused otherwise")
 
 
 def _run_export(args: argparse.Namespace) -> None:
     from compressor.export import export
 
-    path, summary = export(args.model, args.format, args.output, args.overwrite)
+    path, summary = export(args.model, args.format, args.output, args.overwrite,
+                           accept_differences=args.accept_differences)
     if "bytes_by_type" in summary:
         print("tensor bytes by type: " + ", ".join(f"{t} {n:,}" for t, n in summary["bytes_by_type"].items()))
     if "layers" in summary:  # compressed-tensors
