@@ -9,6 +9,7 @@ import os
 import pytest
 
 from compressor import api
+from compressor.pipeline import pass1
 from compressor.assets import MEASUREMENTS_DIR
 from tiny import budget_recipe, save_tiny
 
@@ -21,14 +22,14 @@ def src(tmp_path):
 
 
 def count_calls(monkeypatch, name: str) -> list:
-    """How many times api.<name> really ran."""
-    calls, real = [], getattr(api, name)
+    """How many times pass1.<name> really ran (the pipeline module that calls it)."""
+    calls, real = [], getattr(pass1, name)
 
     def counting(*args, **kw):
         calls.append(1)
         return real(*args, **kw)
 
-    monkeypatch.setattr(api, name, counting)
+    monkeypatch.setattr(pass1, name, counting)
     return calls
 
 
