@@ -41,6 +41,9 @@ FLAG_FIELDS = {
     "plan": "allocation.plan",
     "reuse_measurements": "allocation.reuse_measurements",
     "dynamic_pruning": "pruning.target",
+    "device": "execution.device",
+    "hessians": "execution.hessians",
+    "dist_timeout": "execution.timeout",
 }
 
 
@@ -91,6 +94,12 @@ def _compress_parser(sub) -> None:
     p.add_argument("--dynamic-pruning", type=float, help="target fraction of activated expert parameters to skip")
     p.add_argument("--dtype", choices=["float16", "bfloat16"], help="dtype of unquantized tensors written")
     p.add_argument("--trust-remote-code", action="store_true", default=False)
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"],
+                   help="device each decoder layer is worked on, one at a time (default cpu; cuda is untested)")
+    p.add_argument("--hessians", choices=["device", "cpu"], help="keep GPTQ's Hessians on the device (default) or in "
+                   "CPU memory")
+    p.add_argument("--dist-timeout", type=float, metavar="SECONDS",
+                   help="torchrun: seconds to wait for another rank before stopping with an error naming it")
 
 
 def _eval_parser(sub) -> None:

@@ -17,6 +17,7 @@ from .calibration.layerwise import LayerInputs
 from .io.report import peak_rss_mb
 from .calibration.stats import ExpertStats, LinearHessian, NonFiniteError, RoutedObserver, WeightedObserver
 from .config.schema import Recipe
+from .device import HOST, device_of, hessian_device
 from .plan import Plan, split_format
 from .quantize.formats import QuantSpec
 from .quantize.gptq import gptq_quantize
@@ -36,7 +37,7 @@ def quantize_matrices(W: torch.Tensor, H: torch.Tensor | None, spec: QuantSpec, 
     if spec.format in NO_HESSIAN_FORMATS or H is None:
         quant = quantize_ternary if spec.format == "ternary" else quantize_rtn
         return _named(where, quant, W, spec), None
-    res = _named(where, gptq_quantize, W, H, spec, **q.gptq_options)
+    res = _named(where, gptq_quantize, W, H.to(W.device), spec, **q.gptq_options)
     return res.qweight, res.damp_used
 
 
@@ -62,9 +63,11 @@ class QuantizePass:
 
     def __init__(self, model: nn.Module, blocks: list[MoEBlock], dense: dict[str, nn.Linear], plan: Plan, recipe: Recipe,
                  journal: Journal | None = None):
-        """`journal`: each quantized layer is written to it, and layers it already holds are loaded, not quantized."""
+        """`journal`: each quantized layer is written to it, and layers it already holds are loaded, not quantized.
+        The work runs on each layer's device; the Hessians on the host when the recipe asks (execution.hessians)."""
         self.model, self.blocks, self.dense, self.plan, self.recipe = model, blocks, dense, plan, recipe
         self.journal = journal
+        self.hessian_device = hessian_device(recipe.execution.hessians)
         self.reports: list[LayerReport] = []
 
     def _spec(self, fmt: str) -> QuantSpec:
@@ -87,7 +90,7 @@ class QuantizePass:
         t0, rep = time.time(), LayerReport(i)
         blocks, linears = self._layer(i)
         observed = [self._observe(b) for b in blocks]
-        hessians = {n: LinearHessian(m, n) for n, m in linears.items()} if self._gptq() else {}
+        hessians = {n: LinearHessian(m, n, self.hessian_device) for n, m in linears.items()} if self._gptq() else {}
         if inputs is not None:
             inputs.run(layer)
         for b, (dense, stats, handles) in zip(blocks, observed):
@@ -105,10 +108,12 @@ class QuantizePass:
     def _packed_tensors(self, blocks: list[MoEBlock], linears: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
         """The layer's packed experts and linears, as their state dicts under their module names."""
         out = {f"{b.name}.{k}": v for b in blocks for k, v in b.block.experts.state_dict().items()}
-        return out | {f"{n}.{k}": v for n in linears for k, v in self.model.get_submodule(n).state_dict().items()}
+        out |= {f"{n}.{k}": v for n in linears for k, v in self.model.get_submodule(n).state_dict().items()}
+        return {k: v.to(HOST) for k, v in out.items()}
 
     def _resume(self, i: int) -> bool:
-        """Layer i's packed modules from the journal, if it holds them: swapped in as pass 2 would have left them."""
+        """Layer i's packed modules from the journal, if it holds them: swapped in (on the device of the modules they
+        replace) as pass 2 would have left them."""
         hit = self.journal.load(i)
         if hit is None:
             return False
@@ -122,19 +127,19 @@ class QuantizePass:
         for b in blocks:
             packed = empty_packed_experts(b, self.plan.experts[b.name], gs, sym, torch.float32)
             packed.load_state_dict(own(b.name), assign=True)
-            b.block.experts = b.experts = packed
+            b.block.experts = b.experts = packed.to(device_of(b.block))
         for name, lin in linears.items():
             packed = empty_packed_linear(lin, self.plan.dense[name], gs, sym, torch.float32)
             packed.load_state_dict(own(name), assign=True)
             parent, attr = name.rsplit(".", 1)
-            setattr(self.model.get_submodule(parent), attr, packed)
+            setattr(self.model.get_submodule(parent), attr, packed.to(device_of(lin)))
         self.reports.append(LayerReport(**{**report, "resumed": True}))
         return True
 
     def _observe(self, b: MoEBlock):
         dense = DenseExperts.from_view(b)
         E, _, H = dense.gate_up.shape
-        stats = ExpertStats.zeros(E, H, dense.down.shape[-1])
+        stats = ExpertStats.zeros(E, H, dense.down.shape[-1], dense.gate_up.device, self.hessian_device)
         handles = []
         if self.recipe.calibration.mode == "weighted":
             obs = WeightedObserver(stats, f"layer {b.layer_idx}", dense, b.router_probs)

@@ -6,13 +6,14 @@ first, then a GPTQ run per format batched over the experts)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from .analysis.importance import output_error_sq
 from .arch.view import MoEBlock
+from .device import HOST
 from .calibration.layerwise import LayerInputs
 from .calibration.stats import ExpertStats, RoutedObserver, check_finite
 from .quantize.formats import QuantSpec, packable
@@ -37,6 +38,11 @@ class BlockMeasurement:
     eps_proj: torch.Tensor | None = None  # [E, F, 2] the same with only e's gate_up (0) or only its down (1) in f
     # (measured for targets that choose per projection, targets.py); inf where a format cannot hold the matrix
 
+    def to(self, device: torch.device) -> "BlockMeasurement":
+        move = lambda t: None if t is None else t.to(device)
+        return replace(self, count=move(self.count), weight_sum=move(self.weight_sum), eps_sq=move(self.eps_sq),
+                       hess_err=move(self.hess_err), eps_proj=move(self.eps_proj))
+
 
 def candidates(W: torch.Tensor, fmt: str, group_size: int, sym: bool, H: torch.Tensor | None = None,
                **gptq: float | int | bool) -> torch.Tensor:
@@ -44,7 +50,7 @@ def candidates(W: torch.Tensor, fmt: str, group_size: int, sym: bool, H: torch.T
     per-expert Hessians H [E, in, in] when given (`gptq`: damp, block_size, act_order)."""
     spec = QuantSpec(fmt, group_size, sym)
     if H is not None:
-        return gptq_quantize(W, H, spec, **gptq).qweight.dequantize()
+        return gptq_quantize(W, H.to(W.device), spec, **gptq).qweight.dequantize()
     quant = quantize_ternary if fmt == "ternary" else quantize_rtn
     return quant(W, spec).dequantize()
 
@@ -80,15 +86,17 @@ class MeasurePass:
     """`on_layer` callback of `layerwise`; leaves the model unchanged."""
 
     def __init__(self, blocks: list[MoEBlock], formats: list[str], group_size: int, sym: bool,
-                 quantizer: str = "rtn", gptq: dict | None = None, journal=None, per_projection: bool = False):
+                 quantizer: str = "rtn", gptq: dict | None = None, journal=None, per_projection: bool = False,
+                 hessian_device: torch.device | None = None):
         """`journal` (io/measure_cache.MeasureJournal, or None): a layer it holds in these formats is taken from it
         and not measured again (an interrupted pass 1 resumes); each layer measured is written to it.
-        `per_projection`: measure eps_proj too (targets choosing a format per projection)."""
+        `per_projection`: measure eps_proj too (targets choosing a format per projection). The work runs on the
+        layer's device, the Hessians on `hessian_device` (default: that device); the results come back to the host."""
         if quantizer not in ("rtn", "gptq"):
             raise ValueError(f"eps quantizer must be 'rtn' or 'gptq', got {quantizer!r}")
         self.blocks, self.formats, self.group_size, self.sym = blocks, formats, group_size, sym
         self.quantizer, self.gptq = quantizer, gptq or {}
-        self.journal, self.per_projection = journal, per_projection
+        self.journal, self.per_projection, self.hessian_device = journal, per_projection, hessian_device
         self.results: list[BlockMeasurement] = []
 
     def _from_journal(self, i: int, names: list[str]) -> list[BlockMeasurement] | None:
@@ -102,7 +110,7 @@ class MeasurePass:
         """Routing statistics and routed-token Hessians of every expert from a forward of the layer (the GPTQ
         candidates need the Hessians before the forward that measures eps, which then reuses them)."""
         E, _, H = dense.gate_up.shape
-        stats = ExpertStats.zeros(E, H, dense.down.shape[-1])
+        stats = ExpertStats.zeros(E, H, dense.down.shape[-1], dense.gate_up.device, self.hessian_device)
         dense.observer, original, b.block.experts = RoutedObserver(stats, f"layer {i}"), b.block.experts, dense
         try:
             inputs.run(layer)
@@ -112,7 +120,8 @@ class MeasurePass:
 
     def _fits(self, W: torch.Tensor) -> torch.Tensor:
         """[F] bool: the formats that can hold W's rows (ggml types need whole blocks)."""
-        return torch.tensor([packable(QuantSpec(f, self.group_size, self.sym), W.shape[-1]) for f in self.formats])
+        return torch.tensor([packable(QuantSpec(f, self.group_size, self.sym), W.shape[-1]) for f in self.formats],
+                            device=W.device)
 
     def _candidates(self, W: torch.Tensor, H: torch.Tensor | None) -> torch.Tensor:  # [F, E, out, in]
         """Each format's version of W; W itself (an error of 0, set to inf afterwards) where a format cannot hold it."""
@@ -135,8 +144,10 @@ class MeasurePass:
             pre = self._routed_stats(b, layer, inputs, dense, i) if self.quantizer == "gptq" else None
             H_gu, H_d = pre.hessians() if pre is not None else (None, None)
             cand_gu, cand_d = self._candidates(dense.gate_up, H_gu), self._candidates(dense.down, H_d)
-            stats, eps_sq = pre if pre is not None else ExpertStats.zeros(E, H, I), torch.zeros(E, len(self.formats))
-            eps_proj = torch.zeros(E, len(self.formats), 2) if self.per_projection else None
+            device = dense.gate_up.device
+            stats = pre if pre is not None else ExpertStats.zeros(E, H, I, device, self.hessian_device)
+            eps_sq = torch.zeros(E, len(self.formats), device=device)
+            eps_proj = torch.zeros(E, len(self.formats), 2, device=device) if self.per_projection else None
             dense.observer = ErrorObserver(stats, f"layer {i}", dense, cand_gu, cand_d, eps_sq, accumulate=pre is None,
                                            eps_proj=eps_proj)
             energy = [0.0]
@@ -154,15 +165,15 @@ class MeasurePass:
                 b.block.experts = original
                 dense.observer = None  # the observer refers back to dense: a cycle holding the candidates until a GC
             H_in, H_mid = stats.hessians()
-            hess = (hessian_error(dense.gate_up[None], cand_gu, H_in[None]) +
-                    hessian_error(dense.down[None], cand_d, H_mid[None])).T  # [E, F]
+            hess = (hessian_error(dense.gate_up[None], cand_gu, H_in.to(device)[None]) +
+                    hessian_error(dense.down[None], cand_d, H_mid.to(device)[None])).T  # [E, F]
             fits_gu, fits_d = self._fits(dense.gate_up), self._fits(dense.down)
             for t in (eps_sq, hess):
                 t[:, ~(fits_gu & fits_d)] = float("inf")
             if eps_proj is not None:
                 eps_proj[:, ~fits_gu, 0], eps_proj[:, ~fits_d, 1] = float("inf"), float("inf")
             self.results.append(BlockMeasurement(b.name, i, list(self.formats), stats.count, stats.weight_sum,
-                                                 stats.total_tokens, eps_sq, hess, energy[0], eps_proj))
+                                                 stats.total_tokens, eps_sq, hess, energy[0], eps_proj).to(HOST))
         if mine and self.journal is not None:
             self.journal.save(i, self.results[start:])
         return outputs

@@ -13,6 +13,7 @@ from ..calibration.images import ImageFeed, blockwise
 from ..calibration.layerwise import Resident, in_memory, layerwise
 from ..calibration.sensitivity import layer_sensitivity
 from ..config import Recipe
+from ..device import hessian_device, resolve
 from ..io.measure_cache import MeasurementCache
 from ..io.streaming import StreamedModel
 from ..measure import BlockMeasurement, MeasurePass
@@ -58,7 +59,8 @@ def make_plan(recipe: Recipe, model: nn.Module, blocks, dense, windows: torch.Te
         head = stream.head if stream is not None else nullcontext
         some = windows[:a.sensitivity_samples]
         sensitivity = cache.get_or_compute_sensitivity(
-            model_dir_of(recipe), some, lambda: layer_sensitivity(model, some, resident, head), log)
+            model_dir_of(recipe), some,
+            lambda: layer_sensitivity(model, some, resident, head, device=resolve(recipe.execution.device)), log)
     plan = plan_budget(recipe, model, blocks, dense, measurements, dtype, ternary, sensitivity)
     plan.allocation["measurements"] = f"pass 1 {cache.outcome}"
     return plan
@@ -77,11 +79,11 @@ def measure(recipe: Recipe, model: nn.Module, blocks, windows: torch.Tensor | No
         formats = candidate_formats(a.formats, ternary)
         scan = TernaryScan(blocks, q.group_size, MeasurePass(
             blocks, formats, q.group_size, q.sym, a.eps_quantizer, q.gptq_options, journal,
-            per_projection=target(a.target).per_projection))
+            per_projection=target(a.target).per_projection, hessian_device=hessian_device(recipe.execution.hessians)))
         if feed is not None:
             blockwise(blocks, feed, scan, desc="measure")
         else:
-            layerwise(model, windows, scan, desc="measure", resident=resident)
+            layerwise(model, windows, scan, desc="measure", resident=resident, device=resolve(recipe.execution.device))
         if candidate_formats(a.formats, scan.flags) == formats:
             return scan.inner.results, scan.flags
         ternary = scan.flags

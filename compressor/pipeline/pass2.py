@@ -19,6 +19,7 @@ from ..arch.view import find_moe_blocks
 from ..calibration.images import ImageFeed, blockwise
 from ..calibration.layerwise import in_memory, layerwise
 from ..config import Recipe, dump_recipe
+from ..device import resolve
 from ..io import checkpoint as ckpt
 from ..io.journal import Journal, beside, journal_digest
 from ..io.measure_cache import model_fingerprint, windows_digest
@@ -46,7 +47,8 @@ def quantize_and_write(recipe: Recipe, model_dir: Path, out_dir: Path, model: nn
         if image_path:  # no decoder layers to walk: block by block, on the images if any (else no forward runs)
             blockwise(blocks, feed if qpass.needs_data() else None, qpass, desc="quantize")
         else:
-            layerwise(model, windows if qpass.needs_data() else None, qpass, desc="quantize", resident=resident)
+            layerwise(model, windows if qpass.needs_data() else None, qpass, desc="quantize", resident=resident,
+                      device=resolve(recipe.execution.device))
         if stream is not None:
             model = stream.complete()  # the LM head, read last
         rule = calibrate_pruning(recipe, model, windows, log)
