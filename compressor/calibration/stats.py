@@ -97,14 +97,13 @@ class WeightedObserver(RoutedObserver):
 
 
 class LinearHessian:
-    """Forward hook for an nn.Linear: accumulates X^T X of its input."""
+    """Forward hook for an nn.Linear (registered by whoever feeds it): accumulates X^T X of its input."""
 
     def __init__(self, linear: nn.Linear, where: str, device: torch.device | None = None):
         """The Hessian on `device` (default: the linear's)."""
         self.h = torch.zeros(linear.in_features, linear.in_features, device=device or linear.weight.device)
         self.n = 0
         self.where = where
-        self.handle = linear.register_forward_hook(self)
 
     def __call__(self, _module, args, _output) -> None:
         x = args[0].reshape(-1, args[0].shape[-1]).float()
@@ -113,5 +112,4 @@ class LinearHessian:
         self.n += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
-        self.handle.remove()
         return self.h / max(self.n, 1)
