@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from compressor import api
+    from compressor.distributed import launched
     from compressor.errors import USER_ERRORS
     from compressor.io.report import format_inspect
 
@@ -193,8 +194,11 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error("--synthetic-stats plans only; add --dry-run")
             api.dry_run_synthetic(build_recipe(args))
         elif args.command == "compress":
-            api.compress(build_recipe(args), overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
-                         dry_run=args.dry_run)
+            compress = api.compress
+            if launched():  # one rank of a torchrun launch
+                from compressor.distributed.launch import compress_as_rank as compress
+            compress(build_recipe(args), overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
+                     dry_run=args.dry_run)
         elif args.command == "eval":
             if not args.ppl and not args.tasks:
                 parser.error("eval needs --ppl FILE and/or --tasks LIST")

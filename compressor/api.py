@@ -17,6 +17,7 @@ from .config import Recipe
 from .io import checkpoint as ckpt
 from .io.accounting import bytes_by_component, predict_bytes, unique_state
 from .io.models import ModelDirError, is_compressed, load_model, load_tokenizer
+from .pipeline.driver import LocalDriver
 from .pipeline.inputs import (DTYPES, _load_dtype, calibration_data, check_image_path, default_output,  # noqa: F401
                               image_feed, model_dir_of, model_or_default, on_image_path, streamed_model)
 from .pipeline.pass1 import make_plan, measure, pinned_ternary, plan_summary, scope_bytes  # noqa: F401
@@ -27,9 +28,11 @@ from .targets import target
 
 
 def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = False, dry_run: bool = False,
-             log=print) -> Path:
+             log=print, driver=None) -> Path:
+    """`driver`: one rank's driver under torchrun (compressor/distributed); default: this process alone."""
     t0 = time.time()
     recipe = target(recipe.allocation.target).resolve(recipe, log)
+    driver = driver or LocalDriver.for_recipe(recipe)
     model_dir = model_dir_of(recipe)
     out_dir = Path(recipe.output) if recipe.output else default_output(recipe)
     if is_compressed(model_dir):
@@ -42,6 +45,7 @@ def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = 
     image_path = on_image_path(blocks)  # MoE blocks that take images (or no data), not text
     if image_path:
         check_image_path(recipe, blocks)
+        driver.check(image_path)
     feed = image_feed(recipe, model, blocks, model_dir, trust_remote_code)
     tokenizer = None if image_path else load_tokenizer(model_dir, trust_remote_code)
     if recipe.pruning.target is not None:
@@ -57,19 +61,20 @@ def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = 
         else f"no calibration data: {len(blocks)} up-cycled MLP blocks, compressed from their weights alone")
     if not dry_run:
         ckpt.check_output(out_dir, model_dir, overwrite)  # fail before the long work, not after
-    plan = make_plan(recipe, model, blocks, dense, windows, dtype, stream, log, feed)
+    plan = make_plan(recipe, model, blocks, dense, windows, dtype, stream, log, feed, driver)
     predicted = predict_bytes(model, blocks, dense, plan, dtype)
     plan.predicted_bytes = sum(predicted.values())
     if plan.budget_bytes is not None and scope_bytes(plan, predicted, blocks) > plan.budget_bytes:
         raise AssertionError("internal error: the plan exceeds its budget")
     log(plan_summary(plan))
     if dry_run:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        plan.save(out_dir / "plan.json")
-        log(f"dry run: plan written to {out_dir / 'plan.json'}")
+        if driver.is_lead:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            plan.save(out_dir / "plan.json")
+            log(f"dry run: plan written to {out_dir / 'plan.json'}")
         return out_dir
     return quantize_and_write(recipe, model_dir, out_dir, model, stream, blocks, dense, plan, windows, feed, tokenizer,
-                              image_path, original, predicted, dtype, overwrite, t0, log)
+                              image_path, original, predicted, dtype, overwrite, t0, log, driver)
 
 
 @torch.no_grad()

@@ -6,6 +6,8 @@ from .arch.families import UnsupportedArchitecture
 from .calibration.images import ImageCalibrationError
 from .calibration.stats import NonFiniteError
 from .config.loader import RecipeError
+from .device import DeviceError
+from .distributed import NotDistributed, RankFailure
 from .io.checkpoint import OutputExists
 from .io.models import ModelDirError
 from .prune.rule import NothingToPrune
@@ -22,4 +24,7 @@ USER_ERRORS = (
     FileNotFoundError,
     UpcycleError,
     NothingToPrune,
+    DeviceError,
+    NotDistributed,
+    RankFailure,
 )

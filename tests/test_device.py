@@ -18,11 +18,10 @@ QUIET = dict(log=lambda *_: None)
 
 
 def use_device(monkeypatch, device: torch.device) -> None:
-    """The pipeline's device resolution, patched to `device` (what `--device cuda` gives on a GPU machine)."""
-    from compressor.pipeline import pass1, pass2
+    """The driver's device, patched to `device` (what `--device cuda` gives on a GPU machine)."""
+    from compressor.pipeline import driver
 
-    for module in (pass1, pass2):
-        monkeypatch.setattr(module, "resolve", lambda _name: device)
+    monkeypatch.setattr(driver, "resolve", lambda _name: device)
 
 
 def layer_devices() -> tuple[list, object]:

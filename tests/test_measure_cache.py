@@ -9,7 +9,7 @@ import os
 import pytest
 
 from compressor import api
-from compressor.pipeline import pass1
+from compressor.pipeline import driver, pass1
 from compressor.assets import MEASUREMENTS_DIR
 from tiny import budget_recipe, save_tiny
 
@@ -21,15 +21,15 @@ def src(tmp_path):
     return save_tiny("mixtral", tmp_path / "m")
 
 
-def count_calls(monkeypatch, name: str) -> list:
-    """How many times pass1.<name> really ran (the pipeline module that calls it)."""
-    calls, real = [], getattr(pass1, name)
+def count_calls(monkeypatch, name: str, module=pass1) -> list:
+    """How many times <module>.<name> really ran (the pipeline module that calls it)."""
+    calls, real = [], getattr(module, name)
 
     def counting(*args, **kw):
         calls.append(1)
         return real(*args, **kw)
 
-    monkeypatch.setattr(pass1, name, counting)
+    monkeypatch.setattr(module, name, counting)
     return calls
 
 
@@ -40,7 +40,7 @@ def passes(monkeypatch):
 
 @pytest.fixture()
 def sensitivities(monkeypatch):
-    return count_calls(monkeypatch, "layer_sensitivity")
+    return count_calls(monkeypatch, "layer_sensitivity", driver)
 
 
 def plan(src, out, **over):

@@ -62,7 +62,7 @@ def capture(model: nn.Module, windows: torch.Tensor, batch_size: int) -> Capture
     layers = decoder_layers(model)
     by_shape: dict[tuple, list[dict[str, Any]]] = {}
     hidden, shapes, memo = [], [], {}
-    for batch in windows.split(batch_size):
+    for batch in windows.split(batch_size) if len(windows) else ():  # no windows (a rank with none): no batches
         shape = tuple(batch.shape)
         record = shape not in by_shape
         recorded: list[dict[str, Any]] = []

@@ -4,6 +4,7 @@ error in every candidate format, on full-precision inputs) weighted by each laye
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import asdict
 
 import torch
 from torch import nn
@@ -11,9 +12,8 @@ from torch import nn
 from ..assets import MEASUREMENTS_DIR
 from ..calibration.images import ImageFeed, blockwise
 from ..calibration.layerwise import Resident, in_memory, layerwise
-from ..calibration.sensitivity import layer_sensitivity
 from ..config import Recipe
-from ..device import hessian_device, resolve
+from ..device import hessian_device
 from ..io.measure_cache import MeasurementCache
 from ..io.streaming import StreamedModel
 from ..measure import BlockMeasurement, MeasurePass
@@ -21,20 +21,24 @@ from ..plan import Plan
 from ..planning import TernaryScan, candidate_formats, plan_budget, ternary_experts
 from ..targets import target
 from ..weight_measure import weight_measurements
+from .driver import LocalDriver
 from .inputs import model_dir_of
 
 
 def make_plan(recipe: Recipe, model: nn.Module, blocks, dense, windows: torch.Tensor | None,
-              dtype: torch.dtype, stream: StreamedModel | None = None, log=print, feed: ImageFeed | None = None) -> Plan:
+              dtype: torch.dtype, stream: StreamedModel | None = None, log=print, feed: ImageFeed | None = None,
+              driver=None) -> Plan:
     """A plan from --plan, from the budget LP over pass-1 measurements (on the calibration windows, or on
     `feed`'s images for MLPMoE blocks; data-free weight errors when there is neither: see weight_measure.py), or
     uniform. With `stream`, `model` is that streamed model's (meta device): what needs weights reads them one
     decoder layer at a time. Pass 1's measurements are reused from the measurement cache when its inputs are
-    unchanged (io/measure_cache.py)."""
+    unchanged (io/measure_cache.py). `driver` (pipeline/driver.py; default: this process alone): what runs where;
+    with ranks, rank 0 decides the plan and every rank gets it."""
     q, a = recipe.quantization, recipe.allocation
+    driver = driver or LocalDriver.for_recipe(recipe)
     resident = stream.resident if stream is not None else in_memory
     if a.plan is not None:
-        return Plan.load(a.plan)
+        return driver.lead(lambda: Plan.load(a.plan), asdict, _plan)
     if a.budget is None:
         plan = Plan.uniform({b.name: b.num_experts for b in blocks}, list(dense), q.expert_format, q.dense_format,
                             group_size=q.group_size, sym=q.sym, target=a.target)
@@ -48,10 +52,11 @@ def make_plan(recipe: Recipe, model: nn.Module, blocks, dense, windows: torch.Te
         plan = plan_budget(recipe, model, blocks, dense, weight_measurements(blocks, formats, q.group_size, q.sym), dtype)
         plan.allocation["measurements"] = "data-free weight errors, uniform routing"
         return plan
-    cache = MeasurementCache(MEASUREMENTS_DIR if a.reuse_measurements else None)
-    measurements, ternary = cache.get_or_measure(
-        model_dir_of(recipe), recipe, feed.pixels if feed is not None else windows,
-        lambda journal: measure(recipe, model, blocks, windows, resident, journal, feed), log)
+    cache = driver.cache(MeasurementCache(MEASUREMENTS_DIR if a.reuse_measurements else None))
+    with driver.stage("pass 1"):
+        measurements, ternary = cache.get_or_measure(
+            model_dir_of(recipe), recipe, feed.pixels if feed is not None else windows,
+            lambda journal: measure(recipe, model, blocks, windows, resident, journal, feed, driver), log)
     sensitivity = None
     if a.objective == "global" and a.layer_weights == "sensitivity" and feed is not None:
         log("layer weights: output energy (the loss sensitivity needs a language-model loss, which images do not give)")
@@ -59,31 +64,41 @@ def make_plan(recipe: Recipe, model: nn.Module, blocks, dense, windows: torch.Te
         head = stream.head if stream is not None else nullcontext
         some = windows[:a.sensitivity_samples]
         sensitivity = cache.get_or_compute_sensitivity(
-            model_dir_of(recipe), some,
-            lambda: layer_sensitivity(model, some, resident, head, device=resolve(recipe.execution.device)), log)
-    plan = plan_budget(recipe, model, blocks, dense, measurements, dtype, ternary, sensitivity)
-    plan.allocation["measurements"] = f"pass 1 {cache.outcome}"
-    return plan
+            model_dir_of(recipe), some, lambda: driver.sensitivity(model, some, resident, head), log)
+
+    def solve() -> Plan:
+        plan = plan_budget(recipe, model, blocks, dense, measurements, dtype, ternary, sensitivity)
+        plan.allocation["measurements"] = f"pass 1 {cache.outcome}"
+        return plan
+
+    return driver.lead(solve, asdict, _plan)
+
+
+def _plan(data: dict) -> Plan:
+    return Plan(**data)
 
 
 def measure(recipe: Recipe, model: nn.Module, blocks, windows: torch.Tensor | None, resident: Resident = in_memory,
-            journal=None, feed: ImageFeed | None = None) -> tuple[list[BlockMeasurement], dict[str, list[bool]]]:
+            journal=None, feed: ImageFeed | None = None, driver=None
+            ) -> tuple[list[BlockMeasurement], dict[str, list[bool]]]:
     """Pass 1 over the candidate formats, and which experts are already ternary. A streamed model's weights are
     read only during the pass, so its ternary experts are found on the way; should there be some (a MoTE
     checkpoint) while ternary was not an allowed format, the pass runs again with ternary as a candidate.
     `journal` (MeasureJournal): layers measured by an interrupted run are read from it, new ones written to it.
     With `feed`, the MLPMoE blocks are measured on its images instead of the windows."""
     q, a = recipe.quantization, recipe.allocation
+    driver = driver or LocalDriver.for_recipe(recipe)
     ternary = ternary_experts(blocks, q.group_size)  # none on the meta device
     while True:
         formats = candidate_formats(a.formats, ternary)
         scan = TernaryScan(blocks, q.group_size, MeasurePass(
             blocks, formats, q.group_size, q.sym, a.eps_quantizer, q.gptq_options, journal,
-            per_projection=target(a.target).per_projection, hessian_device=hessian_device(recipe.execution.hessians)))
+            per_projection=target(a.target).per_projection, hessian_device=hessian_device(recipe.execution.hessians),
+            driver=driver))
         if feed is not None:
             blockwise(blocks, feed, scan, desc="measure")
         else:
-            layerwise(model, windows, scan, desc="measure", resident=resident, device=resolve(recipe.execution.device))
+            layerwise(model, driver.windows(windows), scan, desc="measure", resident=resident, device=driver.device)
         if candidate_formats(a.formats, scan.flags) == formats:
             return scan.inner.results, scan.flags
         ternary = scan.flags

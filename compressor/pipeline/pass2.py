@@ -17,9 +17,8 @@ from .. import prune
 from ..apply_plan import QuantizePass
 from ..arch.view import find_moe_blocks
 from ..calibration.images import ImageFeed, blockwise
-from ..calibration.layerwise import in_memory, layerwise
+from ..calibration.layerwise import layerwise
 from ..config import Recipe, dump_recipe
-from ..device import resolve
 from ..io import checkpoint as ckpt
 from ..io.journal import Journal, beside, journal_digest
 from ..io.measure_cache import model_fingerprint, windows_digest
@@ -27,6 +26,7 @@ from ..io.models import copy_sidecars
 from ..io.report import build_report, format_report
 from ..io.streaming import StreamedModel
 from ..plan import Plan
+from .driver import LocalDriver
 
 MAX_SHARD_BYTES = 4 * 2**30
 
@@ -34,21 +34,28 @@ MAX_SHARD_BYTES = 4 * 2**30
 def quantize_and_write(recipe: Recipe, model_dir: Path, out_dir: Path, model: nn.Module, stream: StreamedModel | None,
                        blocks, dense, plan: Plan, windows: torch.Tensor | None, feed: ImageFeed | None, tokenizer,
                        image_path: bool, original: dict[str, int], predicted: dict[str, int], dtype: torch.dtype,
-                       overwrite: bool, t0: float, log=print) -> Path:
+                       overwrite: bool, t0: float, log=print, driver=None) -> Path:
     """Pass 2 per `plan`, then the output directory, written beside and renamed into place. An interruption keeps the
-    quantized layers in the journal beside the output; the same command resumes from them."""
-    resident = stream.kept if stream is not None else in_memory  # pass 2 keeps each layer it quantized
+    quantized layers in the journal beside the output; the same command resumes from them. `driver`
+    (pipeline/driver.py; default: this process alone): with ranks, every rank quantizes its share of each layer and
+    rank 0 journals and writes."""
+    driver = driver or LocalDriver.for_recipe(recipe)
+    resident = driver.pass2_resident(stream)  # the writer keeps each layer it quantized
     data = feed.pixels if feed is not None else windows
-    journal = Journal(beside(out_dir), journal_digest(asdict(plan), recipe, model_fingerprint(model_dir),
-                                              None if data is None else windows_digest(data)), log)
-    tmp = ckpt.prepare_output(out_dir, model_dir, overwrite)
-    qpass = QuantizePass(model, blocks, dense, plan, recipe, journal)
+    journal = driver.journal(lambda: Journal(beside(out_dir), journal_digest(
+        asdict(plan), recipe, model_fingerprint(model_dir), None if data is None else windows_digest(data)), log))
+    tmp = ckpt.prepare_output(out_dir, model_dir, overwrite) if driver.is_lead else None
+    qpass = QuantizePass(model, blocks, dense, plan, recipe, journal, driver=driver)
     try:
-        if image_path:  # no decoder layers to walk: block by block, on the images if any (else no forward runs)
-            blockwise(blocks, feed if qpass.needs_data() else None, qpass, desc="quantize")
-        else:
-            layerwise(model, windows if qpass.needs_data() else None, qpass, desc="quantize", resident=resident,
-                      device=resolve(recipe.execution.device))
+        with driver.stage("pass 2"):
+            if image_path:  # no decoder layers to walk: block by block, on the images if any (else no forward runs)
+                blockwise(blocks, feed if qpass.needs_data() else None, qpass, desc="quantize")
+            else:
+                layerwise(model, driver.windows(windows) if qpass.needs_data() else None, qpass, desc="quantize",
+                          resident=resident, device=driver.device)
+        shares = driver.shares()
+        if not driver.is_lead:
+            return out_dir  # rank 0 writes
         if stream is not None:
             model = stream.complete()  # the LM head, read last
         rule = calibrate_pruning(recipe, model, windows, log)
@@ -58,11 +65,13 @@ def quantize_and_write(recipe: Recipe, model_dir: Path, out_dir: Path, model: nn
             raise AssertionError(f"internal error: wrote {written} bytes, plan predicted {plan.predicted_bytes}")
         report = build_report(model_dir, original, predicted, blocks, dense, plan, qpass.reports, time.time() - t0)
         report["dynamic_pruning"] = rule.to_dict() if rule else None
+        report["world_size"], report["ranks"] = driver.world_size, shares
         _write_sidecars(tmp, model_dir, tokenizer, plan, recipe, report)
         ckpt.commit_output(tmp, out_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if qpass.reports:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if qpass.reports and driver.is_lead:
             log(f"interrupted: {len(qpass.reports)} quantized layer(s) kept in {journal.dir}; the same command resumes "
                 "from them")
         raise

@@ -48,6 +48,14 @@ class Experts(nn.Module):
     def _bias(self, b: torch.Tensor | None, e: int, like: torch.Tensor) -> torch.Tensor | None:
         return None if b is None else _like(b[e], like)
 
+    def _hidden(self, e: int, x: torch.Tensor, w_gu: torch.Tensor) -> torch.Tensor:
+        return self.apply_gate(F.linear(x, _like(w_gu, x), self._bias(self.gate_up_bias, e, x)))
+
+    def hidden(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e's down-projection input [n, I] for routed inputs x [n, H], as the forward computes it (what an
+        observer gets as `h`)."""
+        return self._hidden(e, x, self.expert_weights(e)[0])
+
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         out = hidden.new_zeros(hidden.shape[0], self.out_features())
         valid = (top_k_index >= 0) & (top_k_index < self.num_experts)
@@ -55,7 +63,7 @@ class Experts(nn.Module):
             tok, pos = torch.where(top_k_index == e)
             x = hidden[tok]  # [n, H]
             w_gu, w_d = self.expert_weights(e)
-            h = self.apply_gate(F.linear(x, _like(w_gu, x), self._bias(self.gate_up_bias, e, x)))  # [n, I]
+            h = self._hidden(e, x, w_gu)  # [n, I]
             weights = top_k_weights[tok, pos]
             if self.observer is not None:
                 self.observer(e, x, h, tok, weights)
