@@ -48,7 +48,7 @@ class Comm:
                                 timeout=timedelta(seconds=timeout))
         self.device = device if backend == "nccl" else HOST
         self.store = dist.PrefixStore("moe-compressor/", store)
-        self.step = 0
+        self.step, self.sent = 0, 0  # collectives entered; bytes sent to other ranks
         self._stop = threading.Event()
         self._beats = threading.Thread(target=self._beat, daemon=True, name="moe-compressor heartbeat")
         self._beats.start()
@@ -131,6 +131,7 @@ class Comm:
     def exchange(self, outboxes: list[list[Message]], what: str) -> list[Message]:
         """All-to-all: outboxes[d] goes to rank d; returns what every rank sent here, by source rank, in order."""
         packed = [pack(box, self.device) for box in outboxes]
+        self.sent += sum(8 * h.numel() + d.numel() for r, (h, d) in enumerate(packed) if r != self.rank)
         with self.guard(what):
             sizes = torch.tensor([[h.numel(), d.numel()] for h, d in packed], dtype=torch.int64).to(self.device)
             got = torch.empty_like(sizes)

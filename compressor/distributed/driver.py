@@ -98,11 +98,12 @@ class RankDriver:
 
     @contextmanager
     def stage(self, name: str):
-        previous, self.current, t0 = self.current, name, time.time()
+        previous, self.current, t0, sent = self.current, name, time.time(), self.comm.sent
         try:
             yield
         finally:
             self.account[name]["seconds"] += time.time() - t0
+            self.account[name]["sent_bytes"] += self.comm.sent - sent
             self.current = previous
 
     def tally(self, **amounts: float) -> None:
@@ -111,7 +112,7 @@ class RankDriver:
 
     def shares(self) -> list[dict]:
         """Every rank's share (on every rank): windows, and per stage experts and linears owned, routed tokens
-        received, seconds (forward, exchange, total)."""
+        received, bytes sent to other ranks, seconds (forward, exchange, total)."""
         mine = {"rank": self.rank, "windows": self.windows_held, "peak_rss_mb": round(peak_rss_mb(), 1),
                 "stages": {s: {k: round(v, 2) if isinstance(v, float) else v for k, v in a.items()}
                            for s, a in self.account.items()}}
