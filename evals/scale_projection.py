@@ -97,6 +97,16 @@ def measure(model_dir: Path, layer_index: int = 5, tokens: int = 1024) -> dict:
         from compressor.quantize.rtn import quantize_rtn
         packed = [PackedMatrix.from_quantized(quantize_rtn(W[0], spec), *W.shape[1:]) for W in (dense.gate_up, dense.down)]
         out["c_deq"] = best(lambda: [p.dequantized() for p in packed]) / (3 * H * I)
+    F = len(fmts)
+    out["derived on this layer (H=%d, I=%d, E=%d)" % (H, I, E)] = {
+        "pass 1 s per routed token per expert matrix": out["c_obs1"] * ((F + 1) * 3 * H * I + H * H + I * I) / 2,
+        "pass 1 s per expert (candidates and Hessian-error table)":
+            out["c_rtn"] * F * 3 * H * I + out["c_herr"] * F * (I2 * H * H + H * I * I),
+        "pass 2 s per routed token per expert matrix": out["c_obs2"] * (H * H + I * I) / 2,
+        "pass 2 s per expert (GPTQ)": out["c_gptq"] * (I2 * H * H + H * I * I),
+        "Hessian bytes per expert": 4 * (H * H + I * I),
+        "routed-input bytes per routed token sent to its owner": 4 * H + 12,
+    }
     return out
 
 
