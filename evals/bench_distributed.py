@@ -69,15 +69,14 @@ def main(argv: list[str] | None = None) -> dict:
         "cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()}}
     with tempfile.TemporaryDirectory() as tmp:
         one, many, serial = Path(tmp) / "one", Path(tmp) / "many", Path(tmp) / "serial"
-        single = timed([sys.executable, "cli.py", *compress_args(args.model, one, args.samples, args.seq_len, args.budget)],
-                       {**env, "OMP_NUM_THREADS": str(args.threads)})
+        run = lambda out: [sys.executable, "cli.py", *compress_args(args.model, out, args.samples, args.seq_len,
+                                                                       args.budget)]
+        single = timed(run(one), {**env, "OMP_NUM_THREADS": str(args.threads)})
         single["peak_rss_mb"] = [json.loads((one / "report.json").read_text())["peak_rss_mb"]]
-        one_thread = timed([sys.executable, "cli.py", *compress_args(args.model, serial, args.samples, args.seq_len, args.budget)],
-                           {**env, "OMP_NUM_THREADS": "1"})
+        one_thread = timed(run(serial), {**env, "OMP_NUM_THREADS": "1"})
         one_thread["peak_rss_mb"] = [json.loads((serial / "report.json").read_text())["peak_rss_mb"]]
         torchrun = Path(sys.executable).with_name("torchrun")
-        ranks = timed([str(torchrun), "--nproc-per-node", str(args.ranks), "cli.py",
-                       *compress_args(args.model, many, args.samples, args.seq_len, args.budget)], {**env, "OMP_NUM_THREADS": "1"})
+        ranks = timed([str(torchrun), "--nproc-per-node", str(args.ranks), *run(many)[1:]], {**env, "OMP_NUM_THREADS": "1"})
         report = json.loads((many / "report.json").read_text())
         ranks["peak_rss_mb"] = [s["peak_rss_mb"] for s in report["ranks"]]
         ranks["shares"] = report["ranks"]

@@ -89,13 +89,16 @@ def measure(model_dir: Path, layer_index: int = 5, tokens: int = 1024) -> dict:
         out["c_obs1"] = best(lambda: observe("pass 1")) / (tokens * ((len(fmts) + 1) * 3 * H * I + H * H + I * I))
         out["c_obs2"] = best(lambda: observe("pass 2")) / (tokens * (H * H + I * I))
         Hin, Hmid = x.T @ x / tokens, h.T @ h / tokens
-        t = best(lambda: (hessian_error(dense.gate_up[:1], cand_gu, Hin[None]), hessian_error(dense.down[:1], cand_d, Hmid[None])))
+        t = best(lambda: (hessian_error(dense.gate_up[:1], cand_gu, Hin[None]),
+                          hessian_error(dense.down[:1], cand_d, Hmid[None])))
         out["c_herr"] = t / (len(fmts) * (I2 * H * H + H * I * I))
         spec = QuantSpec("int3", 128, False)
-        t = best(lambda: (gptq_quantize(dense.gate_up[:1], Hin[None], spec), gptq_quantize(dense.down[:1], Hmid[None], spec)))
+        t = best(lambda: (gptq_quantize(dense.gate_up[:1], Hin[None], spec),
+                          gptq_quantize(dense.down[:1], Hmid[None], spec)))
         out["c_gptq"] = t / (I2 * H * H + H * I * I)
         from compressor.quantize.rtn import quantize_rtn
-        packed = [PackedMatrix.from_quantized(quantize_rtn(W[0], spec), *W.shape[1:]) for W in (dense.gate_up, dense.down)]
+        packed = [PackedMatrix.from_quantized(quantize_rtn(W[0], spec), *W.shape[1:])
+                  for W in (dense.gate_up, dense.down)]
         out["c_deq"] = best(lambda: [p.dequantized() for p in packed]) / (3 * H * I)
     F = len(fmts)
     out["derived on this layer (H=%d, I=%d, E=%d)" % (H, I, E)] = {
@@ -182,14 +185,18 @@ def project(s: Shape, c: dict, ranks: int, samples: int, seq: int, bits: float, 
     peak = 2 * layer_fp32 + max(mem_cand, mem_hess) + mem_act + mem_sens
     out_bytes = s.moe_layers * E * expert_out + 2 * (sum(s.layer_params) - s.moe_layers * 3 * H * I * E + s.stem)
     return {
-        "pass 1 s": (p1, "c_fwd*MACs(forward)*tok_share + layers*(c_obs1*T*k*((F+1)*3HI+H^2+I^2) + c_herr*E*F*(2IH^2+HI^2) + c_rtn*E*F*3HI)*exp_share"),
+        "pass 1 s": (p1, "c_fwd*MACs(forward)*tok_share + layers*(c_obs1*T*k*((F+1)*3HI+H^2+I^2) "
+                         "+ c_herr*E*F*(2IH^2+HI^2) + c_rtn*E*F*3HI)*exp_share"),
         "sensitivity s": (sens, "3*c_fwd*MACs(8 windows forward)*ceil(8/N)/8"),
-        "pass 2 s": (p2, "2*c_fwd*MACs(forward)*tok_share + layers*(c_obs2*T*k*(H^2+I^2) + c_gptq*E*(2IH^2+HI^2) + c_deq*batches*E*3HI)*exp_share"),
-        "disk reads s": (reads, "4 * bf16 layer bytes / disk bandwidth (every rank reads every layer: pass 1, sensitivity x2, pass 2)"),
+        "pass 2 s": (p2, "2*c_fwd*MACs(forward)*tok_share + layers*(c_obs2*T*k*(H^2+I^2) + c_gptq*E*(2IH^2+HI^2) "
+                         "+ c_deq*batches*E*3HI)*exp_share"),
+        "disk reads s": (reads, "4 * bf16 layer bytes / disk bandwidth (every rank reads every layer: pass 1, "
+                                "sensitivity x2, pass 2)"),
         "network s": (net / (net_gbs * 1e9), "network bytes per rank / link bandwidth"),
         "total s": (total, "sum of the above + output bytes / disk bandwidth (rank 0 writes)"),
         "network bytes per rank": (net, "layers*(2*T*k*(4H+12)*(N-1)/N^2 + E*3HI*bits/8*(N-1)/N + linear inputs)"),
-        "peak memory per rank (B)": (peak, "2*fp32 layer + max(owned candidates F*3HI*4, owned Hessians (H^2+I^2)*4) + activations + sensitivity inputs"),
+        "peak memory per rank (B)": (peak, "2*fp32 layer + max(owned candidates F*3HI*4, owned Hessians "
+                                           "(H^2+I^2)*4) + activations + sensitivity inputs"),
         "rank 0 holds the output (B)": (out_bytes, "experts at bits/8 + the rest in 16 bits"),
         "tok_share": (tok_share, "ceil(batches/N)/batches, batches = ceil(samples/8)"),
         "exp_share": (exp_share, "ceil(E/min(N,E))/E"),

@@ -75,7 +75,8 @@ class ShardedCalls:
             batch[0] += 1
 
         def expert_call(name: str):
-            return lambda e, x, h, tok, weights: outbox.append(Message(self.channel[name, e], batch[0], [x, tok, weights]))
+            return lambda e, x, h, tok, weights: outbox.append(
+                Message(self.channel[name, e], batch[0], [x, tok, weights]))
 
         def batch_log(name: str):
             def hook(_m, args, out):

@@ -74,7 +74,8 @@ class RankDriver:
 
     def lead(self, fn: Callable, encode: Callable = lambda v: v, decode: Callable = lambda v: v):
         """fn() computed on rank 0, sent to every rank as JSON (encode/decode: to and from JSON-able values)."""
-        return decode(self.comm.broadcast_json(encode(fn()) if self.is_lead else None, f"{self.current}: rank 0's result"))
+        value = encode(fn()) if self.is_lead else None
+        return decode(self.comm.broadcast_json(value, f"{self.current}: rank 0's result"))
 
     def journal(self, make: Callable) -> SharedJournal:
         return SharedJournal(make() if self.is_lead else None, self.comm)
