@@ -73,40 +73,8 @@ class Comm:
         except Exception:
             pass
 
-    def _posted(self) -> dict[int, str]:
-        keys = {r: f"failed/{r}" for r in range(self.world) if r != self.rank}
-        return {r: self.store.get(k).decode() for r, k in keys.items() if self.store.check([k])}
-
     def diagnose(self, what: str, err: BaseException) -> RankFailure:
-        """Which rank made `what` fail, from the store."""
-        head = f"rank {self.rank} of {self.world} stops during {what}"
-        try:
-            posted, dead = self._posted(), []
-            if not posted:
-                beats = lambda: {r: int(self.store.add(f"beat/{r}", 0)) for r in range(self.world) if r != self.rank}
-                before = beats()
-                time.sleep(3 * BEAT)
-                after, posted = beats(), self._posted()
-                dead = [r for r in before if after[r] == before[r]]
-            if posted:
-                return RankFailure(f"{head}: " + "; ".join(f"rank {r} failed: {m}" for r, m in sorted(posted.items())))
-            if dead:
-                return RankFailure(f"{head}: rank {', '.join(map(str, dead))} stopped responding (no heartbeat for "
-                                   f"{3 * BEAT:.0f} s: killed, out of memory, or its machine is down). Rerun the same "
-                                   "command: finished layers resume from the journals")
-            steps = {r: self.store.get(f"at/{r}").decode() for r in range(self.world)
-                     if r != self.rank and self.store.check([f"at/{r}"])}
-            late = {r: s for r, s in steps.items() if int(s.split(" ", 1)[0]) < self.step}
-            if late:
-                return RankFailure(f"{head}: " + "; ".join(f"rank {r} did not arrive within {self.timeout:.0f} s "
-                                                           f"(it is at step {s})" for r, s in sorted(late.items()))
-                                   + f"; raise --dist-timeout if it is merely slow ({err})")
-            return RankFailure(f"{head}: the collective failed with every rank alive and at the same step: {err}")
-        except RankFailure:
-            raise
-        except Exception as store_err:  # the store lives in rank 0's process (or torchrun's agent)
-            return RankFailure(f"{head}: the rendezvous store is unreachable ({store_err}), so rank 0 or the "
-                               f"launcher is gone; the collective failed with: {err}")
+        return diagnose(self.store, self.rank, self.world, self.step, self.timeout, what, err)
 
     @contextmanager
     def guard(self, what: str):
@@ -180,6 +148,42 @@ class Comm:
         mine = [Message(0, -1, [tensors[n] for n in names])] if self.rank == src else []
         (msg,) = self.exchange([mine] * self.world, what)
         return {n: t.to(HOST) for n, t in zip(names, msg.tensors)}
+
+
+def diagnose(store, rank: int, world: int, step: int, timeout: float, what: str, err: BaseException,
+             beat: float = BEAT) -> RankFailure:
+    """Which rank made collective step `step` (`what`) fail on `rank`, read from the store: a posted error, a heartbeat
+    that stopped (3 beats), or a step counter behind this rank's."""
+    head = f"rank {rank} of {world} stops during {what}"
+    others = [r for r in range(world) if r != rank]
+
+    def posted() -> dict[int, str]:
+        return {r: store.get(f"failed/{r}").decode() for r in others if store.check([f"failed/{r}"])}
+
+    try:
+        failed, dead = posted(), []
+        if not failed:
+            beats = lambda: {r: int(store.add(f"beat/{r}", 0)) for r in others}
+            before = beats()
+            time.sleep(3 * beat)
+            after, failed = beats(), posted()
+            dead = [r for r in others if after[r] == before[r]]
+        if failed:
+            return RankFailure(f"{head}: " + "; ".join(f"rank {r} failed: {m}" for r, m in sorted(failed.items())))
+        if dead:
+            return RankFailure(f"{head}: rank {', '.join(map(str, dead))} stopped responding (no heartbeat for "
+                               f"{3 * beat:.0f} s: killed, out of memory, or its machine is down). Rerun the same "
+                               "command: finished layers resume from the journals")
+        steps = {r: store.get(f"at/{r}").decode() for r in others if store.check([f"at/{r}"])}
+        late = {r: at for r, at in steps.items() if int(at.split(" ", 1)[0]) < step}
+        if late:
+            return RankFailure(f"{head}: " + "; ".join(f"rank {r} did not arrive within {timeout:.0f} s (it is at step "
+                                                       f"{at})" for r, at in sorted(late.items()))
+                               + f"; raise --dist-timeout if it is merely slow ({err})")
+        return RankFailure(f"{head}: the collective failed with every rank alive and at the same step: {err}")
+    except Exception as store_err:  # the store lives in rank 0's process (or torchrun's agent)
+        return RankFailure(f"{head}: the rendezvous store is unreachable ({store_err}), so rank 0 or the launcher is "
+                           f"gone; the collective failed with: {err}")
 
 
 def _text(t: torch.Tensor) -> str:
