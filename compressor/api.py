@@ -12,10 +12,12 @@ from tqdm.auto import tqdm
 
 from . import prune
 from .arch.view import decoder_layers, dense_linears, find_moe_blocks
-from .calibration.data import eval_windows, read_text, tokenize
+from .calibration.data import check_eval_settings, eval_windows, read_text, tokenize
 from .config import Recipe
 from .io import checkpoint as ckpt
 from .io.accounting import bytes_by_component, predict_bytes, unique_state
+from .io.journal import journal_bytes
+from .io.outputs import check_space, write_plan_only
 from .io.models import ModelDirError, is_compressed, load_model, load_tokenizer
 from .pipeline.driver import LocalDriver
 from .pipeline.inputs import (DTYPES, _load_dtype, calibration_data, check_image_path, default_output,  # noqa: F401
@@ -23,6 +25,7 @@ from .pipeline.inputs import (DTYPES, _load_dtype, calibration_data, check_image
 from .pipeline.pass1 import make_plan, measure, pinned_ternary, plan_summary, scope_bytes  # noqa: F401
 from .pipeline.pass2 import MAX_SHARD_BYTES, calibrate_pruning, quantize_and_write  # noqa: F401
 from .pipeline.synthetic import dry_run_synthetic, meta_model, plan_synthetic  # noqa: F401
+from .plan_check import check_budget, made_for
 from .runtime.experts import PackedExperts
 from .targets import target
 
@@ -49,7 +52,7 @@ def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = 
     feed = image_feed(recipe, model, blocks, model_dir, trust_remote_code)
     tokenizer = None if image_path else load_tokenizer(model_dir, trust_remote_code)
     if recipe.pruning.target is not None:
-        prune.check_prunable(blocks)  # top-1 routing: say so before the long work
+        prune.check_prunable(blocks, recipe.pruning.target, recipe.pruning.protect)  # before the long work
     dense = dense_linears(model, blocks)
     dtype = DTYPES[recipe.dtype]
     original = {k: v.numel() * (dtype.itemsize if v.is_floating_point() else v.element_size())
@@ -59,20 +62,21 @@ def compress(recipe: Recipe, overwrite: bool = False, trust_remote_code: bool = 
         else f"calibration: {feed.pixels.shape[0]} images of {tuple(feed.pixels.shape[1:])}; {len(blocks)} up-cycled "
              "MLP blocks" if feed is not None
         else f"no calibration data: {len(blocks)} up-cycled MLP blocks, compressed from their weights alone")
-    if not dry_run:
-        ckpt.check_output(out_dir, model_dir, overwrite)  # fail before the long work, not after
+    if driver.is_lead:  # the one that writes
+        ckpt.check_output(out_dir, model_dir, overwrite, log)  # fail before the long work, not after (dry runs too)
     plan = make_plan(recipe, model, blocks, dense, windows, dtype, stream, log, feed, driver)
     predicted = predict_bytes(model, blocks, dense, plan, dtype)
-    plan.predicted_bytes = sum(predicted.values())
-    if plan.budget_bytes is not None and scope_bytes(plan, predicted, blocks) > plan.budget_bytes:
-        raise AssertionError("internal error: the plan exceeds its budget")
+    plan.predicted_bytes, plan.made_for = sum(predicted.values()), made_for(blocks, dense)
+    plan.allocation["budget_counts"] = scope_bytes(plan, predicted, blocks)
+    check_budget(plan, plan.allocation["budget_counts"], recipe.allocation.plan)
     log(plan_summary(plan))
     if dry_run:
         if driver.is_lead:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            plan.save(out_dir / "plan.json")
-            log(f"dry run: plan written to {out_dir / 'plan.json'}")
+            write_plan_only(plan, out_dir, model_dir, overwrite, log)
         return out_dir
+    if driver.is_lead:
+        check_space(out_dir, plan.predicted_bytes + journal_bytes(predicted, blocks, dense),
+                    "the compressed model and pass 2's journal of finished layers")
     return quantize_and_write(recipe, model_dir, out_dir, model, stream, blocks, dense, plan, windows, feed, tokenizer,
                               image_path, original, predicted, dtype, overwrite, t0, log, driver)
 
@@ -94,9 +98,11 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int, batch_size: in
 def evaluate_perplexity(model_dir: Path | None, text: Path, seq_len: int = 512, batch_size: int = 4,
                         dynamic_pruning: bool = True) -> dict:
     model_dir = model_or_default(model_dir)
+    check_eval_settings(seq_len, batch_size)
+    text = read_text(text)  # an empty or missing text fails before the model loads
     model = load_model(model_dir, dynamic_pruning=dynamic_pruning)
     tokenizer = load_tokenizer(model_dir)
-    result = perplexity(model, tokenize(tokenizer, read_text(text)), seq_len, batch_size)
+    result = perplexity(model, tokenize(tokenizer, text), seq_len, batch_size)
     result["activation"] = prune.activation_line(model)
     result["resident_bytes"] = sum(t.nbytes for t in unique_state(model).values())
     result["checkpoint_bytes"] = sum(ckpt.tensor_nbytes(model_dir).values())

@@ -17,7 +17,8 @@ from .arch.view import MoEBlock, layers_prefix
 from .calibration.calls import IN_PROCESS
 from .calibration.layerwise import LayerInputs
 from .io.report import peak_rss_mb
-from .calibration.stats import ExpertStats, LinearHessian, NonFiniteError, RoutedObserver, WeightedObserver
+from .calibration.stats import (ExpertStats, LinearHessian, NonFiniteError, RoutedObserver, WeightedObserver,
+                                check_finite_weights)
 from .config.schema import Recipe
 from .device import HOST, device_of, hessian_device
 from .plan import Plan, split_format
@@ -46,6 +47,8 @@ def quantize_matrices(W: torch.Tensor, H: torch.Tensor | None, spec: QuantSpec, 
 def _named(where: str, fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
+    except NonFiniteError as err:  # a dense linear's weights (experts are checked whole before)
+        raise NonFiniteError(f"{where}: {err}; the checkpoint is damaged: download or save the model again") from None
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
 
@@ -74,7 +77,7 @@ class QuantizePass:
         self.reports: list[LayerReport] = []
 
     def _spec(self, fmt: str) -> QuantSpec:
-        return QuantSpec(fmt, group_size=self.plan.group_size, sym=self.plan.sym)
+        return QuantSpec(fmt, group_size=self.plan.group_size, sym=self.plan.sym, scale_dtype=self.plan.scale_dtype)
 
     def _gptq(self) -> bool:
         return self.recipe.quantization.method == "gptq"
@@ -171,7 +174,7 @@ class QuantizePass:
 
     def _quantize_block(self, b: MoEBlock, dense: DenseExperts, stats: ExpertStats, rep: LayerReport, calls) -> None:
         """The experts this worker owns quantized per the plan; the others' packed tensors come from their owners."""
-        _check_weights(b.name, dense)
+        check_finite_weights(b.name, dense.gate_up, dense.down)
         own, formats = calls.owned(b.name), self.plan.experts[b.name]
         with_h = self._hessian_experts(b.name, formats, stats, rep, own.experts)
         H_in, H_mid = stats.hessians()
@@ -233,13 +236,6 @@ class QuantizePass:
 
 def _count_tokens(stats: ExpertStats, tokens: int, _sum_sq: float) -> None:
     stats.total_tokens += tokens
-
-
-def _check_weights(name: str, dense: DenseExperts) -> None:
-    for part, W in (("gate_up", dense.gate_up), ("down", dense.down)):
-        bad = (~torch.isfinite(W).flatten(1).all(1)).nonzero().flatten().tolist()
-        if bad:
-            raise NonFiniteError(f"NaN or inf in the weights of {name} expert(s) {bad} ({part}); the checkpoint is damaged")
 
 
 def _log_damping(rep: LayerReport, where: str, damp: torch.Tensor | None, k: int, requested: float) -> None:

@@ -14,6 +14,8 @@ import os
 import torch
 from torch import nn
 
+from .errors import UserError
+
 HOST = torch.device("cpu")
 
 
@@ -31,8 +33,8 @@ def resolve(name: str) -> torch.device:
     raise DeviceError(f"unknown device {name!r}: use cpu, cuda or auto")
 
 
-class DeviceError(ValueError):
-    pass
+class DeviceError(UserError, ValueError):
+    """A --device this machine's torch cannot use."""
 
 
 def hessian_device(where: str) -> torch.device | None:

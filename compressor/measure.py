@@ -16,7 +16,7 @@ from .arch.view import MoEBlock
 from .device import HOST
 from .calibration.calls import IN_PROCESS
 from .calibration.layerwise import LayerInputs
-from .calibration.stats import ExpertStats, RoutedObserver, check_finite
+from .calibration.stats import ExpertStats, RoutedObserver, check_finite, check_finite_weights
 from .quantize.formats import QuantSpec, packable
 from .quantize.ggml import GGML_TYPES
 from .quantize.gptq import gptq_quantize, hessian_error
@@ -46,10 +46,10 @@ class BlockMeasurement:
 
 
 def candidates(W: torch.Tensor, fmt: str, group_size: int, sym: bool, H: torch.Tensor | None = None,
-               **gptq: float | int | bool) -> torch.Tensor:
+               scale_dtype: str = "float16", **gptq: float | int | bool) -> torch.Tensor:
     """Dequantized version of W [E, out, in] in format `fmt`: RTN (or absmean ternary), or GPTQ with the
     per-expert Hessians H [E, in, in] when given (`gptq`: damp, block_size, act_order)."""
-    spec = QuantSpec(fmt, group_size, sym)
+    spec = QuantSpec(fmt, group_size, sym, scale_dtype)
     if H is not None:
         return gptq_quantize(W, H.to(W.device), spec, **gptq).qweight.dequantize()
     quant = quantize_ternary if fmt == "ternary" else quantize_rtn
@@ -91,7 +91,7 @@ class MeasurePass:
 
     def __init__(self, blocks: list[MoEBlock], formats: list[str], group_size: int, sym: bool,
                  quantizer: str = "rtn", gptq: dict | None = None, journal=None, per_projection: bool = False,
-                 hessian_device: torch.device | None = None, driver=IN_PROCESS):
+                 scale_dtype: str = "float16", hessian_device: torch.device | None = None, driver=IN_PROCESS):
         """`journal` (io/measure_cache.MeasureJournal, or None): a layer it holds in these formats is taken from it
         and not measured again (an interrupted pass 1 resumes); each layer measured is written to it.
         `per_projection`: measure eps_proj too (targets choosing a format per projection). The work runs on the
@@ -101,8 +101,8 @@ class MeasurePass:
             raise ValueError(f"eps quantizer must be 'rtn' or 'gptq', got {quantizer!r}")
         self.blocks, self.formats, self.group_size, self.sym = blocks, formats, group_size, sym
         self.quantizer, self.gptq = quantizer, gptq or {}
-        self.journal, self.per_projection, self.hessian_device = journal, per_projection, hessian_device
-        self.driver = driver
+        self.journal, self.per_projection, self.scale_dtype = journal, per_projection, scale_dtype
+        self.hessian_device, self.driver = hessian_device, driver
         self.results: list[BlockMeasurement] = []
 
     def _from_journal(self, i: int, names: list[str]) -> list[BlockMeasurement] | None:
@@ -118,7 +118,7 @@ class MeasurePass:
 
     def _candidates(self, W: torch.Tensor, H: torch.Tensor | None) -> torch.Tensor:  # [F, E, out, in]
         """Each format's version of W; W itself (an error of 0, set to inf afterwards) where a format cannot hold it."""
-        return torch.stack([candidates(W, f, self.group_size, self.sym, H, **self.gptq) if ok else W
+        return torch.stack([candidates(W, f, self.group_size, self.sym, H, self.scale_dtype, **self.gptq) if ok else W
                             for f, ok in zip(self.formats, self._fits(W).tolist())])
 
     def __call__(self, i: int, layer: nn.Module, inputs: LayerInputs) -> LayerInputs | None:
@@ -131,6 +131,7 @@ class MeasurePass:
         outputs, start = None, len(self.results)
         for b in mine:
             original, dense = b.block.experts, DenseExperts.from_view(b)
+            check_finite_weights(b.name, dense.gate_up, dense.down)
             b.block.experts = dense
             try:
                 measurement, outputs = self._measure(i, b, layer, inputs, dense)

@@ -9,9 +9,7 @@ from functools import partial
 import torch
 from torch import nn
 
-
-class NonFiniteError(ValueError):
-    pass
+from ..errors import NonFiniteError
 
 
 def check_finite(t: torch.Tensor, where: str) -> None:
@@ -20,6 +18,15 @@ def check_finite(t: torch.Tensor, where: str) -> None:
             f"NaN or inf in the activations of {where}; check the model weights and the calibration text, "
             "or run the model in float32"
         )
+
+
+def check_finite_weights(name: str, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+    """The experts of block `name` ([E, out, in] each) hold finite weights, else an error naming the experts."""
+    for part, W in (("gate_up", gate_up), ("down", down)):
+        bad = (~torch.isfinite(W).flatten(1).all(1)).nonzero().flatten().tolist()
+        if bad:
+            raise NonFiniteError(f"NaN or inf in the weights of {name} expert(s) {bad} ({part}); the checkpoint is "
+                                 "damaged: download or save the model again")
 
 
 @dataclass

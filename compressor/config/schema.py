@@ -13,7 +13,9 @@ from ..prune.rule import DEFAULT_PROTECT
 from ..quantize.formats import ALL_FORMATS
 
 FormatName = Literal[ALL_FORMATS]  # this project's formats and the GGUF block types (quantize/formats.py)
-BITS_TO_FORMAT = {16: "keep", 8: "int8", 4: "int4", 3: "int3", 2: "int2"}
+from ..targets import BITS_TABLES
+
+BITS_TO_FORMAT = BITS_TABLES["native"]
 
 
 class Section(BaseModel):
@@ -44,6 +46,10 @@ class Quantization(Section):
     bits: Literal[2, 3, 4, 8, 16] = Field(4, description="uniform bits for experts when no budget is given")
     group_size: int = Field(128, ge=1, description="columns per scale group (a narrower matrix uses one group)")
     sym: bool = Field(False, description="symmetric grid (no zero points)")
+    scale_dtype: Literal["float16", "bfloat16"] = Field(
+        "float16", description="values the int scales may take (they are stored as float16): float16, or bfloat16 "
+        "(values float16 and bfloat16 both hold, for a runtime that loads the scales in a bfloat16 model's dtype; "
+        "--target vllm sets it from --dtype)")
     act_order: bool = Field(False, description="GPTQ column order by descending Hessian diagonal, static groups")
     damp: float = Field(0.01, gt=0, description="GPTQ damping, a fraction of the mean Hessian diagonal")
     block_size: int = Field(128, ge=1, description="GPTQ lazy-update block width")
@@ -56,8 +62,9 @@ class Quantization(Section):
         return "ternary" if self.method == "ternary" else BITS_TO_FORMAT[self.bits]
 
     @property
-    def dense_format(self) -> str:
-        return BITS_TO_FORMAT[self.dense_bits if self.dense_bits is not None else self.bits]
+    def dense_bits_or_bits(self) -> int:
+        """Bits of shared experts and dense FFNs (in the target's formats: targets.Target.dense_entries)."""
+        return self.dense_bits if self.dense_bits is not None else self.bits
 
     @property
     def gptq_options(self) -> dict:

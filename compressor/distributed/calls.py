@@ -176,5 +176,8 @@ def _tensors(module: nn.Module) -> list[torch.Tensor]:
 
 
 def _load(module: nn.Module, tensors: list[torch.Tensor]) -> None:
-    """Inverse of _tensors: copied into the module's own tensors (on its device)."""
-    module.load_state_dict(dict(zip(sorted(module.state_dict()), tensors)))
+    """Inverse of _tensors: the sent tensors become the module's (their dtypes as the owner made them), on the
+    module's device."""
+    device = device_of(module)
+    module.load_state_dict(dict(zip(sorted(module.state_dict()), tensors)), assign=True)
+    module.to(device)

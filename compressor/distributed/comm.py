@@ -23,12 +23,13 @@ import torch
 import torch.distributed as dist
 
 from ..device import HOST
+from ..errors import UserError
 from .wire import Message, pack, unpack
 
 BEAT = 1.0  # seconds between heartbeats; a rank is dead after 3 missed ones
 
 
-class RankFailure(RuntimeError):
+class RankFailure(UserError, RuntimeError):
     """Another rank failed or stopped answering; this one stops too (the message names the rank)."""
 
 

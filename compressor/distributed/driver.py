@@ -22,6 +22,7 @@ from torch import nn
 from ..calibration.layerwise import LayerInputs, in_memory
 from ..calibration.sensitivity import combine_terms, sensitivity_terms
 from ..device import resolve
+from ..errors import UserError
 from ..io.report import peak_rss_mb
 from .assign import batch_range
 from .calls import ShardedCalls
@@ -32,7 +33,7 @@ from .wire import Message
 BATCH = 8  # windows per calibration batch: layerwise's default, the unit the batches are split over ranks in
 
 
-class NotDistributed(ValueError):
+class NotDistributed(UserError, ValueError):
     """A setting the distributed driver does not run (yet); the message says what to do instead."""
 
 

@@ -21,6 +21,7 @@ from ..measure import BlockMeasurement
 from .journal import Journal
 from ..targets import target
 from .keyed import read_keyed, write_keyed
+from .outputs import after_failure, remove_stale_files
 
 MEASURE_VERSION = 1
 SENSITIVITY_VERSION = 1
@@ -53,6 +54,8 @@ def cache_key(model_dir: Path, recipe, windows: torch.Tensor) -> tuple[str, dict
         "per_projection": target(a.target).per_projection,
         "gptq": q.gptq_options if a.eps_quantizer == "gptq" else None,
     }
+    if q.scale_dtype != "float16":  # only when set, so that the keys of entries measured before it existed still hold
+        inputs["scale_dtype"] = q.scale_dtype
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24], inputs
 
 
@@ -156,6 +159,8 @@ class MeasurementCache:
         if entry.hit is not None:
             self.outcome = f"reused {entry.path}"
             log(f"pass 1: reusing the measurements in {entry.path}")
+        else:
+            remove_stale_files(self.directory)  # a killed run's half-written entry
         return entry
 
     def get_or_compute_sensitivity(self, model_dir: Path, windows: torch.Tensor, compute, log=print) -> torch.Tensor:
@@ -198,16 +203,15 @@ class Entry:
     def journal(self, log=print) -> MeasureJournal | None:
         return MeasureJournal(self.path.with_suffix(".partial"), self.key, log) if self.path is not None else None
 
-    def measure(self, measure, journal, log=print, keep: bool = True):
-        """`measure(journal)`, kept in the entry (when `keep`: the process that writes) and its journal removed."""
+    def measure(self, measure, journal, log=print):
+        """`measure(journal)`, kept in the entry and its journal removed (by the process that writes the cache)."""
         try:
             measurements, ternary = measure(journal)
-        except BaseException:
-            if keep and journal is not None and journal.dir.exists() and any(journal.dir.glob("layer-*")):
-                log(f"interrupted: the layers measured so far are kept in {journal.dir}; the same command "
-                    "resumes from them")
+        except BaseException as err:
+            if journal is not None:
+                after_failure(err, journal.dir, log)  # kept only if resumable, and then said so
             raise
-        if keep and self.path is not None:
+        if self.path is not None:
             save(self.path, self.key, self.inputs, measurements, ternary)
             journal.remove()
             self.cache.outcome = f"measured, kept in {self.path}"

@@ -88,7 +88,7 @@ def streamed_model(model_dir: Path, trust_remote_code: bool, log=print) -> Strea
     reads each layer and keeps it quantized, so the 16-bit model is never whole in memory. None (with the reason
     logged): the model is loaded whole."""
     config = read_config(model_dir)
-    check_supported(config)
+    check_supported(config, model_dir / "config.json")
     why = ("it holds up-cycled MLP blocks (not in decoder layers: worked on block by block)" if MOE_MODULES in config
            else "--trust-remote-code (streaming builds transformers' own model classes)" if trust_remote_code
            else "its config.json has a quantization_config" if config.get("quantization_config") else None)

@@ -18,6 +18,7 @@ from ..io.measure_cache import MeasurementCache
 from ..io.streaming import StreamedModel
 from ..measure import BlockMeasurement, MeasurePass
 from ..plan import Plan
+from ..plan_check import check_plan
 from ..planning import TernaryScan, candidate_formats, plan_budget, ternary_experts
 from ..targets import target
 from ..weight_measure import weight_measurements
@@ -38,18 +39,22 @@ def make_plan(recipe: Recipe, model: nn.Module, blocks, dense, windows: torch.Te
     driver = driver or LocalDriver.for_recipe(recipe)
     resident = stream.resident if stream is not None else in_memory
     if a.plan is not None:
-        return driver.lead(lambda: Plan.load(a.plan), asdict, _plan)
+        # made for this model, formats it can hold
+        return driver.lead(lambda: check_plan(Plan.load(a.plan), blocks, dense, a.plan), asdict, _plan)
     if a.budget is None:
-        plan = Plan.uniform({b.name: b.num_experts for b in blocks}, list(dense), q.expert_format, q.dense_format,
-                            group_size=q.group_size, sym=q.sym, target=a.target)
+        t = target(a.target)
+        plan = Plan.uniform({b.name: b.num_experts for b in blocks}, q.expert_format,
+                            t.dense_entries(dense, q.dense_bits_or_bits), group_size=q.group_size, sym=q.sym,
+                            scale_dtype=q.scale_dtype, target=a.target)
         if a.target != "native":  # the target's format of --bits for each matrix width
-            plan.experts = target(a.target).uniform_entries(blocks, q.bits)
+            plan.experts = t.uniform_entries(blocks, q.bits)
         for name, flags in pinned_ternary(model, blocks, q.group_size, resident).items():  # MoTE experts stay ternary
             plan.experts[name] = ["ternary" if t else f for t, f in zip(flags, plan.experts[name])]
         return plan
     if windows is None and feed is None:
         formats = candidate_formats(a.formats, ternary_experts(blocks, q.group_size))
-        plan = plan_budget(recipe, model, blocks, dense, weight_measurements(blocks, formats, q.group_size, q.sym), dtype)
+        plan = plan_budget(recipe, model, blocks, dense,
+                           weight_measurements(blocks, formats, q.group_size, q.sym, q.scale_dtype), dtype)
         plan.allocation["measurements"] = "data-free weight errors, uniform routing"
         return plan
     cache = driver.cache(MeasurementCache(MEASUREMENTS_DIR if a.reuse_measurements else None))
@@ -93,8 +98,8 @@ def measure(recipe: Recipe, model: nn.Module, blocks, windows: torch.Tensor | No
         formats = candidate_formats(a.formats, ternary)
         scan = TernaryScan(blocks, q.group_size, MeasurePass(
             blocks, formats, q.group_size, q.sym, a.eps_quantizer, q.gptq_options, journal,
-            per_projection=target(a.target).per_projection, hessian_device=hessian_device(recipe.execution.hessians),
-            driver=driver))
+            per_projection=target(a.target).per_projection, scale_dtype=q.scale_dtype,
+            hessian_device=hessian_device(recipe.execution.hessians), driver=driver))
         if feed is not None:
             blockwise(blocks, feed, scan, desc="measure")
         else:
@@ -117,11 +122,10 @@ def plan_summary(plan: Plan) -> str:
     lines = [f"{name}: " + " ".join(f"{f} x{fmts.count(f)}" for f in sorted(set(fmts), key=fmts.index))
              for name, fmts in plan.experts.items()]
     alloc = plan.allocation
-    if alloc:
+    if {"objective", "solver", "seconds", "gap", "status"} <= alloc.keys():
         lines.append(f"allocation: {alloc['objective']} via {alloc['solver']} in {alloc['seconds']} s, "
                      f"gap {alloc['gap']:.2g}, status {alloc['status']}")
-    budget = f" of budget {plan.budget_bytes:,} ({plan.scope})" if plan.budget_bytes else ""
-    lines.append(f"formats {plan.format_counts()}; predicted {plan.predicted_bytes:,} bytes{budget}")
+    lines.append(f"formats {plan.format_counts()}; {plan.budget_line()}")
     return "\n".join(lines)
 
 

@@ -23,6 +23,7 @@ from ..io import checkpoint as ckpt
 from ..io.journal import Journal, beside, journal_digest
 from ..io.measure_cache import model_fingerprint, windows_digest
 from ..io.models import copy_sidecars
+from ..io.outputs import after_failure
 from ..io.report import build_report, format_report
 from ..io.streaming import StreamedModel
 from ..plan import Plan
@@ -42,11 +43,11 @@ def quantize_and_write(recipe: Recipe, model_dir: Path, out_dir: Path, model: nn
     driver = driver or LocalDriver.for_recipe(recipe)
     resident = driver.pass2_resident(stream)  # the writer keeps each layer it quantized
     data = feed.pixels if feed is not None else windows
-    journal = driver.journal(lambda: Journal(beside(out_dir), journal_digest(
-        asdict(plan), recipe, model_fingerprint(model_dir), None if data is None else windows_digest(data)), log))
-    tmp = ckpt.prepare_output(out_dir, model_dir, overwrite) if driver.is_lead else None
-    qpass = QuantizePass(model, blocks, dense, plan, recipe, journal, driver=driver)
+    tmp = ckpt.prepare_output(out_dir, model_dir, overwrite, log) if driver.is_lead else None
     try:
+        journal = driver.journal(lambda: Journal(beside(out_dir), journal_digest(
+            asdict(plan), recipe, model_fingerprint(model_dir), None if data is None else windows_digest(data)), log))
+        qpass = QuantizePass(model, blocks, dense, plan, recipe, journal, driver=driver)
         with driver.stage("pass 2"):
             if image_path:  # no decoder layers to walk: block by block, on the images if any (else no forward runs)
                 blockwise(blocks, feed if qpass.needs_data() else None, qpass, desc="quantize")
@@ -68,12 +69,10 @@ def quantize_and_write(recipe: Recipe, model_dir: Path, out_dir: Path, model: nn
         report["world_size"], report["ranks"] = driver.world_size, shares
         _write_sidecars(tmp, model_dir, tokenizer, plan, recipe, report)
         ckpt.commit_output(tmp, out_dir)
-    except BaseException:
-        if tmp is not None:
+    except BaseException as err:
+        if tmp is not None:  # the writer's
             shutil.rmtree(tmp, ignore_errors=True)
-        if qpass.reports and driver.is_lead:
-            log(f"interrupted: {len(qpass.reports)} quantized layer(s) kept in {journal.dir}; the same command resumes "
-                "from them")
+            after_failure(err, beside(out_dir), log)  # the journal kept only if it can be resumed, and then said so
         raise
     journal.remove()
     log(format_report(report))

@@ -1,6 +1,7 @@
 """Round-to-nearest quantization, group-wise, batched over any leading (expert) dims."""
 import torch
 
+from ..errors import NonFiniteError
 from . import ggml
 from .formats import QuantSpec, group_size_for
 from .grid import expand_groups, group_params, quantize_codes
@@ -8,11 +9,11 @@ from .qweight import QuantizedWeight, dropped
 
 
 def check_finite(name: str, x: torch.Tensor) -> None:
-    """ValueError naming the tensor when it holds NaN or inf (callers add the layer/expert name)."""
+    """NonFiniteError (a ValueError) naming the tensor when it holds NaN or inf (callers add the layer/expert name)."""
     bad = ~torch.isfinite(x)
     if bad.any():
         n_nan = int(torch.isnan(x).sum())
-        raise ValueError(f"{name} contains non-finite values: {n_nan} NaN, {int(bad.sum()) - n_nan} inf "
+        raise NonFiniteError(f"{name} contains non-finite values: {n_nan} NaN, {int(bad.sum()) - n_nan} inf "
                          f"of {x.numel()} (shape {tuple(x.shape)})")
 
 
