@@ -27,9 +27,9 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "evals" / "results" / "bench_distributed.json"
 
 
-def compress_args(model: str, out: Path, samples: int, seq_len: int, budget: str) -> list[str]:
+def compress_args(model: str, out: Path, samples: int, seq_len: int, budget: str, method: str) -> list[str]:
     return ["compress", model, "-o", str(out), "--budget", budget, "--budget-scope", "experts", "--samples",
-            str(samples), "--seq-len", str(seq_len), "--no-measurement-cache"]
+            str(samples), "--seq-len", str(seq_len), "--method", method, "--no-measurement-cache"]
 
 
 def timed(cmd: list[str], env: dict) -> dict:
@@ -61,16 +61,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--samples", type=int, default=16, help="calibration windows (>= 8 per rank: batches of 8)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--budget", default="3.25bits")
+    p.add_argument("--method", default="gptq", help="pass 2's quantizer (rtn: the budget LP's plan applied without "
+                                                      "GPTQ, for a shorter run)")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="torch threads of the single process")
     args = p.parse_args(argv)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    result = {"model": args.model, "samples": args.samples, "seq_len": args.seq_len, "budget": args.budget, "machine": {
+    result = {"model": args.model, "samples": args.samples, "seq_len": args.seq_len, "budget": args.budget,
+              "method": args.method, "machine": {
         "cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()}}
     with tempfile.TemporaryDirectory() as tmp:
         one, many, serial = Path(tmp) / "one", Path(tmp) / "many", Path(tmp) / "serial"
         run = lambda out: [sys.executable, "cli.py", *compress_args(args.model, out, args.samples, args.seq_len,
-                                                                       args.budget)]
+                                                                       args.budget, args.method)]
         single = timed(run(one), {**env, "OMP_NUM_THREADS": str(args.threads)})
         single["peak_rss_mb"] = [json.loads((one / "report.json").read_text())["peak_rss_mb"]]
         one_thread = timed(run(serial), {**env, "OMP_NUM_THREADS": "1"})
