@@ -149,7 +149,8 @@ class Shape:
             config.get("qk_nope_head_dim", 0) + config.get("qk_rope_head_dim", 0)) or self.H // config["num_attention_heads"]
 
 
-def project(s: Shape, c: dict, ranks: int, samples: int, seq: int, bits: float, net_gbs: float, disk_gbs: float) -> dict:
+def project(s: Shape, c: dict, ranks: int, samples: int, seq: int, bits: float, net_gbs: float, disk_gbs: float,
+            method: str = "gptq") -> dict:
     """Seconds, bytes per rank. Each entry: (value, formula)."""
     T, F, E, k, H, I = samples * seq, FORMATS, s.E, s.k, s.H, s.I
     batches = math.ceil(samples / 8)
@@ -172,10 +173,13 @@ def project(s: Shape, c: dict, ranks: int, samples: int, seq: int, bits: float, 
     expert_out = 3 * H * I * bits / 8
     share_bytes = E * expert_out * (ranks - 1) / ranks      # packed experts each rank receives per layer
     linear_bytes = T * 4 * sum(i for _, i in s.linears) * (ranks - 1) / ranks ** 2 / s.moe_layers
-    net_layer = 2 * routed_bytes + share_bytes + linear_bytes
+    routed_passes = 1 if method == "rtn" else 2  # RTN's pass 2 routes no inputs
+    net_layer = routed_passes * routed_bytes + share_bytes + linear_bytes
     net = s.moe_layers * net_layer
     p1 = fwd * tok_share + s.moe_layers * (obs1 + herr + rtn) * exp_share
     p2 = (2 * fwd) * tok_share + s.moe_layers * (obs2 + gptq + deq) * exp_share + s.layers * lin_h * tok_share
+    if method == "rtn":  # no data in pass 2: RTN of every matrix in its one format, no forward, no routed inputs
+        p2 = s.moe_layers * c["c_rtn"] * E * 3 * H * I * exp_share
     total = p1 + sens + p2 + reads + net / (net_gbs * 1e9) + s.moe_layers * E * expert_out / (disk_gbs * 1e9)
     layer_fp32 = 4 * max(s.layer_params)
     mem_hess = math.ceil(E / min(ranks, E)) * (H * H + I * I) * 4
@@ -222,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bits", type=float, default=3.25, help="expert bits at the budget")
     p.add_argument("--net-gbs", type=float, default=10.0, help="link bandwidth per rank, GB/s (assumed, not measured)")
     p.add_argument("--disk-gbs", type=float, default=2.0, help="read/write bandwidth per rank, GB/s (assumed)")
+    p.add_argument("--method", choices=["gptq", "rtn"], default="gptq", help="pass 2's quantizer")
     args = p.parse_args(argv)
     if args.measure:
         costs = measure(Path(args.model))
@@ -240,7 +245,8 @@ def main(argv: list[str] | None = None) -> None:
     for path in args.configs:
         shape = Shape(Path(path))
         for n in args.ranks or [1, 8, 64]:
-            r = project(shape, costs, n, args.samples, args.seq_len, args.bits, args.net_gbs, args.disk_gbs)
+            r = project(shape, costs, n, args.samples, args.seq_len, args.bits, args.net_gbs, args.disk_gbs,
+                        args.method)
             v = {k: x for k, (x, _) in r.items()}
             print(f"| {shape.name}{' (bf16 copy)' if shape.fp8 else ''} | {n} | {fmt_time(v['pass 1 s'])} | "
                   f"{fmt_time(v['sensitivity s'])} | {fmt_time(v['pass 2 s'])} | {fmt_time(v['disk reads s'])} | "
