@@ -42,6 +42,9 @@ FLAG_FIELDS = {
     "plan": "allocation.plan",
     "reuse_measurements": "allocation.reuse_measurements",
     "dynamic_pruning": "pruning.target",
+    "device": "execution.device",
+    "hessians": "execution.hessians",
+    "dist_timeout": "execution.timeout",
 }
 
 
@@ -92,6 +95,12 @@ def _compress_parser(sub) -> None:
     p.add_argument("--dynamic-pruning", type=float, help="target fraction of activated expert parameters to skip")
     p.add_argument("--dtype", choices=["float16", "bfloat16"], help="dtype of unquantized tensors written")
     p.add_argument("--trust-remote-code", action="store_true", default=False)
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"],
+                   help="device each decoder layer is worked on, one at a time (default cpu; cuda is untested)")
+    p.add_argument("--hessians", choices=["device", "cpu"], help="keep GPTQ's Hessians on the device (default) or in "
+                   "CPU memory")
+    p.add_argument("--dist-timeout", type=float, metavar="SECONDS",
+                   help="torchrun: seconds to wait for another rank before stopping with an error naming it")
 
 
 def _eval_parser(sub) -> None:
@@ -206,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from compressor import api
+    from compressor.distributed import launched
     from compressor.io.report import format_inspect
 
     try:
@@ -214,8 +224,11 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error("--synthetic-stats plans only; add --dry-run")
             api.dry_run_synthetic(build_recipe(args), overwrite=args.overwrite)
         elif args.command == "compress":
-            api.compress(build_recipe(args), overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
-                         dry_run=args.dry_run)
+            compress = api.compress
+            if launched():  # one rank of a torchrun launch
+                from compressor.distributed.launch import compress_as_rank as compress
+            compress(build_recipe(args), overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
+                     dry_run=args.dry_run)
         elif args.command == "eval":
             if not args.ppl and not args.tasks:
                 parser.error("eval needs --ppl FILE and/or --tasks LIST")

@@ -18,7 +18,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 import cli
-from compressor import api
+from compressor.pipeline import pass1
 from test_upcycle import saved, tiny_llama
 from tiny import save_tiny
 
@@ -329,7 +329,7 @@ def test_bad_input(name, sources, tmp_path, monkeypatch, capsys):
             shutil.copytree(sources / part, root / part)
     monkeypatch.chdir(root)  # a default output would land here
     (root / "cache").mkdir()  # the measurement cache (the user's, so it exists): a half-written pass 1 would stay here
-    monkeypatch.setattr(api, "MEASUREMENTS_DIR", root / "cache")
+    monkeypatch.setattr(pass1, "MEASUREMENTS_DIR", root / "cache")  # where make_plan reads it
     if case.setup:
         case.setup(root, monkeypatch)
     capsys.readouterr()

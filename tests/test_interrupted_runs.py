@@ -20,6 +20,7 @@ import torch
 
 import cli
 from compressor import api
+from compressor.pipeline import pass1
 from compressor.io.checkpoint import read_tensors
 from compressor.io.outputs import remove_stale
 from tiny import save_tiny
@@ -162,7 +163,7 @@ def test_an_interrupt_exits_130(monkeypatch, capsys):
 
 
 def test_the_budget_line_counts_what_the_budget_counts(src, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(api, "MEASUREMENTS_DIR", tmp_path / "cache")
+    monkeypatch.setattr(pass1, "MEASUREMENTS_DIR", tmp_path / "cache")  # where make_plan reads it
     assert cli.main(argv(src, tmp_path / "o", "--dry-run", "--budget", "4bits", "--budget-scope", "experts")) == 0
     plan = json.loads((tmp_path / "o" / "plan.json").read_text())
     counted, total = plan["allocation"]["budget_counts"], plan["predicted_bytes"]

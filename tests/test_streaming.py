@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from compressor import api
+from compressor.pipeline import inputs
 from compressor.arch.view import decoder_layers, dense_linears, find_moe_blocks
 from compressor.calibration.layerwise import layerwise
 from compressor.config import Recipe
@@ -147,7 +148,7 @@ def test_streamed_plan_predicts_the_written_bytes(src, tmp_path, monkeypatch):
     assert file_tensor_bytes(out) == plan["predicted_bytes"] <= plan["budget_bytes"]
     # a real budget compress streams both passes, and plans the same
     used = []
-    monkeypatch.setattr(api, "StreamedModel", lambda *a: used.append(a) or StreamedModel(*a))
+    monkeypatch.setattr(inputs, "StreamedModel", lambda *a: used.append(a) or StreamedModel(*a))
     again = api.compress(recipe(src, tmp_path / "b", **over), **QUIET)
     assert used and json.loads((again / "plan.json").read_text())["experts"] == plan["experts"]
     assert file_tensor_bytes(again) == plan["predicted_bytes"]

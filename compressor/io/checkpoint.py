@@ -22,6 +22,7 @@ from torch import nn
 
 from .. import __version__, prune
 from ..arch.view import find_moe_blocks
+from ..device import HOST
 from ..errors import UserError
 from ..runtime.experts import PackedExperts, PackedLinear, empty_packed_experts, empty_packed_linear
 from ..runtime.moe import CONFIG_KEY as MOE_MODULES, MLPMoE, replace_module, two_layer_mlp
@@ -221,7 +222,7 @@ def _load_weights(model: nn.Module, model_dir: Path) -> None:
     from .validate import check_state
 
     check_state(model_dir, model)  # before anything is read: damaged files, missing tensors, wrong shapes
-    model.to_empty(device="cpu")
+    model.to_empty(device=HOST)
     init_non_persistent_buffers(model)
     missing, unexpected = model.load_state_dict(read_tensors(model_dir), strict=False)
     model.tie_weights()
@@ -235,7 +236,7 @@ def init_non_persistent_buffers(model: nn.Module, only: set[nn.Module] | None = 
     """Non-persistent buffers (rotary inv_freq, CLIP's position_ids) are not in a checkpoint: each module holding
     some is initialised by its innermost transformers model (a LLaVA's vision tower is a model of its own).
     `only`: just these modules (a part of a streamed model), whose buffers still on the meta device are allocated
-    on the CPU first."""
+    on the host first."""
     from transformers import PreTrainedModel
 
     owner = {}
@@ -246,7 +247,7 @@ def init_non_persistent_buffers(model: nn.Module, only: set[nn.Module] | None = 
     for m, top in owner.items():
         for name in m._non_persistent_buffers_set:
             if m._buffers.get(name) is not None and m._buffers[name].is_meta:
-                m._buffers[name] = torch.empty_like(m._buffers[name], device="cpu")
+                m._buffers[name] = torch.empty_like(m._buffers[name], device=HOST)
         top._init_weights(m)
 
 

@@ -34,7 +34,7 @@ def quantize_rtn(W: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
         raise ValueError(f"W must be [..., out, in], got shape {tuple(W.shape)}")
     check_finite("W", W)
     if spec.format == "drop":
-        return dropped(W.shape, spec)
+        return dropped(W.shape, spec, W.device)
     if spec.format == "keep":
         if W.abs().max() > torch.finfo(torch.float16).max:
             raise ValueError("W exceeds the fp16 range; 'keep' stores fp16")
