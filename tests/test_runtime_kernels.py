@@ -157,3 +157,29 @@ def test_bf16_linear_layers_take_the_compiled_decode_path():
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     linear.restore(model)
     assert "forward" not in model[0].__dict__
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int3", "ternary"])
+def test_a_matrix_on_another_device_takes_the_torch_path(fmt):
+    """The compiled kernels read host memory: a matrix whose tensors are on another device (tests/elsewhere.py, which
+    fails where a GPU would on mixed devices) gets the pure-torch path there, equal to the host's; activations on
+    another device than the matrix meet the dequantized weights there."""
+    from elsewhere import DEVICE, elsewhere_factories
+
+    from compressor.runtime.experts import PackedMatrix
+
+    spec, tensors, W = packed(fmt, 16, 200, 64)
+    m = PackedMatrix(spec, 16, 200, {n: t.clone() for n, t in tensors.items()})
+    x = torch.randn(12, 200, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), elsewhere_factories():
+        host = m(x)
+        y_elsewhere = m(x.to(DEVICE))  # activations elsewhere, matrix on the host
+        assert y_elsewhere.device == DEVICE
+        m.to(DEVICE)
+        k = m.kernel(torch.float32)
+        assert k.path == "torch"
+        for rows in (1, 12):  # the decode and the prefill sizes
+            y = m(x[:rows].to(DEVICE))
+            assert y.device == DEVICE
+            torch.testing.assert_close(y.cpu(), host[:rows], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(y_elsewhere.cpu(), host, rtol=1e-5, atol=1e-5)

@@ -49,27 +49,37 @@ class Experts(nn.Module):
             if b is not None:  # a Parameter (a trainable up-cycled MLPMoE) stays one; a tensor becomes a buffer
                 setattr(self, name, b if isinstance(b, nn.Parameter) else b.detach().clone())
 
-    def _bias(self, b: torch.Tensor | None, e: int, dtype: torch.dtype) -> torch.Tensor | None:
-        return None if b is None else b[e].to(dtype)
+    def _bias(self, b: torch.Tensor | None, e: int, like: torch.Tensor) -> torch.Tensor | None:
+        return None if b is None else _like(b[e], like)
 
     def gate_up_proj(self, e: int, x: torch.Tensor) -> torch.Tensor:  # [n, H] -> [n, 2I]
-        return F.linear(x, self.expert_weights(e)[0].to(x.dtype), self._bias(self.gate_up_bias, e, x.dtype))
+        return F.linear(x, _like(self.expert_weights(e)[0], x), self._bias(self.gate_up_bias, e, x))
 
     def down_proj(self, e: int, h: torch.Tensor) -> torch.Tensor:  # [n, I] -> [n, O]
-        return F.linear(h, self.expert_weights(e)[1].to(h.dtype), self._bias(self.down_bias, e, h.dtype))
+        return F.linear(h, _like(self.expert_weights(e)[1], h), self._bias(self.down_bias, e, h))
+
+    def hidden(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e's down-projection input [n, I] for routed inputs x [n, H], as the forward computes it (what an
+        observer gets as `h`)."""
+        return self.apply_gate(self.gate_up_proj(e, x))
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         out = hidden.new_zeros(hidden.shape[0], self.out_features())
         flat_weights = top_k_weights.reshape(-1)
         for e, tok, slots in group_by_expert(top_k_index, self.num_experts):
             x = hidden.index_select(0, tok)  # [n, H]
-            h = self.apply_gate(self.gate_up_proj(e, x))  # [n, I]
+            h = self.hidden(e, x)  # [n, I]
             weights = flat_weights.index_select(0, slots)
             if self.observer is not None:
                 self.observer(e, x, h, tok, weights)
             y = self.down_proj(e, h)  # [n, O]
             out.index_add_(0, tok, (y * weights[:, None].to(y.dtype)).to(out.dtype))
         return out
+
+
+def _like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """t on x's device in x's dtype (itself when it already is): weights meet the activations where they are."""
+    return t.to(device=x.device, dtype=x.dtype)
 
 
 class DenseExperts(Experts):
@@ -139,6 +149,9 @@ class PackedMatrix(nn.Module):
         return k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [n, in] -> [n, out]
+        held = next((t.device for t in self.tensors().values()), x.device)  # ("drop" holds no tensor)
+        if x.device != held:  # weights meet the activations where they are
+            return F.linear(x, _like(self.dequantized(), x))
         return self.kernel(x.dtype)(x)
 
 
@@ -176,7 +189,7 @@ class PackedExperts(Experts):
         return pair.gate_up.dequantized(), pair.down.dequantized()
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        if self.observer is None and top_k_index.numel() <= FUSED_SLOTS:
+        if self.observer is None and top_k_index.numel() <= FUSED_SLOTS and hidden.device.type == "cpu":
             fused = self.__dict__.get("_fused")
             if fused is None or (fused and not fused.current()):
                 fused = self.__dict__["_fused"] = FusedExperts.build(self) or False
@@ -186,11 +199,11 @@ class PackedExperts(Experts):
 
     def gate_up_proj(self, e: int, x: torch.Tensor) -> torch.Tensor:
         y = getattr(self, str(e)).gate_up(x)
-        return y if self.gate_up_bias is None else y + self.gate_up_bias[e].to(y.dtype)
+        return y if self.gate_up_bias is None else y + _like(self.gate_up_bias[e], y)
 
     def down_proj(self, e: int, h: torch.Tensor) -> torch.Tensor:
         y = getattr(self, str(e)).down(h)
-        return y if self.down_bias is None else y + self.down_bias[e].to(y.dtype)
+        return y if self.down_bias is None else y + _like(self.down_bias[e], y)
 
     def out_features(self) -> int:
         return getattr(self, "0").down.out_features
@@ -215,7 +228,7 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.packed(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        return y if self.bias is None else y + _like(self.bias, y)
 
 
 def empty_packed_experts(view, formats: list[str], group_size: int, sym: bool, dtype: torch.dtype) -> PackedExperts:
