@@ -135,22 +135,23 @@ def test_without_compiled_kernels_the_torch_paths_run(monkeypatch):
 
 
 @needs_lib
-def test_bf16_linear_layers_take_the_compiled_decode_path():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_linear_layers_take_the_compiled_decode_path(dtype):
     from torch import nn
 
     from compressor.runtime import linear
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(100, 37), nn.Linear(37, 64, bias=False)).to(torch.bfloat16)
+    model = nn.Sequential(nn.Linear(100, 37), nn.Linear(37, 64, bias=False)).to(dtype)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    x = torch.randn(3, 4, 100).bfloat16()
+    x = torch.randn(3, 4, 100).to(dtype)
     assert x.numel() // 100 > GEMV_ROWS
     with torch.no_grad():
         want = model(x)
         assert linear.accelerate(model) == 2
         for rows in (x[:1, :1], x[:1, :3], x[:2]):  # 1, 3 and 8 rows: the compiled product
             W = [m.weight.double() for m in model]
-            ref = (rows.double() @ W[0].T + model[0].bias.double()).bfloat16().double() @ W[1].T
+            ref = (rows.double() @ W[0].T + model[0].bias.double()).to(dtype).double() @ W[1].T
             bound = 2.0 ** -7 * ((rows.double().abs() @ W[0].abs().T + model[0].bias.double().abs()) @ W[1].abs().T)
             assert ((model(rows).double() - ref).abs() <= bound).all()
         assert torch.equal(model(x), want)  # 12 rows, more than GEMV_ROWS: torch's own product, unchanged

@@ -1,10 +1,11 @@
-"""A compressed model's own bfloat16 linear layers (attention projections, the LM head) at decode sizes through the
-compiled kernels (kernels/packed.cpp, 16-bit weights): torch's CPU bfloat16 matmul costs tens of microseconds per
-call at one row before it reads a weight (measured: 48 us for a 576 x 576 matrix at one row against 20 us in
-float32; 2-3x our path's time on the attention shapes of the reference MoE), which a decode step pays a few hundred
-times. float16 is left to torch, whose one-row path is as fast as ours.
+"""A compressed model's own 16-bit linear layers (attention projections, the LM head) at decode sizes through the
+compiled kernels (kernels/packed.cpp, 16-bit weights): torch's CPU bfloat16 and float16 matmuls (oneDNN) cost tens
+of microseconds per call at one row before they read a weight (measured: bfloat16 48 us for a 576 x 576 matrix at
+one row against 20 us in float32, 2-3x our path's time on the attention shapes of the reference MoE; float16 27-126 us
+against our 9-53 us on 256 x 256 and 576 x 576, equal on the 49152 x 576 LM head), which a decode step pays a few
+hundred times, and more on a loaded machine.
 
-`accelerate(model)` gives every `nn.Linear` with a bfloat16 weight on the CPU a forward that takes the compiled
+`accelerate(model)` gives every `nn.Linear` with a 16-bit weight on the CPU a forward that takes the compiled
 product for up to GEMV_ROWS rows and F.linear otherwise (same weights, same dtype out, float32 accumulation). The
 module, its parameters and its state dict are untouched; `restore(model)` removes the forwards. Without the compiled
 kernels nothing is installed.
@@ -18,7 +19,7 @@ from torch import nn
 
 from .kernels import GEMV_ROWS, native
 
-DTYPES = (torch.bfloat16,)
+DTYPES = (torch.bfloat16, torch.float16)
 
 
 class _Forward:
@@ -40,7 +41,7 @@ class _Forward:
 
 
 def accelerate(model: nn.Module) -> int:
-    """Install the decode forward on every bfloat16 CPU nn.Linear; returns how many."""
+    """Install the decode forward on every 16-bit CPU nn.Linear; returns how many."""
     lib = native.library()
     if lib is None:
         return 0
