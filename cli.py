@@ -152,6 +152,8 @@ def _bench_parser(sub) -> None:
     p.add_argument("--threads", type=int, help="default: OMP_NUM_THREADS or the CPU count")
     p.add_argument("--repeats", type=int, default=3, help="fresh processes per model")
     p.add_argument("--no-dynamic-pruning", dest="dynamic_pruning", action="store_false")
+    p.add_argument("--no-float32-original", dest="float32_original", action="store_false",
+                   help="the original in its 16-bit dtype only (loading it in float32 needs twice the memory)")
     p.add_argument("--json", help="write the full report here")
 
 
@@ -162,7 +164,7 @@ def _run_bench(args: argparse.Namespace) -> None:
     from compressor.runtime.bench import bench, format_report
 
     report = bench(model_or_default(args.model), args.original, args.prompt_len, args.gen_len, args.batch,
-                   args.threads, args.repeats, args.dynamic_pruning)
+                   args.threads, args.repeats, args.dynamic_pruning, args.float32_original)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     print(format_report(report))

@@ -84,6 +84,8 @@ def main() -> None:
     ap.add_argument("--settings", default="decode,prefill")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-float32-original", dest="float32_original", action="store_false",
+                    help="compare with the original's 16-bit form only (its float32 loading needs twice the memory)")
     a = ap.parse_args()
     given = dict(v.split("=", 1) for v in a.variant)
     for model in a.models.split(","):
@@ -97,7 +99,7 @@ def main() -> None:
                 for label, pruning in runs:
                     print(f"== {model} {name} {label}", flush=True)
                     r = bench(path, model_dir, threads=a.threads, repeats=a.repeats, dynamic_pruning=pruning,
-                              **SETTINGS[setting])
+                              float32_original=a.float32_original, **SETTINGS[setting])
                     print(format_report(r), flush=True)
                     results.setdefault(name, {})[label] = r
                     out.write_text(json.dumps(results, indent=1))

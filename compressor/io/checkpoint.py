@@ -208,10 +208,11 @@ def load_compressed(model_dir: Path, dtype: torch.dtype | None = None, dynamic_p
     try:  # formats of modules the model does not have, or that do not exist: a config.json edited or damaged
         gs, sym = qc["group_size"], qc["sym"]
         for b in find_moe_blocks(model):
-            b.block.experts = empty_packed_experts(b, qc["experts"][b.name], gs, sym, dtype)
+            b.block.experts = empty_packed_experts(b, qc["experts"][b.name], gs, sym, dtype, "meta")
         for name, fmt in qc["dense"].items():
             parent, attr = name.rsplit(".", 1)
-            setattr(model.get_submodule(parent), attr, empty_packed_linear(model.get_submodule(name), fmt, gs, sym, dtype))
+            lin = model.get_submodule(name)
+            setattr(model.get_submodule(parent), attr, empty_packed_linear(lin, fmt, gs, sym, dtype, "meta"))
     except (KeyError, AttributeError, TypeError, ValueError) as err:
         raise ModelDirError(f"{model_dir}/config.json: its quantization_config does not describe this model "
                             f"({type(err).__name__}: {str(err)[:120]}); was it edited, or written by another version? "

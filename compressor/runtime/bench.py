@@ -134,12 +134,13 @@ def original_of(model_dir: Path) -> Path | None:
     return Path(name).expanduser() if name else DEFAULT_MODEL_DIR
 
 
-def _variants(model_dir: Path, original: Path | None) -> list[tuple[str, Path, str | None]]:
+def _variants(model_dir: Path, original: Path | None, float32: bool = True) -> list[tuple[str, Path, str | None]]:
     from ..io.models import read_config
 
     out = [("compressed", model_dir, None)]
     if original is not None:
-        out.append(("original float32", original, "float32"))
+        if float32:
+            out.append(("original float32", original, "float32"))
         own = str(read_config(original).get("dtype") or read_config(original).get("torch_dtype") or "float32")
         if own in ("float16", "bfloat16"):
             out.append((f"original {own}", original, own))
@@ -152,7 +153,9 @@ def _summary(values: list[float]) -> dict:
 
 def bench(model_dir: str | Path, original: str | Path | None = None, prompt_len: int = 128, gen_len: int = 64,
           batch: int = 1, threads: int | None = None, repeats: int = 3, dynamic_pruning: bool = True,
-          log=print) -> dict:
+          float32_original: bool = True, log=print) -> dict:
+    """See the module docstring; `float32_original` False leaves the original's float32 form out (its loading peaks
+    at about twice its float32 size, which a machine short of memory may not have)."""
     from ..io.checkpoint import tensor_nbytes
 
     model_dir = Path(model_dir).expanduser()
@@ -161,7 +164,7 @@ def bench(model_dir: str | Path, original: str | Path | None = None, prompt_len:
     missing = None
     if orig is not None and not (orig / "config.json").is_file():
         missing, orig = str(orig), None
-    variants = _variants(model_dir, orig)
+    variants = _variants(model_dir, orig, float32_original)
     runs: dict[str, list[dict]] = {label: [] for label, _, _ in variants}
     for r in range(repeats):
         for label, path, dtype in variants:
@@ -178,7 +181,8 @@ def bench(model_dir: str | Path, original: str | Path | None = None, prompt_len:
                        **{k: _summary([m[k] for m in ms]) for k in METRICS + ("resident", "peak_rss", "baseline_rss")},
                        "kernels": ms[0]["kernels"]}
     report = {"settings": {"prompt_len": prompt_len, "gen_len": gen_len, "batch": batch, "threads": threads,
-                           "repeats": repeats, "dynamic_pruning": dynamic_pruning},
+                           "repeats": repeats, "dynamic_pruning": dynamic_pruning,
+                           "float32_original": float32_original},
               "load": os.getloadavg(), "rows": rows, "original_missing": missing}
     originals = [v for k, v in rows.items() if k.startswith("original")]
     if originals:

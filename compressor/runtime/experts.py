@@ -120,9 +120,10 @@ class PackedMatrix(nn.Module):
         return cls(qw.spec, out_features, in_features, pack(qw))
 
     @classmethod
-    def empty(cls, spec: QuantSpec, out_features: int, in_features: int) -> "PackedMatrix":
-        """Right shapes and dtypes, zero contents: a skeleton for load_state_dict."""
-        return cls(spec, out_features, in_features, packed_layout(spec, out_features, in_features))
+    def empty(cls, spec: QuantSpec, out_features: int, in_features: int,
+              device: torch.device | str | None = None) -> "PackedMatrix":
+        """Right shapes and dtypes, zero contents (on `device`; "meta": no memory): a skeleton for load_state_dict."""
+        return cls(spec, out_features, in_features, packed_layout(spec, out_features, in_features, device))
 
     def _apply(self, fn, recurse=True):
         """Device moves only: `.float()` or `.half()` on the model must not change packed bytes."""
@@ -155,9 +156,10 @@ class PackedMatrix(nn.Module):
         return self.kernel(x.dtype)(x)
 
 
-def packed_layout(spec: QuantSpec, out_features: int, in_features: int) -> dict[str, torch.Tensor]:
+def packed_layout(spec: QuantSpec, out_features: int, in_features: int,
+                  device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
     """Zero tensors with the shapes and dtypes `pack` writes for this spec and shape."""
-    return {n: torch.zeros(shape, dtype=dt) for n, (shape, dt) in packed_shapes(spec, out_features, in_features).items()}
+    return {n: torch.zeros(shape, dtype=dt, device=device) for n, (shape, dt) in packed_shapes(spec, out_features, in_features).items()}
 
 
 class PackedExperts(Experts):
@@ -231,18 +233,22 @@ class PackedLinear(nn.Module):
         return y if self.bias is None else y + _like(self.bias, y)
 
 
-def empty_packed_experts(view, formats: list[str], group_size: int, sym: bool, dtype: torch.dtype) -> PackedExperts:
-    """Packed experts of a block (a compressor.arch.view.MoEBlock) in the given formats, their tensors uninitialised:
-    the module a saved state dict is loaded into (a compressed checkpoint, a resumed pass 2)."""
+def empty_packed_experts(view, formats: list[str], group_size: int, sym: bool, dtype: torch.dtype,
+                         device: torch.device | str | None = None) -> PackedExperts:
+    """Packed experts of a block (a compressor.arch.view.MoEBlock) in the given formats, their tensors uninitialised
+    (on `device`; "meta" for a loader that assigns the checkpoint's own tensors): the module a saved state dict is
+    loaded into (a compressed checkpoint, a resumed pass 2)."""
     _, I2, H = view.gate_up().shape
     O, I = view.down().shape[-2:]
-    pairs = [(PackedMatrix.empty(QuantSpec(gu, group_size, sym), I2, H), PackedMatrix.empty(QuantSpec(d, group_size, sym), O, I))
-             for gu, d in map(split_format, formats)]
-    biases = tuple(None if t is None else torch.zeros(t.shape, dtype=dtype) for t in view.biases())
+    pairs = [(PackedMatrix.empty(QuantSpec(gu, group_size, sym), I2, H, device),
+              PackedMatrix.empty(QuantSpec(d, group_size, sym), O, I, device)) for gu, d in map(split_format, formats)]
+    biases = tuple(None if t is None else torch.zeros(t.shape, dtype=dtype, device=device) for t in view.biases())
     return PackedExperts(pairs, view.apply_gate, biases)
 
 
-def empty_packed_linear(lin: nn.Linear, fmt: str, group_size: int, sym: bool, dtype: torch.dtype) -> PackedLinear:
+def empty_packed_linear(lin: nn.Linear, fmt: str, group_size: int, sym: bool, dtype: torch.dtype,
+                        device: torch.device | str | None = None) -> PackedLinear:
     """A packed replacement of `lin` in format `fmt`, tensors uninitialised (see empty_packed_experts)."""
-    bias = None if lin.bias is None else torch.zeros(lin.out_features, dtype=dtype)
-    return PackedLinear(PackedMatrix.empty(QuantSpec(fmt, group_size, sym), lin.out_features, lin.in_features), bias)
+    bias = None if lin.bias is None else torch.zeros(lin.out_features, dtype=dtype, device=device)
+    matrix = PackedMatrix.empty(QuantSpec(fmt, group_size, sym), lin.out_features, lin.in_features, device)
+    return PackedLinear(matrix, bias)
