@@ -26,7 +26,7 @@ from ...quantize.formats import QuantSpec, group_size_for, num_groups
 from . import native
 from .torch_paths import Int4PackLinear, Int8PackLinear, dequantize_into, int4pack_group, int8pack_fits
 
-GEMV_ROWS = 8  # rows of x up to which the decode kernels beat dequantize + GEMM (evals/bench_kernels.py)
+GEMV_ROWS = 8  # rows of x up to which the decode kernels run; more rows: dequantize into the workspace + GEMM
 
 
 class Workspace:
