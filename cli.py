@@ -134,7 +134,9 @@ def _upcycle_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--checkpoint-every", type=int, default=50)
-    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--group-size", type=int, default=argparse.SUPPRESS,
+                   help="weights per ternary scale along a row (default: the toolkit's group size, as compress); "
+                        "256 makes the experts TQ1_0/TQ2_0 blocks, exported to GGUF exactly (--target gguf)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--freeze-shared", action="store_true", help="keep the shared expert frozen (MoTE)")
     p.add_argument("--drop-ratio", type=float, default=0.0,
@@ -175,7 +177,8 @@ def _run_upcycle(args: argparse.Namespace) -> None:
 
     kwargs = {k: getattr(args, k) for k in ("experts", "top_k", "ternary", "shared_expert", "train_text", "steps",
                                             "lr", "modules", "batch_size", "seq_len", "checkpoint_every",
-                                            "group_size", "seed", "overwrite", "freeze_shared", "drop_ratio")}
+                                            "group_size", "seed", "overwrite", "freeze_shared", "drop_ratio")
+              if hasattr(args, k)}  # --group-size given or not: its default is upcycle_cli's
     print(f"wrote {upcycle_cli(args.model, args.output, **kwargs)}")
 
 

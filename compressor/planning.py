@@ -21,43 +21,49 @@ from .allocation.budget import parse_budget
 from .allocation.lp import InfeasibleBudget, mcmoe_cost, solve_allocation
 from .analysis.importance import mcmoe_weights
 from .arch.view import MoEBlock
-from .quantize.ternary import is_ternary
+from .quantize.ternary import ternary_grid
 from .config.schema import Recipe
 from .io.accounting import expert_matrix_bytes, predict_bytes, projection_bytes
 from .measure import BlockMeasurement
 from .plan import Plan, join_formats
-from .targets import TargetError, target
+from .targets import Target, TargetError, target
 
 
-def ternary_experts(blocks: list[MoEBlock], group_size: int) -> dict[str, list[bool]]:
-    """Experts whose weights are already ternary (a MoTE checkpoint): they stay ternary, losslessly,
-    whatever the plan, and the budget applies to the rest. Meta-device models have none."""
+def ternary_experts(blocks: list[MoEBlock], group_size: int, tgt: Target | None = None) -> dict[str, list[bool]]:
+    """Experts whose weights are already ternary (a MoTE checkpoint): they keep their values, losslessly, in the
+    target's ternary format whatever the plan, and the budget applies to the rest; ternary experts `tgt` cannot keep
+    exactly are refused (Target.check_ternary). Meta-device models have none."""
     out = {}
     for b in blocks:
         if b.gate_up().device.type == "meta":
             out[b.name] = [False] * b.num_experts
-        else:
-            out[b.name] = (is_ternary(b.gate_up(), group_size) & is_ternary(b.down(), group_size)).tolist()
+            continue
+        (v_gu, s_gu), (v_d, s_d) = ternary_grid(b.gate_up(), group_size), ternary_grid(b.down(), group_size)
+        values, scales = (v_gu & v_d).tolist(), (s_gu & s_d).tolist()
+        if tgt is not None:
+            tgt.check_ternary(b, values, scales)
+        out[b.name] = [v and s for v, s in zip(values, scales)]
     return out
 
 
 class TernaryScan:
     """`on_layer` callback of `layerwise` recording which experts of the layer are already ternary (on a streamed
-    model the weights exist only while their layer is resident), then calling `inner` (e.g. MeasurePass)."""
+    model the weights exist only while their layer is resident), then calling `inner` (e.g. MeasurePass). With `tgt`,
+    ternary experts it cannot keep exactly are refused when their layer is reached, before it is measured."""
 
-    def __init__(self, blocks: list[MoEBlock], group_size: int, inner=None):
-        self.blocks, self.group_size, self.inner = blocks, group_size, inner
+    def __init__(self, blocks: list[MoEBlock], group_size: int, inner=None, tgt: Target | None = None):
+        self.blocks, self.group_size, self.inner, self.target = blocks, group_size, inner, tgt
         self.flags: dict[str, list[bool]] = {}
 
     def __call__(self, i: int, layer: nn.Module, inputs):
-        self.flags.update(ternary_experts([b for b in self.blocks if b.layer_idx == i], self.group_size))
+        self.flags.update(ternary_experts([b for b in self.blocks if b.layer_idx == i], self.group_size, self.target))
         return self.inner(i, layer, inputs) if self.inner is not None else None
 
 
-def candidate_formats(allowed: list[str], ternary: dict[str, list[bool]]) -> list[str]:
-    """The allowed formats, plus ternary when some experts are already ternary (they keep it)."""
+def candidate_formats(allowed: list[str], ternary: dict[str, list[bool]], keep_as: str = "ternary") -> list[str]:
+    """The allowed formats, plus `keep_as` (the target's ternary format) when some experts are already ternary."""
     has_ternary = any(any(flags) for flags in ternary.values())
-    return list(allowed) + (["ternary"] if has_ternary and "ternary" not in allowed else [])
+    return list(allowed) + ([keep_as] if has_ternary and keep_as not in allowed else [])
 
 
 def expert_weight_count(blocks: list[MoEBlock]) -> int:
@@ -92,11 +98,12 @@ def plan_budget(recipe: Recipe, model: nn.Module, blocks: list[MoEBlock], dense:
     """`ternary`: the experts already ternary (TernaryScan's flags); None: read off the blocks' weights.
     `sensitivity`: the layers' loss sensitivity, weighting the global objective (None: output energy)."""
     a, q = recipe.allocation, recipe.quantization
-    ternary = ternary_experts(blocks, q.group_size) if ternary is None else ternary
+    tgt = target(a.target)
+    ternary = ternary_experts(blocks, q.group_size, tgt) if ternary is None else ternary
     pinned = np.array([t for b in blocks for t in ternary[b.name]], dtype=bool)  # [N]
     formats = list(measurements[0].formats)  # what pass 1 measured: candidate_formats(...)
     base = Plan.uniform({b.name: b.num_experts for b in blocks}, "drop",
-                        target(a.target).dense_entries(dense, q.dense_bits_or_bits),
+                        tgt.dense_entries(dense, q.dense_bits_or_bits),
                         group_size=q.group_size, sym=q.sym, scale_dtype=q.scale_dtype)
     fixed = sum(predict_bytes(model, blocks, dense, base, dtype).values())  # everything but the routed experts
     budget = parse_budget(a.budget)
@@ -106,18 +113,20 @@ def plan_budget(recipe: Recipe, model: nn.Module, blocks: list[MoEBlock], dense:
     nbytes = np.array([[expert_matrix_bytes(b, f, q.group_size, q.sym, strict=False) for f in formats]
                        for b in blocks for _ in range(b.num_experts)], dtype=np.int64)
     cost = costs(measurements, a.objective, sensitivity)
-    if pinned.any():  # already-ternary experts: ternary is their only (and lossless) choice
-        if a.target != "native":
-            raise TargetError(f"--target {a.target}: this model's experts are already ternary (a MoTE checkpoint); "
-                              "they keep this project's ternary format: use --target native")
-        cost[pinned] = np.inf
-        cost[pinned, formats.index("ternary")] = 0.0
-    groups = TargetGroups(target(a.target), blocks, formats, q.group_size, q.sym)
+    cost_proj = costs(measurements, a.objective, sensitivity, "eps_proj") if tgt.per_projection else None
+    if pinned.any() and tgt.ternary_format not in formats:  # flags of a measurement cache entry older than the check
+        raise TargetError(f"--target {a.target}: pass 1's measurements (from the measurement cache) lack "
+                          f"{tgt.ternary_format}, the format this model's ternary experts keep; run again with "
+                          "--no-measurement-cache")
+    if pinned.any():  # already-ternary experts: the target's ternary format is their only (and lossless) choice
+        for c in (cost, cost_proj):  # (ternary_experts checked that the target holds them exactly)
+            if c is not None:
+                c[pinned] = np.inf
+                c[pinned, formats.index(tgt.ternary_format)] = 0.0
+    groups = TargetGroups(tgt, blocks, formats, q.group_size, q.sym)
     item_cost, item_bytes = cost, nbytes  # the LP's items: experts, or the target's groups of them
-    if groups.target.unit != "expert":
-        item_cost = groups.costs(cost, costs(measurements, a.objective, sensitivity, "eps_proj")
-                                 if groups.target.per_projection else None)
-        item_bytes = groups.nbytes()
+    if tgt.unit != "expert":
+        item_cost, item_bytes = groups.costs(cost, cost_proj), groups.nbytes()
     allowed_bytes = np.where(np.isfinite(item_cost), item_bytes, np.iinfo(np.int64).max)
     smallest = int(allowed_bytes.min(axis=1).sum()) + (fixed if a.scope == "model" else 0)
     if smallest > budget_bytes:

@@ -23,6 +23,7 @@ from .arch.families import MLP_MOE, UnsupportedArchitecture
 from .plan import join_formats
 from .quantize.formats import FORMATS, GGML_FORMATS, INT_BITS
 from .quantize.ggml import GGML_TYPES
+from .quantize.ternary import ternary_grid
 
 TARGETS = ("native", "gguf", "vllm")
 
@@ -51,6 +52,7 @@ class Target:
     sym: bool | None = None     # the grid the target imposes (None: the recipe's)
     group_size: int | None = None  # and, when set, int formats hold whole groups only
     scales_in_model_dtype: bool = False  # the runtime loads the int scales in the model's dtype (vLLM)
+    ternary_format: str | None = None  # the format already-ternary (MoTE) experts keep, losslessly (None: none)
 
     def resolve(self, recipe, log=print):
         """The recipe with the target's candidate formats and grid: formats it cannot hold are left out (said so),
@@ -119,20 +121,68 @@ class Target:
         """Each dense FFN linear's (shared experts, dense layers; `dense`: name -> nn.Linear) format of `bits`."""
         return {name: self.format_for(bits, lin.in_features) for name, lin in dense.items()}
 
+    def check_ternary(self, block, values: list[bool], scales: list[bool]) -> None:
+        """Already-ternary experts keep their values exactly, or the target refuses them. `values` / `scales`: per
+        expert of `block`, are both projections' weights on a ternary grid in the recipe's groups / are those scales
+        fp16 values (quantize.ternary.ternary_grid); an expert with both is pinned to `ternary_format` by the plan.
+        gguf: TQ1_0 / TQ2_0 store a row as blocks of 256 weights, {-1, 0, 1} times one fp16 scale d per block, and a
+        layer's experts share one type per projection: exact when every expert of the layer is ternary with one fp16
+        scale per 256-weight block of every row."""
+        if self.name == "native" or not any(values):
+            return
+        where = f"--target {self.name}: the experts of {block.name} (layer {block.layer_idx})"
+        pinned = [v and s for v, s in zip(values, scales)]
+        if not any(pinned):  # ternary values, scales no fp16 holds: nothing stores them exactly
+            raise TargetError(f"{where} hold ternary values whose scales are not fp16 values, which "
+                              f"{self._ternary_names()} store; no exact conversion exists. Round the scales to fp16 "
+                              "(upcycle --ternary writes fp16 scales) or use --target native, where they are quantized "
+                              "as ordinary weights")
+        if self.ternary_format is None:
+            raise TargetError(f"{where} are already ternary (a MoTE checkpoint), and --target {self.name} has no "
+                              f"ternary format (its formats: {', '.join(self.formats)}); use --target native, or "
+                              "--target gguf for a model ternarized in groups of 256 (upcycle --ternary --group-size 256)")
+        if not all(pinned):
+            raise TargetError(f"{where}: {sum(pinned)} of {len(pinned)} are already ternary (a MoTE checkpoint), and "
+                              f"{self._runtime()} holds one type per layer and projection, so the others would be "
+                              "ternarized too; use --target native")
+        t = GGML_TYPES[self.ternary_format]
+        for proj, W in (("gate/up", block.gate_up()), ("down", block.down())):
+            why = None
+            if W.shape[-1] % t.block:
+                why = f"rows of {W.shape[-1]} weights, not a whole number of blocks"
+            else:
+                on_grid, fp16 = ternary_grid(W, t.block)
+                if not bool(on_grid.all()):
+                    why = "scales that change within a block (the model was ternarized in smaller groups)"
+                elif not bool(fp16.all()):
+                    why = "block scales that are not fp16 values"
+            if why is not None:
+                raise TargetError(f"{where} are already ternary (a MoTE checkpoint), but their {proj} projection has "
+                                  f"{why}: {self._ternary_names()} hold one fp16 scale per {t.block} weights of a row, "
+                                  f"so the conversion would not be exact. Up-cycle with `upcycle --ternary --group-size "
+                                  f"{t.block}` (rows of whole {t.block}-blocks), or use --target native")
+
+    def _ternary_names(self) -> str:
+        return "TQ1_0/TQ2_0" if self.name == "gguf" else "this project's ternary format"
+
+    def _runtime(self) -> str:
+        return "llama.cpp" if self.name == "gguf" else "vLLM"
+
     def check_blocks(self, blocks) -> None:
         """MoE blocks the target cannot express are refused before any work."""
         if self.name == "native" or not blocks:
             return
         if blocks[0].family is MLP_MOE:
             raise TargetError(f"--target {self.name}: this model's MoE blocks ({blocks[0].name}, ...) are up-cycled MLPs "
-                              f"(upcycle --modules), which {'llama.cpp' if self.name == 'gguf' else 'vLLM'} does not "
+                              f"(upcycle --modules), which {self._runtime()} does not "
                               "run; use --target native")
 
 
 TARGET_TABLE = {
-    "native": Target("native", "expert", FORMATS + GGML_FORMATS, FORMATS),
+    "native": Target("native", "expert", FORMATS + GGML_FORMATS, FORMATS, ternary_format="ternary"),
+    # tq1_0 and tq2_0 hold the same values; tq1_0 in fewer bytes (1.6875 against 2.0625 bits per weight)
     "gguf": Target("gguf", "projection", ("keep",) + GGML_FORMATS,
-                   ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0", "q4_0", "q5_0", "q5_1")),
+                   ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0", "q4_0", "q5_0", "q5_1"), ternary_format="tq1_0"),
     "vllm": Target("vllm", "layer", ("keep", "int8", "int4"), ("int4", "int8"), sym=True, group_size=128,
                    scales_in_model_dtype=True),
 }

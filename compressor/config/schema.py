@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ..allocation.budget import parse_budget
 from ..prune.calibrate import DEFAULT_RENORMALIZE
 from ..prune.rule import DEFAULT_PROTECT
-from ..quantize.formats import ALL_FORMATS
+from ..quantize.formats import ALL_FORMATS, DEFAULT_GROUP_SIZE
 
 FormatName = Literal[ALL_FORMATS]  # this project's formats and the GGUF block types (quantize/formats.py)
 from ..targets import BITS_TABLES
@@ -44,7 +44,7 @@ class Calibration(Section):
 class Quantization(Section):
     method: Literal["gptq", "rtn", "ternary"] = "gptq"
     bits: Literal[2, 3, 4, 8, 16] = Field(4, description="uniform bits for experts when no budget is given")
-    group_size: int = Field(128, ge=1, description="columns per scale group (a narrower matrix uses one group)")
+    group_size: int = Field(DEFAULT_GROUP_SIZE, ge=1, description="columns per scale group (a narrower matrix uses one group)")
     sym: bool = Field(False, description="symmetric grid (no zero points)")
     scale_dtype: Literal["float16", "bfloat16"] = Field(
         "float16", description="values the int scales may take (they are stored as float16): float16, or bfloat16 "

@@ -20,7 +20,7 @@ from ..measure import BlockMeasurement, MeasurePass
 from ..plan import Plan
 from ..plan_check import check_plan
 from ..planning import TernaryScan, candidate_formats, plan_budget, ternary_experts
-from ..targets import target
+from ..targets import Target, target
 from ..weight_measure import weight_measurements
 from .driver import LocalDriver
 from .inputs import model_dir_of
@@ -48,11 +48,12 @@ def make_plan(recipe: Recipe, model: nn.Module, blocks, dense, windows: torch.Te
                             scale_dtype=q.scale_dtype, target=a.target)
         if a.target != "native":  # the target's format of --bits for each matrix width
             plan.experts = t.uniform_entries(blocks, q.bits)
-        for name, flags in pinned_ternary(model, blocks, q.group_size, resident).items():  # MoTE experts stay ternary
-            plan.experts[name] = ["ternary" if t else f for t, f in zip(flags, plan.experts[name])]
+        for name, flags in pinned_ternary(model, blocks, q.group_size, resident, t).items():  # MoTE experts stay ternary
+            plan.experts[name] = [t.ternary_format if pin else f for pin, f in zip(flags, plan.experts[name])]
         return plan
     if windows is None and feed is None:
-        formats = candidate_formats(a.formats, ternary_experts(blocks, q.group_size))
+        t = target(a.target)
+        formats = candidate_formats(a.formats, ternary_experts(blocks, q.group_size, t), t.ternary_format)
         plan = plan_budget(recipe, model, blocks, dense,
                            weight_measurements(blocks, formats, q.group_size, q.sym, q.scale_dtype), dtype)
         plan.allocation["measurements"] = "data-free weight errors, uniform routing"
@@ -93,27 +94,30 @@ def measure(recipe: Recipe, model: nn.Module, blocks, windows: torch.Tensor | No
     With `feed`, the MLPMoE blocks are measured on its images instead of the windows."""
     q, a = recipe.quantization, recipe.allocation
     driver = driver or LocalDriver.for_recipe(recipe)
-    ternary = ternary_experts(blocks, q.group_size)  # none on the meta device
+    t = target(a.target)
+    ternary = ternary_experts(blocks, q.group_size, t)  # none on the meta device
     while True:
-        formats = candidate_formats(a.formats, ternary)
+        formats = candidate_formats(a.formats, ternary, t.ternary_format)
         scan = TernaryScan(blocks, q.group_size, MeasurePass(
             blocks, formats, q.group_size, q.sym, a.eps_quantizer, q.gptq_options, journal,
-            per_projection=target(a.target).per_projection, scale_dtype=q.scale_dtype,
-            hessian_device=hessian_device(recipe.execution.hessians), driver=driver))
+            per_projection=t.per_projection, scale_dtype=q.scale_dtype,
+            hessian_device=hessian_device(recipe.execution.hessians), driver=driver), t)
         if feed is not None:
             blockwise(blocks, feed, scan, desc="measure")
         else:
             layerwise(model, driver.windows(windows), scan, desc="measure", resident=resident, device=driver.device)
-        if candidate_formats(a.formats, scan.flags) == formats:
+        if candidate_formats(a.formats, scan.flags, t.ternary_format) == formats:
             return scan.inner.results, scan.flags
         ternary = scan.flags
 
 
-def pinned_ternary(model: nn.Module, blocks, group_size: int, resident: Resident = in_memory) -> dict[str, list[bool]]:
-    """The experts already ternary; on a streamed model, read one layer at a time."""
+def pinned_ternary(model: nn.Module, blocks, group_size: int, resident: Resident = in_memory,
+                   tgt: Target | None = None) -> dict[str, list[bool]]:
+    """The experts already ternary (refused where `tgt` cannot keep them exactly); on a streamed model, read one
+    layer at a time."""
     if resident is in_memory:
-        return ternary_experts(blocks, group_size)
-    scan = TernaryScan(blocks, group_size)
+        return ternary_experts(blocks, group_size, tgt)
+    scan = TernaryScan(blocks, group_size, tgt=tgt)
     layerwise(model, None, scan, desc="ternary experts", resident=resident)
     return scan.flags
 

@@ -17,10 +17,11 @@ def quantize_ternary(W: torch.Tensor, spec: QuantSpec = TERNARY) -> QuantizedWei
     return quantize_rtn(W, spec)
 
 
-def is_ternary(W: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> torch.Tensor:
-    """W [E, out, in] (or [out, in]) -> BoolTensor [E] (or 0-d): True where every (row, group) holds at
-    most the three values {-s, 0, s}, with s finite and fp16-representable (so packing is lossless).
-    A checkpoint ternarized with group g is ternary for every group size dividing g (and for g itself)."""
+def ternary_grid(W: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [E, out, in] (or [out, in]) -> (values, scales), BoolTensors [E] (or 0-d): `values` where every (row, group)
+    holds at most the three values {-s, 0, s}; `scales` where every such s is finite and fp16-representable (what the
+    ternary format and the GGUF ternary types store). A checkpoint ternarized with group g is ternary for every group
+    size dividing g (and for g itself)."""
     squeeze = W.dim() == 2
     W = W[None] if squeeze else W
     n = W.shape[-1]
@@ -29,6 +30,13 @@ def is_ternary(W: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> torch.T
     Wg = Wp.reshape(*Wp.shape[:-1], -1, gs)  # [E, out, G, gs], zero-padded
     a = Wg.abs()
     m = a.amax(-1, keepdim=True)  # [E, out, G, 1]
-    ok = ((a == 0) | (a == m)).flatten(1).all(1)
-    ok &= torch.isfinite(m).flatten(1).all(1) & (m.half().float() == m).flatten(1).all(1)
-    return ok[0] if squeeze else ok
+    values = ((a == 0) | (a == m)).flatten(1).all(1)
+    scales = (torch.isfinite(m) & (m.half().float() == m)).flatten(1).all(1)
+    return (values[0], scales[0]) if squeeze else (values, scales)
+
+
+def is_ternary(W: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE) -> torch.Tensor:
+    """W [E, out, in] (or [out, in]) -> BoolTensor [E] (or 0-d): True where every (row, group) holds at
+    most the three values {-s, 0, s}, with s finite and fp16-representable (so packing is lossless)."""
+    values, scales = ternary_grid(W, group_size)
+    return values & scales
