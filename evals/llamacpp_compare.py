@@ -40,12 +40,14 @@ import torch
 
 from compressor.assets import CALIB_TEXT, HELDOUT_TEXTS, REFERENCE_MODEL_DIR
 from compressor.calibration.data import calibration_windows, eval_windows, read_text, tokenize
+from compressor.targets import TARGET_TABLE
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "evals" / "results" / "llamacpp_compare.json"
 QTYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M", "IQ2_XS")
 ATTENTION = ("attn_q", "attn_k", "attn_v", "attn_output")  # --tensor-type regexes kept F16 (llama.cpp's names)
 NATIVE_FORMATS = "keep,int8,int4,int3,int2,ternary"
+GGUF_WITH_TQ = ",".join(TARGET_TABLE["gguf"].default_formats + ("tq2_0", "tq1_0", "keep"))
 STEPS = ("imatrix", "quantize", "compress", "ppl", "targets", "bench", "tasks", "report")
 TASKS = ("local_piqa", "local_arc_easy")
 
@@ -256,6 +258,9 @@ class Run:
             elif f"ours-{q}" not in self.rows and f"ours-{src}" in self.rows:
                 self.rows[f"ours-{q}"] = {**self.rows[f"ours-{src}"], "same_as": f"ours-{src}"}
                 self.save()
+        for q in self.a.ternary_points:  # below the default candidates' smallest size: TQ1_0 / TQ2_0 down rows too
+            if q in points:
+                self.compress_row(f"ours+tq-{q}", "gguf", points[q], ["--formats", GGUF_WITH_TQ], export_gguf=True)
 
     def targets(self):
         points = budget_points(self.rows, self.a.qtypes)
@@ -397,7 +402,7 @@ def type_summary(row: dict) -> str:
 
 def row_order(name: str, qtypes) -> tuple:
     kind, _, q = name.partition("-")
-    return (qtypes.index(q) if q in qtypes else -1, ("f16", "llama", "ours", "native", "vllm").index(kind))
+    return (qtypes.index(q) if q in qtypes else -1, ("f16", "llama", "ours", "ours+tq", "native", "vllm").index(kind))
 
 
 def markdown(results: dict) -> str:
@@ -489,6 +494,8 @@ def main() -> None:
     p.add_argument("--qtypes", type=lambda s: tuple(s.split(",")), default=QTYPES)
     p.add_argument("--granularity", type=lambda s: tuple(s.split(",")), default=("Q4_K_M",),
                    help="points at which --target native and vllm are compared with gguf")
+    p.add_argument("--ternary-points", type=lambda s: tuple(s.split(",")), default=("IQ2_XS",),
+                   help="points where ours is also planned with TQ2_0 / TQ1_0 among the candidates")
     p.add_argument("--steps", type=lambda s: tuple(s.split(",")), default=STEPS)
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
