@@ -48,7 +48,7 @@ QTYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M", "IQ2_XS")
 ATTENTION = ("attn_q", "attn_k", "attn_v", "attn_output")  # --tensor-type regexes kept F16 (llama.cpp's names)
 NATIVE_FORMATS = "keep,int8,int4,int3,int2,ternary"
 GGUF_WITH_TQ = ",".join(TARGET_TABLE["gguf"].default_formats + ("tq2_0", "tq1_0", "keep"))
-STEPS = ("imatrix", "quantize", "compress", "ppl", "targets", "bench", "tasks", "report")
+STEPS = ("imatrix", "quantize", "compress", "ppl", "bench", "ternary", "targets", "tasks", "report")
 TASKS = ("local_piqa", "local_arc_easy")
 
 
@@ -114,6 +114,19 @@ def gguf_types(gguf: Path) -> dict[str, str]:
     import gguf as gg
 
     return {t.name: t.tensor_type.name for t in gg.GGUFReader(str(gguf)).tensors}
+
+
+def tensor_digest(gguf: Path) -> str:
+    """sha256 over every tensor's name and bytes (not the header, which names the mixture)."""
+    import hashlib
+
+    import gguf as gg
+
+    h = hashlib.sha256()
+    for t in gg.GGUFReader(str(gguf)).tensors:
+        h.update(t.name.encode())
+        h.update(t.data.tobytes())
+    return h.hexdigest()
 
 
 def describe_gguf(gguf: Path) -> dict:
@@ -204,27 +217,38 @@ class Run:
                 self.rows[name] = {"kind": "llama", "qtype": q, **describe_gguf(out),
                                    "quantize_seconds": round(time.time() - t0, 1)}
             self.save()
+        seen: dict[str, str] = {}
+        for q in self.a.qtypes:  # mixtures whose tensors came out identical are one model (scored once)
+            row = self.rows.get(f"llama-{q}", {})
+            if "gguf" in row:
+                row.setdefault("tensor_sha256", tensor_digest(Path(row["gguf"])))
+                if seen.setdefault(row["tensor_sha256"], f"llama-{q}") != f"llama-{q}":
+                    row["same_as"] = seen[row["tensor_sha256"]]
+        self.save()
 
     # -- our compressions
     def compress_row(self, name: str, target: str, budget: int, extra: list[str], export_gguf: bool):
-        if name in self.rows and "error" not in self.rows[name]:
+        if name in self.rows and ("error" not in self.rows[name] or not self.a.retry_failed):
             return
         out = self.runs / name
         cmd = [sys.executable, str(ROOT / "cli.py"), "compress", str(self.a.model), "--target", target,
                "--budget", f"{budget}B", "--budget-scope", "experts", "--samples", str(self.a.samples),
                "--group-size", "128", "--output", str(out), "--overwrite", *extra]
-        self.log(f"{name}: {' '.join(cmd[2:])}")
         t0 = time.time()
         load0 = load_average()
-        with open(f"/work/logs/llcmp-compress-{name}.log", "w") as log:
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                  env={**os.environ, "PYTHONPATH": str(ROOT)})
-        if proc.returncode != 0:
-            tail = Path(f"/work/logs/llcmp-compress-{name}.log").read_text()[-1500:]
-            self.rows[name] = {"kind": target, "budget": budget, "error": tail}
-            self.save()
-            self.log(f"{name} failed:\n{tail}")
-            return
+        if finished(out, target, budget):  # written by an earlier run that stopped before recording it
+            self.log(f"{name}: already compressed in {out}")
+        else:
+            self.log(f"{name}: {' '.join(cmd[2:])}")
+            with open(f"/work/logs/llcmp-compress-{name}.log", "w") as log:
+                proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                      env={**os.environ, "PYTHONPATH": str(ROOT)})
+            if proc.returncode != 0:
+                tail = Path(f"/work/logs/llcmp-compress-{name}.log").read_text()[-1500:]
+                self.rows[name] = {"kind": target, "budget": budget, "error": tail}
+                self.save()
+                self.log(f"{name} failed:\n{tail}")
+                return
         report = json.loads((out / "report.json").read_text())
         plan = json.loads((out / "plan.json").read_text())
         from compressor.io.checkpoint import tensor_nbytes
@@ -258,9 +282,19 @@ class Run:
             elif f"ours-{q}" not in self.rows and f"ours-{src}" in self.rows:
                 self.rows[f"ours-{q}"] = {**self.rows[f"ours-{src}"], "same_as": f"ours-{src}"}
                 self.save()
-        for q in self.a.ternary_points:  # below the default candidates' smallest size: TQ1_0 / TQ2_0 down rows too
+
+    def ternary(self):
+        """Points below the default candidates' smallest size (gate/up q4_0 + down q2_k): TQ2_0 / TQ1_0 down rows
+        among the candidates too (their own pass 1)."""
+        points = budget_points(self.rows, self.a.qtypes)
+        for q in self.a.ternary_points:
             if q in points:
-                self.compress_row(f"ours+tq-{q}", "gguf", points[q], ["--formats", GGUF_WITH_TQ], export_gguf=True)
+                name = f"ours+tq-{q}"
+                self.compress_row(name, "gguf", points[q], ["--formats", GGUF_WITH_TQ], export_gguf=True)
+                if name in self.rows and "error" not in self.rows[name]:
+                    self.ppl_llama(name)
+                    self.ppl_ours(name)
+                    self.bench_row(name)
 
     def targets(self):
         points = budget_points(self.rows, self.a.qtypes)
@@ -358,20 +392,32 @@ class Run:
                 row["tasks"] = self.rows[row["same_as"]]["tasks"]
         self.save()
 
-    def bench(self):
+    def bench_row(self, name: str):
         from evals import llamacpp
 
-        names = [n for n, r in self.rows.items() if "gguf" in r and "same_as" not in r]
-        for name in names:
-            if "bench" in self.rows[name]:
-                continue
-            self.log(f"{name}: llama-bench")
-            load0 = load_average()
-            b = llamacpp.bench(Path(self.rows[name]["gguf"]), prompt=128, gen=32, threads=self.a.threads, reps=3)
-            self.rows[name]["bench"] = {**b, "load_before": load0, "load_after": load_average(),
-                                        "time": time.strftime("%H:%M")}
-            self.save()
-            self.log(f"{name}: {self.rows[name]['bench']}")
+        if "bench" in self.rows[name] or "gguf" not in self.rows[name] or "same_as" in self.rows[name]:
+            return
+        self.log(f"{name}: llama-bench")
+        load0 = load_average()
+        b = llamacpp.bench(Path(self.rows[name]["gguf"]), prompt=128, gen=32, threads=self.a.threads, reps=3)
+        self.rows[name]["bench"] = {**b, "load_before": load0, "load_after": load_average(),
+                                    "time": time.strftime("%H:%M")}
+        self.save()
+        self.log(f"{name}: {self.rows[name]['bench']}")
+
+    def bench(self):
+        for name in list(self.rows):
+            self.bench_row(name)
+
+
+def finished(out: Path, target: str, budget: int) -> bool:
+    """Is `out` a finished compress of this target and budget?"""
+    import yaml
+
+    if not (out / "report.json").exists():
+        return False
+    a = yaml.safe_load((out / "recipe.yaml").read_text())["allocation"]
+    return a["target"] == target and str(a["budget"]) == f"{budget}B"
 
 
 def plan_format_counts(plan: dict) -> dict[str, int]:
@@ -502,6 +548,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=8192)
     p.add_argument("--limit", type=int, default=200, help="examples per task")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--retry-failed", action="store_true", help="compress again the rows that failed before")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
