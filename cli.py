@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 
 # flag dest -> recipe field (dotted path)
@@ -41,6 +42,9 @@ FLAG_FIELDS = {
     "plan": "allocation.plan",
     "reuse_measurements": "allocation.reuse_measurements",
     "dynamic_pruning": "pruning.target",
+    "device": "execution.device",
+    "hessians": "execution.hessians",
+    "dist_timeout": "execution.timeout",
 }
 
 
@@ -91,6 +95,12 @@ def _compress_parser(sub) -> None:
     p.add_argument("--dynamic-pruning", type=float, help="target fraction of activated expert parameters to skip")
     p.add_argument("--dtype", choices=["float16", "bfloat16"], help="dtype of unquantized tensors written")
     p.add_argument("--trust-remote-code", action="store_true", default=False)
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"],
+                   help="device each decoder layer is worked on, one at a time (default cpu; cuda is untested)")
+    p.add_argument("--hessians", choices=["device", "cpu"], help="keep GPTQ's Hessians on the device (default) or in "
+                   "CPU memory")
+    p.add_argument("--dist-timeout", type=float, metavar="SECONDS",
+                   help="torchrun: seconds to wait for another rank before stopping with an error naming it")
 
 
 def _eval_parser(sub) -> None:
@@ -148,14 +158,21 @@ def _export_parser(sub) -> None:
     p.add_argument("--format", required=True, choices=["gguf", "compressed-tensors"])
     p.add_argument("--output", "-o", help="default: beside the model, <name>.gguf or <name>-compressed-tensors/")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--accept-differences", action="store_true",
+                   help="gguf: export a model llama.cpp computes differently from transformers (PhiMoE), with a "
+                        "warning naming each difference; refused otherwise")
 
 
 def _run_export(args: argparse.Namespace) -> None:
     from compressor.export import export
 
-    path, summary = export(args.model, args.format, args.output, args.overwrite)
+    path, summary = export(args.model, args.format, args.output, args.overwrite,
+                           accept_differences=args.accept_differences)
     if "bytes_by_type" in summary:
         print("tensor bytes by type: " + ", ".join(f"{t} {n:,}" for t, n in summary["bytes_by_type"].items()))
+    if "layers" in summary:  # compressed-tensors
+        print(f"MoE layers by scheme: {', '.join(f'{s} {n}' for s, n in summary['layers'].items())}; "
+              f"{summary['tensor_bytes']:,} tensor bytes")
     print(f"wrote {path}")
 
 
@@ -169,7 +186,11 @@ def build_recipe(args: argparse.Namespace):
 
 def _run_tasks(args: argparse.Namespace) -> None:
     from compressor.api import model_or_default
+    from compressor.errors import SettingError
     from compressor.io.models import load_model, load_tokenizer
+
+    if args.limit is not None and args.limit < 1:
+        raise SettingError(f"--limit {args.limit}: at least 1 example per task")
     from evals.lm_eval_runner import format_table, run_tasks  # the optional eval extra
 
     from compressor.prune import activation_line
@@ -194,17 +215,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from compressor import api
-    from compressor.errors import USER_ERRORS
+    from compressor.distributed import launched
     from compressor.io.report import format_inspect
 
     try:
         if args.command == "compress" and args.synthetic_stats:
             if not args.dry_run:
                 parser.error("--synthetic-stats plans only; add --dry-run")
-            api.dry_run_synthetic(build_recipe(args))
+            api.dry_run_synthetic(build_recipe(args), overwrite=args.overwrite)
         elif args.command == "compress":
-            api.compress(build_recipe(args), overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
-                         dry_run=args.dry_run)
+            compress = api.compress
+            if launched():  # one rank of a torchrun launch
+                from compressor.distributed.launch import compress_as_rank as compress
+            compress(build_recipe(args), overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
+                     dry_run=args.dry_run)
         elif args.command == "eval":
             if not args.ppl and not args.tasks:
                 parser.error("eval needs --ppl FILE and/or --tasks LIST")
@@ -223,10 +247,27 @@ def main(argv: list[str] | None = None) -> int:
             _run_export(args)
         elif args.command == "inspect":
             print(format_inspect(api.inspect_model(args.model)))
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:  # noqa: BLE001 (the one error boundary of every command)
+        return report_error(err)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
+
+
+def report_error(err: Exception) -> int:
+    """What the user can fix (compressor.errors.UserError, or the environment: a full disk, a read-only location) is
+    one `error:` paragraph, exit 2; anything else is a bug: its traceback, said to be one, exit 1."""
+    from compressor.errors import UserError, environment_error
+
+    user = err if isinstance(err, UserError) else environment_error(err)
+    if user is not None:
+        print(f"error: {user}", file=sys.stderr)
+        return 2
+    traceback.print_exc()
+    print(f"error: internal error ({type(err).__name__}): this is a bug in moe-compressor, not a problem with your "
+          "input; please report it with the command line and the traceback above", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -6,15 +6,17 @@ first, then a GPTQ run per format batched over the experts)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from .analysis.importance import output_error_sq
 from .arch.view import MoEBlock
+from .device import HOST
+from .calibration.calls import IN_PROCESS
 from .calibration.layerwise import LayerInputs
-from .calibration.stats import ExpertStats, RoutedObserver, check_finite
+from .calibration.stats import ExpertStats, RoutedObserver, check_finite, check_finite_weights
 from .quantize.formats import QuantSpec, packable
 from .quantize.ggml import GGML_TYPES
 from .quantize.gptq import gptq_quantize, hessian_error
@@ -37,14 +39,19 @@ class BlockMeasurement:
     eps_proj: torch.Tensor | None = None  # [E, F, 2] the same with only e's gate_up (0) or only its down (1) in f
     # (measured for targets that choose per projection, targets.py); inf where a format cannot hold the matrix
 
+    def to(self, device: torch.device) -> "BlockMeasurement":
+        move = lambda t: None if t is None else t.to(device)
+        return replace(self, count=move(self.count), weight_sum=move(self.weight_sum), eps_sq=move(self.eps_sq),
+                       hess_err=move(self.hess_err), eps_proj=move(self.eps_proj))
+
 
 def candidates(W: torch.Tensor, fmt: str, group_size: int, sym: bool, H: torch.Tensor | None = None,
-               **gptq: float | int | bool) -> torch.Tensor:
+               scale_dtype: str = "float16", **gptq: float | int | bool) -> torch.Tensor:
     """Dequantized version of W [E, out, in] in format `fmt`: RTN (or absmean ternary), or GPTQ with the
     per-expert Hessians H [E, in, in] when given (`gptq`: damp, block_size, act_order)."""
-    spec = QuantSpec(fmt, group_size, sym)
+    spec = QuantSpec(fmt, group_size, sym, scale_dtype)
     if H is not None:
-        return gptq_quantize(W, H, spec, **gptq).qweight.dequantize()
+        return gptq_quantize(W, H.to(W.device), spec, **gptq).qweight.dequantize()
     quant = quantize_ternary if fmt == "ternary" else quantize_rtn
     return quant(W, spec).dequantize()
 
@@ -52,13 +59,15 @@ def candidates(W: torch.Tensor, fmt: str, group_size: int, sym: bool, H: torch.T
 class ErrorObserver(RoutedObserver):
     """eps[e, f] for every candidate, plus routing statistics and Hessians (as RoutedObserver) unless `stats`
     already holds them (`accumulate=False`: a forward before this one collected them). With `eps_proj` [E, F, 2],
-    also the errors of each projection in f alone (the other one left at full precision)."""
+    also the errors of each projection in f alone (the other one left at full precision). The candidates
+    [F, n, out, in] are those of the experts in `slot` (expert -> column; default: all, in order)."""
 
     def __init__(self, stats: ExpertStats, where: str, dense: DenseExperts, cand_gu, cand_d, eps_sq,
-                 accumulate: bool = True, eps_proj: torch.Tensor | None = None):
+                 accumulate: bool = True, eps_proj: torch.Tensor | None = None, slot: dict[int, int] | None = None):
         super().__init__(stats, where)
         self.dense, self.cand_gu, self.cand_d, self.eps_sq = dense, cand_gu, cand_d, eps_sq
         self.accumulate, self.eps_proj = accumulate, eps_proj
+        self.slot = slot if slot is not None else {e: e for e in range(dense.num_experts)}
 
     def __call__(self, e, x, h, tok, weights) -> None:
         if self.accumulate:
@@ -70,25 +79,30 @@ class ErrorObserver(RoutedObserver):
         b_d = None if d.down_bias is None else d.down_bias[e]
         x, weights = x.float(), weights.float()
         error = lambda gu, down: output_error_sq(x, weights, d.gate_up[e], d.down[e], gu, down, d.apply_gate, b_gu, b_d)
-        self.eps_sq[e] += error(self.cand_gu[:, e], self.cand_d[:, e])
+        c = self.slot[e]
+        self.eps_sq[e] += error(self.cand_gu[:, c], self.cand_d[:, c])
         if self.eps_proj is not None:
-            self.eps_proj[e, :, 0] += error(self.cand_gu[:, e], d.down[e][None])
-            self.eps_proj[e, :, 1] += error(d.gate_up[e][None], self.cand_d[:, e])
+            self.eps_proj[e, :, 0] += error(self.cand_gu[:, c], d.down[e][None])
+            self.eps_proj[e, :, 1] += error(d.gate_up[e][None], self.cand_d[:, c])
 
 
 class MeasurePass:
     """`on_layer` callback of `layerwise`; leaves the model unchanged."""
 
     def __init__(self, blocks: list[MoEBlock], formats: list[str], group_size: int, sym: bool,
-                 quantizer: str = "rtn", gptq: dict | None = None, journal=None, per_projection: bool = False):
+                 quantizer: str = "rtn", gptq: dict | None = None, journal=None, per_projection: bool = False,
+                 scale_dtype: str = "float16", hessian_device: torch.device | None = None, driver=IN_PROCESS):
         """`journal` (io/measure_cache.MeasureJournal, or None): a layer it holds in these formats is taken from it
         and not measured again (an interrupted pass 1 resumes); each layer measured is written to it.
-        `per_projection`: measure eps_proj too (targets choosing a format per projection)."""
+        `per_projection`: measure eps_proj too (targets choosing a format per projection). The work runs on the
+        layer's device, the Hessians on `hessian_device` (default: that device); the results come back to the host.
+        `driver` (calibration/calls.py) maps the per-expert work over workers (default: all of it, here)."""
         if quantizer not in ("rtn", "gptq"):
             raise ValueError(f"eps quantizer must be 'rtn' or 'gptq', got {quantizer!r}")
         self.blocks, self.formats, self.group_size, self.sym = blocks, formats, group_size, sym
         self.quantizer, self.gptq = quantizer, gptq or {}
-        self.journal, self.per_projection = journal, per_projection
+        self.journal, self.per_projection, self.scale_dtype = journal, per_projection, scale_dtype
+        self.hessian_device, self.driver = hessian_device, driver
         self.results: list[BlockMeasurement] = []
 
     def _from_journal(self, i: int, names: list[str]) -> list[BlockMeasurement] | None:
@@ -97,26 +111,14 @@ class MeasurePass:
             return None
         return got
 
-    def _routed_stats(self, b: MoEBlock, layer: nn.Module, inputs: LayerInputs, dense: DenseExperts, i: int
-                      ) -> ExpertStats:
-        """Routing statistics and routed-token Hessians of every expert from a forward of the layer (the GPTQ
-        candidates need the Hessians before the forward that measures eps, which then reuses them)."""
-        E, _, H = dense.gate_up.shape
-        stats = ExpertStats.zeros(E, H, dense.down.shape[-1])
-        dense.observer, original, b.block.experts = RoutedObserver(stats, f"layer {i}"), b.block.experts, dense
-        try:
-            inputs.run(layer)
-        finally:
-            b.block.experts, dense.observer = original, None
-        return stats
-
     def _fits(self, W: torch.Tensor) -> torch.Tensor:
         """[F] bool: the formats that can hold W's rows (ggml types need whole blocks)."""
-        return torch.tensor([packable(QuantSpec(f, self.group_size, self.sym), W.shape[-1]) for f in self.formats])
+        return torch.tensor([packable(QuantSpec(f, self.group_size, self.sym), W.shape[-1]) for f in self.formats],
+                            device=W.device)
 
     def _candidates(self, W: torch.Tensor, H: torch.Tensor | None) -> torch.Tensor:  # [F, E, out, in]
         """Each format's version of W; W itself (an error of 0, set to inf afterwards) where a format cannot hold it."""
-        return torch.stack([candidates(W, f, self.group_size, self.sym, H, **self.gptq) if ok else W
+        return torch.stack([candidates(W, f, self.group_size, self.sym, H, self.scale_dtype, **self.gptq) if ok else W
                             for f, ok in zip(self.formats, self._fits(W).tolist())])
 
     def __call__(self, i: int, layer: nn.Module, inputs: LayerInputs) -> LayerInputs | None:
@@ -128,44 +130,59 @@ class MeasurePass:
             return None  # layerwise runs the (unchanged) layer for the next one's inputs
         outputs, start = None, len(self.results)
         for b in mine:
-            original = b.block.experts
-            dense = DenseExperts.from_view(b)
-            E, _, H = dense.gate_up.shape
-            I = dense.down.shape[-1]
-            pre = self._routed_stats(b, layer, inputs, dense, i) if self.quantizer == "gptq" else None
-            H_gu, H_d = pre.hessians() if pre is not None else (None, None)
-            cand_gu, cand_d = self._candidates(dense.gate_up, H_gu), self._candidates(dense.down, H_d)
-            stats, eps_sq = pre if pre is not None else ExpertStats.zeros(E, H, I), torch.zeros(E, len(self.formats))
-            eps_proj = torch.zeros(E, len(self.formats), 2) if self.per_projection else None
-            dense.observer = ErrorObserver(stats, f"layer {i}", dense, cand_gu, cand_d, eps_sq, accumulate=pre is None,
-                                           eps_proj=eps_proj)
-            energy = [0.0]
-
-            def on_output(_m, args, out, stats=stats, energy=energy):
-                stats.total_tokens += args[0].shape[0]
-                energy[0] += float(out.float().pow(2).sum())
-
-            handle = dense.register_forward_hook(on_output)
+            original, dense = b.block.experts, DenseExperts.from_view(b)
+            check_finite_weights(b.name, dense.gate_up, dense.down)
             b.block.experts = dense
             try:
-                outputs = inputs.run(layer)
+                measurement, outputs = self._measure(i, b, layer, inputs, dense)
             finally:
-                handle.remove()
                 b.block.experts = original
-                dense.observer = None  # the observer refers back to dense: a cycle holding the candidates until a GC
-            H_in, H_mid = stats.hessians()
-            hess = (hessian_error(dense.gate_up[None], cand_gu, H_in[None]) +
-                    hessian_error(dense.down[None], cand_d, H_mid[None])).T  # [E, F]
-            fits_gu, fits_d = self._fits(dense.gate_up), self._fits(dense.down)
-            for t in (eps_sq, hess):
-                t[:, ~(fits_gu & fits_d)] = float("inf")
-            if eps_proj is not None:
-                eps_proj[:, ~fits_gu, 0], eps_proj[:, ~fits_d, 1] = float("inf"), float("inf")
-            self.results.append(BlockMeasurement(b.name, i, list(self.formats), stats.count, stats.weight_sum,
-                                                 stats.total_tokens, eps_sq, hess, energy[0], eps_proj))
+            self.results.append(measurement)
         if mine and self.journal is not None:
             self.journal.save(i, self.results[start:])
         return outputs
+
+    def _measure(self, i: int, b: MoEBlock, layer: nn.Module, inputs: LayerInputs, dense: DenseExperts
+                 ) -> tuple[BlockMeasurement, LayerInputs | None]:
+        """Block b's measurement (on the host) and the layer's outputs. With the GPTQ eps quantizer, the routed-token
+        Hessians of every expert come first (its candidates need them), from a feed of their own."""
+        calls = self.driver.calls(layer, inputs, {b.name: dense})
+        own, where, device = calls.owned(b.name), f"layer {i}", dense.gate_up.device
+        E, _, H = dense.gate_up.shape
+        I, F = dense.down.shape[-1], len(self.formats)
+        new_stats = lambda: ExpertStats.zeros(E, H, I, device, self.hessian_device)
+        pre = None
+        if self.quantizer == "gptq":
+            pre = new_stats()
+            calls.feed({b.name: RoutedObserver(pre, where)})
+        H_gu, H_d = pre.hessians() if pre is not None else (None, None)
+        sel = lambda t: None if t is None else own.select(t)
+        cand_gu, cand_d = self._candidates(sel(dense.gate_up), sel(H_gu)), self._candidates(sel(dense.down), sel(H_d))
+        stats = pre if pre is not None else new_stats()
+        eps_sq = torch.zeros(E, F, device=device)
+        eps_proj = torch.zeros(E, F, 2, device=device) if self.per_projection else None
+        energy = [0.0]
+
+        def on_batch(tokens: int, sum_sq: float) -> None:
+            stats.total_tokens += tokens
+            energy[0] += sum_sq
+
+        observer = ErrorObserver(stats, where, dense, cand_gu, cand_d, eps_sq, accumulate=pre is None,
+                                 eps_proj=eps_proj, slot=own.slot)
+        outputs = calls.feed({b.name: observer}, batches={b.name: on_batch})
+        H_in, H_mid = (sel(h).to(device) for h in stats.hessians())
+        hess = own.place((hessian_error(sel(dense.gate_up)[None], cand_gu, H_in[None]) +
+                          hessian_error(sel(dense.down)[None], cand_d, H_mid[None])).T)  # [E, F]
+        count, weight_sum, eps_sq, hess, eps_proj = calls.complete_rows(
+            b.name, [stats.count, stats.weight_sum, eps_sq, hess, eps_proj])
+        fits_gu, fits_d = self._fits(dense.gate_up), self._fits(dense.down)
+        for t in (eps_sq, hess):
+            t[:, ~(fits_gu & fits_d)] = float("inf")
+        if eps_proj is not None:
+            eps_proj[:, ~fits_gu, 0], eps_proj[:, ~fits_d, 1] = float("inf"), float("inf")
+        measurement = BlockMeasurement(b.name, i, list(self.formats), count, weight_sum, stats.total_tokens, eps_sq,
+                                       hess, energy[0], eps_proj)
+        return measurement.to(HOST), outputs
 
 
 FORMAT_BITS = {"keep": 16.0, "int8": 8.0, "int4": 4.0, "int3": 3.0, "int2": 2.0, "ternary": 1.58, "drop": 0.0,

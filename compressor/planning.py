@@ -97,7 +97,7 @@ def plan_budget(recipe: Recipe, model: nn.Module, blocks: list[MoEBlock], dense:
     formats = list(measurements[0].formats)  # what pass 1 measured: candidate_formats(...)
     base = Plan.uniform({b.name: b.num_experts for b in blocks}, "drop",
                         target(a.target).dense_entries(dense, q.dense_bits_or_bits),
-                        group_size=q.group_size, sym=q.sym)
+                        group_size=q.group_size, sym=q.sym, scale_dtype=q.scale_dtype)
     fixed = sum(predict_bytes(model, blocks, dense, base, dtype).values())  # everything but the routed experts
     budget = parse_budget(a.budget)
     n_weights = expert_weight_count(blocks) if a.scope == "experts" else sum(p.numel() for p in model.parameters())
@@ -129,7 +129,8 @@ def plan_budget(recipe: Recipe, model: nn.Module, blocks: list[MoEBlock], dense:
     else:
         alloc = solve_allocation(item_cost, item_bytes, capacity, solver=a.solver, rel_gap=a.rel_gap)
     experts = groups.entries(alloc.choice)
-    return Plan(experts, dict(base.dense), q.group_size, q.sym, budget_bytes=budget_bytes, scope=a.scope, target=a.target,
+    return Plan(experts, dict(base.dense), q.group_size, q.sym, scale_dtype=q.scale_dtype, budget_bytes=budget_bytes,
+                scope=a.scope, target=a.target,
                 allocation={"objective": a.objective, "eps_quantizer": a.eps_quantizer,
                             "layer_weights": layer_weights(a.objective, sensitivity), "solver": alloc.solver,
                             "seconds": round(alloc.seconds, 3), "gap": alloc.gap, "status": alloc.status, "cost": alloc.objective,
@@ -152,8 +153,19 @@ class TargetGroups:
 
     def costs(self, cost: np.ndarray, cost_proj: np.ndarray | None) -> np.ndarray:
         if self.target.unit == "layer":
-            return self._per_block(cost)                                    # [blocks, F]
-        return self._per_block(cost_proj).transpose(0, 2, 1).reshape(-1, len(self.formats))  # [blocks x 2, F]
+            grouped = self._per_block(cost)                                    # [blocks, F]
+        else:
+            grouped = self._per_block(cost_proj).transpose(0, 2, 1).reshape(-1, len(self.formats))  # [blocks x 2, F]
+        return np.where(self._fits(), grouped, np.inf)
+
+    def _fits(self) -> np.ndarray:
+        """[items, F]: the formats the target holds for the item's matrices (targets.Target.fits)."""
+        rows = []
+        for b in self.blocks:
+            per = np.array([[self.target.fits(f, w) for f in self.formats]
+                            for w in (b.gate_up().shape[-1], b.down().shape[-1])])  # [2, F]
+            rows += [per.all(0)] if self.target.unit == "layer" else list(per)
+        return np.array(rows)
 
     def nbytes(self) -> np.ndarray:
         rows = []

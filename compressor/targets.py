@@ -6,7 +6,10 @@
           take the types whose blocks divide its row width (k-quants and TQ: 256; q4_0, q5_0, q8_0...: 32).
           Gate and up share one type here (they are one fused matrix in this project).
   vllm    vLLM / SGLang fused-MoE kernels (compressed-tensors pack-quantized, WNA16): symmetric int4 or int8 with
-          group 128, one scheme for all experts and projections of a layer (or the layer kept 16-bit).
+          group 128, one scheme for all experts and projections of a layer (or the layer kept 16-bit). The kernels
+          take whole groups only (vLLM's WNA16 Marlin MoE refuses a hidden or expert width that is not a multiple of
+          the group), and vLLM loads the scales in the model's dtype: in a bfloat16 model they are rounded to values
+          bfloat16 holds (quantization.scale_dtype), so what vLLM runs is what was measured.
 
 A target narrows the candidate formats and the grid of the recipe (`resolve`), says how the plan's entries are
 grouped for the LP (`unit`), and makes the uniform plan of `--bits` for each matrix width (`uniform_entry`). The
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 
 from .arch.families import MLP_MOE, UnsupportedArchitecture
 from .plan import join_formats
-from .quantize.formats import FORMATS, GGML_FORMATS
+from .quantize.formats import FORMATS, GGML_FORMATS, INT_BITS
 from .quantize.ggml import GGML_TYPES
 
 TARGETS = ("native", "gguf", "vllm")
@@ -46,7 +49,8 @@ class Target:
     formats: tuple[str, ...]    # every format the target can hold
     default_formats: tuple[str, ...]  # candidates when the recipe names none of `formats`
     sym: bool | None = None     # the grid the target imposes (None: the recipe's)
-    group_size: int | None = None
+    group_size: int | None = None  # and, when set, int formats hold whole groups only
+    scales_in_model_dtype: bool = False  # the runtime loads the int scales in the model's dtype (vLLM)
 
     def resolve(self, recipe, log=print):
         """The recipe with the target's candidate formats and grid: formats it cannot hold are left out (said so),
@@ -61,6 +65,8 @@ class Target:
             log(f"--target {self.name}: candidate formats {', '.join(keep)} (it holds {', '.join(self.formats)})")
         update = {"allocation": a.model_copy(update={"formats": keep})}
         grid = {k: v for k, v in (("sym", self.sym), ("group_size", self.group_size)) if v is not None}
+        if self.scales_in_model_dtype:
+            grid["scale_dtype"] = recipe.dtype
         if any(getattr(q, k) != v for k, v in grid.items()):
             log(f"--target {self.name}: grid " + ", ".join(f"{k} {v}" for k, v in grid.items()))
             update["quantization"] = q.model_copy(update=grid)
@@ -77,9 +83,12 @@ class Target:
         return self.unit == "projection"
 
     def fits(self, fmt: str, width: int) -> bool:
-        """Can a matrix whose rows are `width` long take `fmt`? (ggml types: whole blocks only)"""
+        """Can a matrix whose rows are `width` long take `fmt`? (ggml types: whole blocks; int formats under a target
+        with its own group size: whole groups)"""
         t = GGML_TYPES.get(fmt)
-        return t is None or width % t.block == 0
+        if t is not None:
+            return width % t.block == 0
+        return self.group_size is None or fmt not in INT_BITS or width % self.group_size == 0
 
     def format_for(self, bits: int, width: int) -> str:
         """The target's format of `bits` (--bits, --dense-bits) for a matrix whose rows are `width` long."""
@@ -96,9 +105,15 @@ class Target:
         return fmt
 
     def uniform_entries(self, blocks, bits: int) -> dict[str, list[str]]:
-        """A uniform `--bits` plan's entries for every block (gate_up and down each in the format its width takes)."""
-        return {b.name: [join_formats(self.format_for(bits, b.gate_up().shape[-1]),
-                                      self.format_for(bits, b.down().shape[-1]))] * b.num_experts for b in blocks}
+        """A uniform `--bits` plan's entries for every block (gate_up and down each in the format its width takes;
+        a layer-unit target's layer in one format, 16-bit where its projections would differ)."""
+        out = {}
+        for b in blocks:
+            gu, d = self.format_for(bits, b.gate_up().shape[-1]), self.format_for(bits, b.down().shape[-1])
+            if self.unit == "layer" and gu != d:
+                gu = d = "keep"
+            out[b.name] = [join_formats(gu, d)] * b.num_experts
+        return out
 
     def dense_entries(self, dense: dict, bits: int) -> dict[str, str]:
         """Each dense FFN linear's (shared experts, dense layers; `dense`: name -> nn.Linear) format of `bits`."""
@@ -118,7 +133,8 @@ TARGET_TABLE = {
     "native": Target("native", "expert", FORMATS + GGML_FORMATS, FORMATS),
     "gguf": Target("gguf", "projection", ("keep",) + GGML_FORMATS,
                    ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_0", "q4_0", "q5_0", "q5_1")),
-    "vllm": Target("vllm", "layer", ("keep", "int8", "int4"), ("int4", "int8"), sym=True, group_size=128),
+    "vllm": Target("vllm", "layer", ("keep", "int8", "int4"), ("int4", "int8"), sym=True, group_size=128,
+                   scales_in_model_dtype=True),
 }
 
 

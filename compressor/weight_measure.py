@@ -14,15 +14,18 @@ from __future__ import annotations
 import torch
 
 from .arch.view import MoEBlock
+from .calibration.stats import check_finite_weights
 from .measure import BlockMeasurement, candidates
 
 
-def weight_measurements(blocks: list[MoEBlock], formats: list[str], group_size: int, sym: bool) -> list[BlockMeasurement]:
+def weight_measurements(blocks: list[MoEBlock], formats: list[str], group_size: int, sym: bool,
+                        scale_dtype: str = "float16") -> list[BlockMeasurement]:
     out = []
     for b in blocks:
         gu, d = b.gate_up().detach().float(), b.down().detach().float()
-        eps_sq = torch.stack([(candidates(gu, f, group_size, sym) - gu).pow(2).sum(dim=(1, 2)) +
-                              (candidates(d, f, group_size, sym) - d).pow(2).sum(dim=(1, 2)) for f in formats], dim=1)
+        check_finite_weights(b.name, gu, d)
+        eps_sq = torch.stack([(candidates(gu, f, group_size, sym, scale_dtype=scale_dtype) - gu).pow(2).sum(dim=(1, 2)) +
+                              (candidates(d, f, group_size, sym, scale_dtype=scale_dtype) - d).pow(2).sum(dim=(1, 2)) for f in formats], dim=1)
         E = b.num_experts  # one token per expert: top_k slots each, their weights summing to 1 per token
         count, weight_sum = torch.full((E,), b.top_k), torch.ones(E)
         energy = float(gu.pow(2).sum() + d.pow(2).sum())

@@ -72,15 +72,17 @@ def run_tool(name: str, *args, log: Path | None = None, threads: int = 2) -> str
     return proc.stdout + proc.stderr
 
 
-def load(gguf: Path, n_ctx: int = 512, threads: int = 2):
-    """A llama_cpp.Llama over `gguf` returning logits for every position."""
+def load(gguf: Path, n_ctx: int = 512, threads: int = 2, f32_cache: bool = False):
+    """A llama_cpp.Llama over `gguf` returning logits for every position; `f32_cache`: keys and values cached in
+    float32 (F16 by default)."""
     os.environ.setdefault("LLAMA_CPP_LIB_PATH", str(bin_dir()))
     try:
         from llama_cpp import Llama
     except ImportError as err:
         raise LlamaCppMissing(f"the llama_cpp bindings are not installed ({err}): see evals/llamacpp.py") from None
+    cache = {"type_k": 0, "type_v": 0} if f32_cache else {}  # GGML_TYPE_F32
     return Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
-                 n_threads=threads, n_threads_batch=threads, verbose=False)
+                 n_threads=threads, n_threads_batch=threads, verbose=False, **cache)
 
 
 def window_logits(llm, window: torch.Tensor) -> np.ndarray:

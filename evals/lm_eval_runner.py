@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from compressor.errors import UserError
 from compressor.io.models import QUANT_METHOD
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
@@ -66,7 +67,7 @@ FULL_SET_SIZES = {
 }
 
 
-class UnknownTaskError(ValueError):
+class UnknownTaskError(UserError, ValueError):
     """A task name that is neither a local task nor the local-task tag."""
 
 

@@ -210,3 +210,18 @@ def test_olmoe_with_grouped_kv_heads_is_refused(tmp_path):
     out = api.compress(gguf_recipe(src, tmp_path / "out", **{"quantization.bits": 8}), **QUIET)
     with pytest.raises(ExportError, match="as many key/value heads as heads"):
         export(out, "gguf", tmp_path / "m.gguf", **QUIET)
+
+
+def test_float32_export_holds_the_same_values(mixtral_gguf, tmp_path):
+    """export(float32=True) (evals/gguf_check.py --exact): 16-bit tensors as F32 with the same values, packed rows
+    unchanged."""
+    _, out, path, _ = mixtral_gguf
+    f32, _ = export(out, "gguf", tmp_path / "f32.gguf", float32=True, **QUIET)
+    wide = tensors(f32)
+    for name, t in tensors(path).items():
+        w = wide[name]
+        if t.tensor_type.name == "F16":
+            assert w.tensor_type.name == "F32"
+            assert np.array_equal(np.asarray(w.data), np.asarray(t.data).astype(np.float32))
+        else:
+            assert w.tensor_type == t.tensor_type and np.array_equal(np.asarray(w.data), np.asarray(t.data))

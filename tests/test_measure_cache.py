@@ -9,6 +9,7 @@ import os
 import pytest
 
 from compressor import api
+from compressor.pipeline import driver, pass1
 from compressor.assets import MEASUREMENTS_DIR
 from tiny import budget_recipe, save_tiny
 
@@ -20,15 +21,15 @@ def src(tmp_path):
     return save_tiny("mixtral", tmp_path / "m")
 
 
-def count_calls(monkeypatch, name: str) -> list:
-    """How many times api.<name> really ran."""
-    calls, real = [], getattr(api, name)
+def count_calls(monkeypatch, name: str, module=pass1) -> list:
+    """How many times <module>.<name> really ran (the pipeline module that calls it)."""
+    calls, real = [], getattr(module, name)
 
     def counting(*args, **kw):
         calls.append(1)
         return real(*args, **kw)
 
-    monkeypatch.setattr(api, name, counting)
+    monkeypatch.setattr(module, name, counting)
     return calls
 
 
@@ -39,7 +40,7 @@ def passes(monkeypatch):
 
 @pytest.fixture()
 def sensitivities(monkeypatch):
-    return count_calls(monkeypatch, "layer_sensitivity")
+    return count_calls(monkeypatch, "layer_sensitivity", driver)
 
 
 def plan(src, out, **over):

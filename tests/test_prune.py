@@ -321,3 +321,37 @@ def test_other_families(model_type):
             model(input_ids=ids)
         assert abs(h.stats()["reduction"] - 0.3) < 0.05
         assert torch.equal(model(input_ids=ids).logits, ref)
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_one_token_path_decides_as_the_tensor_path(models, renormalize):
+    """Decoding (one token per forward) takes a scalar path; against the tensor path on the same inputs it drops the
+    same slots and counts the same, on random routings with ties, invalid slots, protected tokens and betas exactly
+    at a ratio (float32 rounding decides those)."""
+    model = models["mixtral"]
+    blocks = find_moe_blocks(model)
+    gen = torch.Generator().manual_seed(0)
+    E = blocks[0].num_experts
+    for case in range(300):
+        k = 2 + case % 3
+        logits = torch.randn(1, E, generator=gen).round(decimals=case % 2)  # rounding makes ties
+        idx = logits.topk(k, dim=-1).indices
+        if case % 7 == 0:
+            idx[0, -1] = -1  # a slot pruned upstream
+        w = logits.gather(1, idx.clamp(0, E - 1)).softmax(-1)
+        probs = logits.softmax(-1).gather(1, idx.clamp(0, E - 1))
+        ratios = (probs / probs.max()).flatten().tolist()
+        beta = [0.0, 0.3, 0.9, 1.0, ratios[-1], float(torch.nextafter(torch.tensor(ratios[1]), torch.tensor(2.0)))][case % 6]
+        protected = case % 5 == 0
+        decided = []
+        for path in ("one", "tensor"):
+            rule = fixed_rule(blocks, beta, renormalize=renormalize)
+            with apply(model, blocks, rule) as h:
+                layer, b = h.layers[0], blocks[0]
+                layer.router_logits = logits
+                if path == "one":
+                    drop = h._one_token(layer, b, idx, w, protected)
+                else:
+                    drop = h._tokens(layer, b, idx, w, torch.ones(1), torch.tensor([protected]))
+                decided.append((None if drop is None else drop.tolist(), layer.counters))
+        assert decided[0] == decided[1], (case, beta, logits, idx)

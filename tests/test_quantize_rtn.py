@@ -81,6 +81,25 @@ def test_scales_are_fp16_exact_before_codes():
     assert torch.equal(s, s.half().float()) and torch.equal(z, z.round())
 
 
+@pytest.mark.parametrize("sym", [False, True])
+def test_bfloat16_scales_are_exact_in_both_dtypes_and_nearest(sym):
+    """scale_dtype bfloat16: every scale survives fp16 storage and a bf16 load unchanged, and is the bf16 rounding of
+    the fp32 scale (within fp16's normal range); the codes are computed on those scales, so the weights reproduce."""
+    from compressor.quantize.scales import BF16_IN_FP16_MAX, BF16_IN_FP16_MIN, round_scales
+
+    W = _W(32, 256, seed=4) * torch.logspace(-5, 3, 32)[:, None]  # scales from below fp16's normal range to large
+    spec = QuantSpec("int4", group_size=128, sym=sym, scale_dtype="bfloat16")
+    qw = quantize_rtn(W, spec)
+    s = qw.scales.float()
+    assert torch.equal(qw.scales.to(torch.bfloat16).float(), s)  # fp16 storage -> bf16 load: unchanged
+    assert (s >= BF16_IN_FP16_MIN).all() and (s <= BF16_IN_FP16_MAX).all()
+    x = torch.tensor([1.0, 1 + 2 ** -8, 1 + 3 * 2 ** -9, 1e-9, 1e6, 0.3])
+    assert torch.equal(round_scales(x, "bfloat16"),
+                       torch.tensor([1.0, 1.0, 1 + 2 ** -7, 2 ** -14, 65280.0, 0.30078125]))  # ties to even
+    with pytest.raises(ValueError, match="scale_dtype"):
+        QuantSpec("int4", scale_dtype="float32")
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_weight_raises(bad):
     W = _W(4, 8)

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from compressor import api
+from compressor.pipeline import inputs
 from compressor.arch.view import decoder_layers, dense_linears, find_moe_blocks
 from compressor.calibration.layerwise import layerwise
 from compressor.config import Recipe
@@ -147,7 +148,7 @@ def test_streamed_plan_predicts_the_written_bytes(src, tmp_path, monkeypatch):
     assert file_tensor_bytes(out) == plan["predicted_bytes"] <= plan["budget_bytes"]
     # a real budget compress streams both passes, and plans the same
     used = []
-    monkeypatch.setattr(api, "StreamedModel", lambda *a: used.append(a) or StreamedModel(*a))
+    monkeypatch.setattr(inputs, "StreamedModel", lambda *a: used.append(a) or StreamedModel(*a))
     again = api.compress(recipe(src, tmp_path / "b", **over), **QUIET)
     assert used and json.loads((again / "plan.json").read_text())["experts"] == plan["experts"]
     assert file_tensor_bytes(again) == plan["predicted_bytes"]
@@ -196,13 +197,12 @@ def test_missing_weights_are_errors_naming_the_fix(tmp_path):
     (empty / "config.json").write_text((save_tiny("mixtral", tmp_path / "m") / "config.json").read_text())
     with pytest.raises(ModelDirError, match=r"no \*\.safetensors"):
         StreamedModel(empty, F16)
-    # a decoder layer's tensor is missing: the error names the layer and the tensor, when that layer is read
+    # a decoder layer's tensor is missing: the error names the tensor before any layer is read (io/validate.py)
     tensors = load_file(tmp_path / "m" / "model.safetensors")
     gone = next(k for k in tensors if ".layers.1." in k and "q_proj" in k)
     save_file({k: v for k, v in tensors.items() if k != gone}, tmp_path / "m" / "model.safetensors")
-    stream = StreamedModel(tmp_path / "m", F16)
-    with pytest.raises(ModelDirError, match=r"decoder layer 1 .*q_proj"):
-        pass1(stream.model, stream.resident)
+    with pytest.raises(ModelDirError, match=r"missing model\.layers\.1\.self_attn\.q_proj\.weight"):
+        StreamedModel(tmp_path / "m", F16)
     # a shard named by the index is gone
     sharded = save_tiny("mixtral", tmp_path / "s", max_shard_size="100KB")
     shard = sorted(sharded.glob("model-*.safetensors"))[-1]

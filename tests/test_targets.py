@@ -101,6 +101,25 @@ def test_vllm_target_one_symmetric_scheme_per_layer(wide, tmp_path):
     assert set().union(*layer_formats) <= {"int4", "int8", "keep"} and len(set().union(*layer_formats)) > 1
 
 
+def test_vllm_target_whole_groups_and_bf16_scales(tmp_path):
+    """vLLM's WNA16 MoE kernels take whole groups of 128: a layer whose hidden width (192) is not a multiple of 128
+    stays 16-bit whatever the budget, uniform --bits included; in a bfloat16 model the grid's scales are values
+    bfloat16 holds (vLLM loads them in the model's dtype)."""
+    from compressor.allocation.lp import InfeasibleBudget
+
+    src = save_tiny("mixtral", tmp_path / "s", hidden_size=192, intermediate_size=256)
+    vllm = {"allocation.target": "vllm", "quantization.method": "rtn"}
+    out = api.compress(recipe(src, tmp_path / "x", **vllm, **{"quantization.bits": 4}), dry_run=True, **QUIET)
+    assert {f for fs in json.loads((out / "plan.json").read_text())["experts"].values() for f in fs} == {"keep"}
+    keep_bytes = 2 * sum(p.numel() for n, p in load_model(src).named_parameters() if ".experts." in n)
+    with pytest.raises(InfeasibleBudget, match=f"smallest size reachable with the allowed formats is {keep_bytes} "):
+        api.compress(recipe(src, tmp_path / "y", **vllm, **{"allocation.budget": "12bits"}), dry_run=True, **QUIET)
+    r = api.target("vllm").resolve(recipe(src, tmp_path / "b", **{"allocation.target": "vllm", "dtype": "bfloat16"}),
+                                   log=lambda *_: None)
+    assert r.quantization.scale_dtype == "bfloat16" and r.quantization.sym and r.quantization.group_size == 128
+    assert api.target("vllm").fits("int4", 256) and not api.target("vllm").fits("int8", 192)
+
+
 @pytest.mark.parametrize("over, match", [
     ({"quantization.method": "ternary"}, "--method ternary .* --target gguf cannot hold"),
     ({"allocation.objective": "per_layer", "allocation.budget": "3bits"}, "global objective only"),

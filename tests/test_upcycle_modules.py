@@ -250,6 +250,6 @@ def test_dry_run_synthetic_plans_an_upcycled_config(dirs, tmp_path):
     _, d = dirs
     config = d["llava"][1] / "config.json"
     assert cli.main(["compress", str(config), "--dry-run", "--synthetic-stats", "--budget", "3bits",
-                     "--budget-scope", "experts", "--output", str(tmp_path)]) == 0
-    plan = json.loads((tmp_path / "plan.json").read_text())
+                     "--budget-scope", "experts", "--output", str(tmp_path / "out")]) == 0
+    plan = json.loads((tmp_path / "out" / "plan.json").read_text())
     assert list(plan["experts"]) == [f"{n}.experts" for n in json.loads(config.read_text())["moe_modules"]]

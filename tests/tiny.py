@@ -17,12 +17,15 @@ def tiny_text(n_words: int = 4000, seed: int = 0) -> str:
     return " ".join(WORDS[i] for i in idx)
 
 
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+def tiny_tokenizer(split_regex: str | None = None):
+    """Byte-level BPE; GPT-2's pre-tokenizer, or `split_regex` then bytes (the Llama 3 / Qwen 2 / GPT-4o layout)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False) if split_regex is None else \
+        pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split_regex), behavior="isolated"),
+                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([tiny_text()], trainer)
@@ -64,14 +67,17 @@ def tiny_model(model_type: str, seed: int = 0, **overrides):
         for name, p in model.named_parameters():
             if name.endswith(("gate.weight", "router.weight")) and p.dim() == 2:
                 p.normal_(0, 0.5)
+        for name, b in model.named_buffers():  # DeepSeek-V3's expert-selection bias, as trained (zeros at init)
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.1)
     return model
 
 
 def save_tiny(model_type: str, directory: Path, dtype=torch.float16, max_shard_size: str | None = None,
-              **overrides) -> Path:
+              split_regex: str | None = None, **overrides) -> Path:
     model = tiny_model(model_type, **overrides).to(dtype)
     model.save_pretrained(directory, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
-    tiny_tokenizer().save_pretrained(directory)
+    tiny_tokenizer(split_regex).save_pretrained(directory)
     (directory / "calib.txt").write_text(tiny_text(6000, seed=1))
     (directory / "heldout.txt").write_text(tiny_text(3000, seed=2))
     return directory

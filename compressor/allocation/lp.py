@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import UserError
 from .heuristics import _fits, _greedy_repair, _group_sums, _hull_greedy
 from .solvers import _solve_cbc, _solve_highs
 
@@ -54,7 +55,7 @@ class Allocation:
     info: dict = field(default_factory=dict)
 
 
-class InfeasibleBudget(ValueError):
+class InfeasibleBudget(UserError, ValueError):
     """The caps cannot be met even with the smallest allowed format for every item."""
 
     def __init__(self, min_bytes: int, capacity: int, group: int | None = None, detail: str = ""):

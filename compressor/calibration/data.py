@@ -6,14 +6,18 @@ from pathlib import Path
 
 import torch
 
+from ..errors import MissingFile, SettingError, TextError
+
 
 def read_text(path: str | Path) -> str:
     path = Path(path)
+    if path.is_dir():
+        raise TextError(f"{path} is a directory; pass a text file")
     if not path.is_file():
-        raise FileNotFoundError(f"text file not found: {path}")
+        raise MissingFile(f"text file not found: {path}")
     text = path.read_text(encoding="utf-8", errors="replace")
     if not text.strip():
-        raise ValueError(f"text file is empty: {path}")
+        raise TextError(f"text file is empty: {path}; pass a file of plain text")
     return text
 
 
@@ -27,8 +31,9 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:  # [N] int64
 def calibration_windows(ids: torch.Tensor, samples: int, seq_len: int, seed: int) -> torch.Tensor:
     """`samples` windows of `seq_len` tokens at seeded random offsets: [samples, seq_len].
     A text shorter than the request yields fewer, non-overlapping windows (never fewer than one)."""
-    if ids.numel() < seq_len + 1:
-        raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than --seq-len {seq_len}; use a longer text")
+    if ids.numel() < seq_len:
+        raise TextError(f"the calibration text has {ids.numel():,} tokens, fewer than one window of --seq-len "
+                        f"{seq_len:,}: use a longer text (--calib) or a smaller --seq-len")
     max_windows = ids.numel() // seq_len
     if samples >= max_windows:
         return ids[: max_windows * seq_len].view(max_windows, seq_len)
@@ -37,9 +42,18 @@ def calibration_windows(ids: torch.Tensor, samples: int, seq_len: int, seed: int
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
 
 
+def check_eval_settings(seq_len: int, batch_size: int) -> None:
+    if seq_len < 2:
+        raise SettingError(f"--seq-len {seq_len}: a window needs at least 2 tokens (one to predict from, one to predict)")
+    if batch_size < 1:
+        raise SettingError(f"--batch-size {batch_size}: at least 1 window per batch")
+
+
 def eval_windows(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
     """Non-overlapping windows covering the text; the tail shorter than seq_len is dropped: [n, seq_len]."""
+    check_eval_settings(seq_len, 1)
     n = ids.numel() // seq_len
     if n == 0:
-        raise ValueError(f"text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+        raise TextError(f"the text has {ids.numel():,} tokens, fewer than one window of --seq-len {seq_len:,}: use a "
+                        "longer text or a smaller --seq-len")
     return ids[: n * seq_len].view(n, seq_len)

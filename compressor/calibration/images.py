@@ -19,13 +19,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import UserError
 from .layerwise import in_fp32
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 BATCH_SIZE = 8
 
 
-class ImageCalibrationError(ValueError):
+class ImageCalibrationError(UserError, ValueError):
     pass
 
 

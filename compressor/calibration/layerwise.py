@@ -4,6 +4,7 @@ the layers before it as they were left by `on_layer` (quantized, in the quantize
 Peak memory is one layer in fp32 plus the calibration activations [samples, seq_len, hidden],
 whatever the number of layers, on top of the model held in 16 bits; with a streamed model
 (io/streaming.py: `resident` reads each layer from disk and releases it after) the model is not held.
+The layer and the activations are on the compute `device` (compressor/device.py); the model stays on the host.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch.view import decoder_layers
+from ..device import HOST, to_device
 
 
 @dataclass
@@ -38,6 +40,11 @@ class Captured:
     def inputs(self, layer: int, hidden: list[torch.Tensor] | None = None) -> LayerInputs:
         return LayerInputs(self.hidden if hidden is None else hidden, self.layer_kwargs[layer])
 
+    def to(self, device: torch.device) -> "Captured":
+        """The same inputs on `device` (shared masks and rotary tables moved once)."""
+        memo: dict = {}
+        return Captured(to_device(self.hidden, device, memo), to_device(self.layer_kwargs, device, memo))
+
 
 class _Stop(Exception):
     pass
@@ -55,7 +62,7 @@ def capture(model: nn.Module, windows: torch.Tensor, batch_size: int) -> Capture
     layers = decoder_layers(model)
     by_shape: dict[tuple, list[dict[str, Any]]] = {}
     hidden, shapes, memo = [], [], {}
-    for batch in windows.split(batch_size):
+    for batch in windows.split(batch_size) if len(windows) else ():  # no windows (a rank with none): no batches
         shape = tuple(batch.shape)
         record = shape not in by_shape
         recorded: list[dict[str, Any]] = []
@@ -138,27 +145,27 @@ def in_memory(_i: int, _layer: nn.Module):
 
 
 @contextmanager
-def in_fp32(layer: nn.Module):
-    """The layer in fp32 while it is worked on, then back in its own dtype."""
+def in_fp32(layer: nn.Module, device: torch.device = HOST):
+    """The layer in fp32 on `device` while it is worked on, then back on the host in its own dtype."""
     dtype = next(layer.parameters()).dtype
-    layer.float()
+    layer.to(device=device, dtype=torch.float32)
     try:
         yield
     finally:
-        layer.to(dtype)
+        layer.to(device=HOST, dtype=dtype)
 
 
 @torch.no_grad()
 def layerwise(model: nn.Module, windows: torch.Tensor | None, on_layer: OnLayer, batch_size: int = 8,
-              desc: str = "layers", resident: Resident = in_memory):
-    """Call `on_layer(i, layer, inputs)` for each decoder layer in order, the layer in fp32; then
-    propagate the inputs through the layer as `on_layer` left it. Returns the final hidden states.
+              desc: str = "layers", resident: Resident = in_memory, device: torch.device = HOST):
+    """Call `on_layer(i, layer, inputs)` for each decoder layer in order, the layer in fp32 on `device`; then
+    propagate the inputs through the layer as `on_layer` left it. Returns the final hidden states (on `device`).
     With `windows` None nothing runs through the model: `on_layer` gets inputs None (RTN needs no data).
     `resident` makes each layer's weights present while it is worked on (default: they are)."""
-    captured = capture(model, windows, batch_size) if windows is not None else None
+    captured = capture(model, windows, batch_size).to(device) if windows is not None else None
     hidden = captured.hidden if captured else None
     for i, layer in enumerate(tqdm(decoder_layers(model), desc=desc, unit="layer")):
-        with resident(i, layer), in_fp32(layer):
+        with resident(i, layer), in_fp32(layer, device):
             inputs = captured.inputs(i, hidden) if captured else None
             outputs = on_layer(i, layer, inputs)  # a callback that leaves the layer unchanged may return its outputs
             if inputs is not None:

@@ -31,35 +31,53 @@ from tqdm.auto import tqdm
 
 from ..arch.view import decoder_layers
 from .layerwise import Resident, capture, in_fp32, in_memory, run_layer, skipped_layers
+from ..device import HOST
 from .stats import NonFiniteError
 
 
 @torch.no_grad()
 def layer_sensitivity(model: nn.Module, windows: torch.Tensor, resident: Resident = in_memory,
-                      head: Callable[[], AbstractContextManager] = nullcontext, batch_size: int = 1) -> torch.Tensor:
+                      head: Callable[[], AbstractContextManager] = nullcontext, batch_size: int = 1,
+                      device: torch.device = HOST) -> torch.Tensor:
     """s [layers]: mean over the tokens of `windows` [n, seq_len] of ||d loss / d (output of layer l)||^2, the loss
     being the summed next-token cross-entropy. `resident(i, layer)` holds layer i's weights while it runs (a
-    streamed model reads them), `head()` the LM head while the loss is computed."""
+    streamed model reads them), `head()` the LM head while the loss is computed; each layer runs on `device`."""
+    return combine_terms(sensitivity_terms(model, windows, resident, head, batch_size, device), windows.numel())
+
+
+@torch.no_grad()
+def sensitivity_terms(model: nn.Module, windows: torch.Tensor, resident: Resident = in_memory,
+                      head: Callable[[], AbstractContextManager] = nullcontext, batch_size: int = 1,
+                      device: torch.device = HOST) -> torch.Tensor:
+    """[batches, layers] float64: each mini-batch's summed squared loss gradient at each layer's output. Batches are
+    independent, so the windows may be split over workers and their terms concatenated in window order."""
     layers = decoder_layers(model)
-    captured = capture(model, windows, batch_size)
+    captured = capture(model, windows, batch_size).to(device)
     hidden, inputs = captured.hidden, []
     for i, layer in enumerate(tqdm(layers, desc="sensitivity: forward", unit="layer")):
-        with resident(i, layer), in_fp32(layer):
+        with resident(i, layer), in_fp32(layer, device):
             inputs.append(captured.inputs(i, hidden))
             hidden = run_layer(layer, inputs[-1]).hidden
-    with head(), _outside_layers_in_fp32(model):
-        grads = [_loss_grad(model, h, ids) for h, ids in zip(hidden, windows.split(batch_size))]
-    s = torch.zeros(len(layers), dtype=torch.float64)
+    with head(), _outside_layers_in_fp32(model):  # the head runs on the host, where the model is held
+        grads = [_loss_grad(model, h.to(HOST), ids).to(device) for h, ids in zip(hidden, windows.split(batch_size))]
+    terms = torch.zeros(len(grads), len(layers), dtype=torch.float64)
     for i in tqdm(range(len(layers) - 1, -1, -1), desc="sensitivity: backward", unit="layer"):
-        s[i] = sum(float(g.double().pow(2).sum()) for g in grads) / windows.numel()
+        terms[:, i] = torch.tensor([float(g.double().pow(2).sum()) for g in grads], dtype=torch.float64)
         if i == 0:
             break
-        with resident(i, layers[i]), in_fp32(layers[i]), _frozen(layers[i]), torch.enable_grad():
+        with resident(i, layers[i]), in_fp32(layers[i], device), _frozen(layers[i]), torch.enable_grad():
             grads = [_input_grad(layers[i], h, kwargs, g)
                      for h, kwargs, g in zip(inputs[i].hidden, inputs[i].kwargs, grads)]
         inputs[i] = None  # released as the backward moves down
+    return terms
+
+
+def combine_terms(terms: torch.Tensor, tokens: int) -> torch.Tensor:
+    """s [layers] from the terms of every mini-batch [batches, layers], summed in batch order, over `tokens`."""
+    layers = terms.shape[1]
+    s = torch.tensor([sum(terms[:, i].tolist()) / tokens for i in range(layers)], dtype=torch.float64)
     if not torch.isfinite(s).all():
-        bad = [i for i in range(len(layers)) if not torch.isfinite(s[i])]
+        bad = [i for i in range(layers) if not torch.isfinite(s[i])]
         raise NonFiniteError(f"layer sensitivity is not finite at layers {bad}: the model's activations or loss "
                              "overflow on the calibration text; check the model in fp32 on that text, or pass "
                              "--layer-weights output_energy to plan without it")

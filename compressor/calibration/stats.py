@@ -4,13 +4,12 @@ each expert's gate/up input and down input (GPTQ's `add_batch`, per expert)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 
-
-class NonFiniteError(ValueError):
-    pass
+from ..errors import NonFiniteError
 
 
 def check_finite(t: torch.Tensor, where: str) -> None:
@@ -19,6 +18,15 @@ def check_finite(t: torch.Tensor, where: str) -> None:
             f"NaN or inf in the activations of {where}; check the model weights and the calibration text, "
             "or run the model in float32"
         )
+
+
+def check_finite_weights(name: str, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+    """The experts of block `name` ([E, out, in] each) hold finite weights, else an error naming the experts."""
+    for part, W in (("gate_up", gate_up), ("down", down)):
+        bad = (~torch.isfinite(W).flatten(1).all(1)).nonzero().flatten().tolist()
+        if bad:
+            raise NonFiniteError(f"NaN or inf in the weights of {name} expert(s) {bad} ({part}); the checkpoint is "
+                                 "damaged: download or save the model again")
 
 
 @dataclass
@@ -33,13 +41,15 @@ class ExpertStats:
     total_tokens: int = 0
 
     @classmethod
-    def zeros(cls, num_experts: int, hidden: int, inter: int) -> "ExpertStats":
-        z = torch.zeros
-        return cls(z(num_experts, dtype=torch.long), z(num_experts), z(num_experts, hidden, hidden),
-                   z(num_experts, inter, inter), z(num_experts))
+    def zeros(cls, num_experts: int, hidden: int, inter: int, device: torch.device | None = None,
+              hessian_device: torch.device | None = None) -> "ExpertStats":
+        """On `device` (default: the host); the Hessians on `hessian_device` (default: `device`)."""
+        z, hd = partial(torch.zeros, device=device), hessian_device or device
+        return cls(z(num_experts, dtype=torch.long), z(num_experts), torch.zeros(num_experts, hidden, hidden, device=hd),
+                   torch.zeros(num_experts, inter, inter, device=hd), z(num_experts))
 
     def hessians(self) -> tuple[torch.Tensor, torch.Tensor]:  # mean x x^T: [E, H, H], [E, I, I]
-        m = self.mass.clamp(min=1e-12)[:, None, None]
+        m = self.mass.clamp(min=1e-12)[:, None, None].to(self.h_in.device)
         return self.h_in / m, self.h_mid / m
 
     @property
@@ -58,8 +68,8 @@ class RoutedObserver:
         s = self.stats
         s.count[e] += x.shape[0]
         s.weight_sum[e] += weights.float().sum()
-        s.h_in[e] += x.T.float() @ x.float()
-        s.h_mid[e] += h.T.float() @ h.float()
+        s.h_in[e] += (x.T.float() @ x.float()).to(s.h_in.device)
+        s.h_mid[e] += (h.T.float() @ h.float()).to(s.h_mid.device)
         s.mass[e] += x.shape[0]
 
 
@@ -88,26 +98,25 @@ class WeightedObserver(RoutedObserver):
             w_gu, _ = module.expert_weights(e)
             h = module.apply_gate(hidden @ w_gu.float().T)
             pe = p[:, e : e + 1]
-            s.h_in[e] += (hidden * pe).T @ hidden
-            s.h_mid[e] += (h * pe).T @ h
+            s.h_in[e] += ((hidden * pe).T @ hidden).to(s.h_in.device)
+            s.h_mid[e] += ((h * pe).T @ h).to(s.h_mid.device)
             s.mass[e] += pe.sum()
 
 
 class LinearHessian:
-    """Forward hook for an nn.Linear: accumulates X^T X of its input."""
+    """Forward hook for an nn.Linear (registered by whoever feeds it): accumulates X^T X of its input."""
 
-    def __init__(self, linear: nn.Linear, where: str):
-        self.h = torch.zeros(linear.in_features, linear.in_features)
+    def __init__(self, linear: nn.Linear, where: str, device: torch.device | None = None):
+        """The Hessian on `device` (default: the linear's)."""
+        self.h = torch.zeros(linear.in_features, linear.in_features, device=device or linear.weight.device)
         self.n = 0
         self.where = where
-        self.handle = linear.register_forward_hook(self)
 
     def __call__(self, _module, args, _output) -> None:
         x = args[0].reshape(-1, args[0].shape[-1]).float()
         check_finite(x, self.where)
-        self.h += x.T @ x
+        self.h += (x.T @ x).to(self.h.device)
         self.n += x.shape[0]
 
     def hessian(self) -> torch.Tensor:
-        self.handle.remove()
         return self.h / max(self.n, 1)

@@ -46,6 +46,10 @@ class Quantization(Section):
     bits: Literal[2, 3, 4, 8, 16] = Field(4, description="uniform bits for experts when no budget is given")
     group_size: int = Field(128, ge=1, description="columns per scale group (a narrower matrix uses one group)")
     sym: bool = Field(False, description="symmetric grid (no zero points)")
+    scale_dtype: Literal["float16", "bfloat16"] = Field(
+        "float16", description="values the int scales may take (they are stored as float16): float16, or bfloat16 "
+        "(values float16 and bfloat16 both hold, for a runtime that loads the scales in a bfloat16 model's dtype; "
+        "--target vllm sets it from --dtype)")
     act_order: bool = Field(False, description="GPTQ column order by descending Hessian diagonal, static groups")
     damp: float = Field(0.01, gt=0, description="GPTQ damping, a fraction of the mean Hessian diagonal")
     block_size: int = Field(128, ge=1, description="GPTQ lazy-update block width")
@@ -112,6 +116,20 @@ class Pruning(Section):
     renormalize: bool = Field(DEFAULT_RENORMALIZE, description="renormalise the kept routing weights (measured better on the default model)")
 
 
+class Execution(Section):
+    """Where and how the work runs; none of it changes what is computed on a given device (so it keys no cache)."""
+    device: Literal["cpu", "cuda", "auto"] = Field(
+        "cpu", description="device each decoder layer is worked on (one layer at a time, the rest on the CPU or on "
+        "disk): cpu, cuda (under torchrun: the rank's LOCAL_RANK GPU; untested, no GPU was available) or auto (cuda "
+        "when torch sees one)")
+    hessians: Literal["device", "cpu"] = Field(
+        "device", description="where GPTQ's Hessians are accumulated: on the device, or in CPU memory when the device "
+        "is short of it (each product is moved there as it is added)")
+    timeout: float = Field(
+        1800, gt=0, description="torchrun runs: seconds a rank waits for the others in a collective before it stops "
+        "with an error naming the rank that did not answer (a rank that dies is named at once)")
+
+
 class Recipe(Section):
     model: str | None = Field(None, description="model directory; default: the shipped default model")
     output: Path | None = None
@@ -120,6 +138,7 @@ class Recipe(Section):
     quantization: Quantization = Quantization()
     allocation: Allocation = Allocation()
     pruning: Pruning = Pruning()
+    execution: Execution = Execution()
     notes: str | None = Field(None, description="free text: why these settings")
 
     @field_validator("model")

@@ -36,9 +36,14 @@ def _writer(fmt: str) -> tuple[Callable, str]:
 
 
 def export(src_dir: str | Path, fmt: str, output: str | Path | None = None, overwrite: bool = False,
-           log=print) -> tuple[Path, dict]:
-    """Export a compressed model directory; returns (the output path, a summary of what was written)."""
+           log=print, **options) -> tuple[Path, dict]:
+    """Export a compressed model directory; returns (the output path, a summary of what was written).
+    `options` go to the format's writer; gguf: accept_differences (export a model llama.cpp computes differently
+    from transformers, with a warning for each difference; refused otherwise), float32 (16-bit tensors as F32)."""
     write, suffix = _writer(fmt)
+    options = {k: v for k, v in options.items() if v}
+    if options and fmt != "gguf":
+        raise ExportError(f"{', '.join(options)}: options of --format gguf only")
     src_dir = Path(src_dir)
     out = Path(output) if output else src_dir.parent / f"{src_dir.name}{suffix}"
     check_output(out, src_dir, overwrite)
@@ -47,7 +52,7 @@ def export(src_dir: str | Path, fmt: str, output: str | Path | None = None, over
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
-        summary = write(src, tmp, log)
+        summary = write(src, tmp, log, **options)
         if tmp.is_dir():
             commit_output(tmp, out)
         else:

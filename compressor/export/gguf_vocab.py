@@ -22,7 +22,13 @@ LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
                 r"|\s+(?!\S)|\s+")
 QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
                r"|\s+(?!\S)|\s+")
-SPLIT_PATTERNS = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2"}
+# o200k (GPT-4o's, and GPT-OSS's): as llama.cpp's src/llama-vocab.cpp quotes it from tokenizer.json
+GPT4O_REGEX = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+               r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+               r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+               r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+               r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+SPLIT_PATTERNS = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2", GPT4O_REGEX: "gpt-4o"}
 
 
 @dataclass
@@ -57,7 +63,8 @@ def pre_tokenizer_name(pre: dict | None) -> str:
             return name
     raise ExportError(f"export --format gguf: the tokenizer's pre-tokenizer ({json.dumps(pre)[:200]}) is not one this "
                       "exporter maps to a llama.cpp pre-tokenizer (it knows GPT-2's byte-level regex, SmolLM's digits "
-                      "+ GPT-2, Llama 3's and Qwen 2's split regexes); llama.cpp would tokenize text differently")
+                      "+ GPT-2, Llama 3's, Qwen 2's and GPT-4o's (o200k) split regexes); llama.cpp would tokenize "
+                      "text differently")
 
 
 def read_vocab(tokenizer: dict, directory: Path, n_vocab: int) -> Vocab:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..arch.view import MoEBlock, find_moe_blocks
+from ..errors import UserError
 from ..io.models import ModelDirError, is_compressed, load_model, read_config
 from ..plan import Plan
 from ..quantize.formats import QuantSpec
@@ -28,7 +29,7 @@ INTERLEAVED_GATE_UP = ("gpt_oss",)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """A compressed model (or plan) an export format cannot hold; the message names the format, what it supports
     and the fix."""
 

@@ -17,20 +17,23 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from .. import __version__, prune
 from ..arch.view import find_moe_blocks
+from ..device import HOST
+from ..errors import UserError
 from ..runtime.experts import PackedExperts, PackedLinear, empty_packed_experts, empty_packed_linear
 from ..runtime.moe import CONFIG_KEY as MOE_MODULES, MLPMoE, replace_module, two_layer_mlp
 from .accounting import checkpoint_tensors
+from .keyed import save_safetensors
 from .models import QUANT_METHOD, ModelDirError, architecture_class
 
 INDEX = "model.safetensors.index.json"
 
 
-class OutputExists(FileExistsError):
+class OutputExists(UserError, FileExistsError):
     pass
 
 
@@ -41,17 +44,23 @@ def quantization_config(model: nn.Module, group_size: int, sym: bool, extra: dic
             "experts": experts, "dense": dense, **(extra or {})}
 
 
-def check_output(out_dir: Path, model_dir: Path, overwrite: bool) -> None:
+def check_output(out_dir: Path, model_dir: Path, overwrite: bool, log=print) -> None:
+    """The rules of every output (dry runs too): never the input model, its parent or inside it; an existing output
+    only with --overwrite; a location that can be written. Temporary directories of killed runs are cleaned first."""
+    from .outputs import check_writable, remove_stale
+
     out_dir, model_dir = out_dir.resolve(), model_dir.resolve()
     if out_dir == model_dir or model_dir in out_dir.parents or out_dir in model_dir.parents:
         raise OutputExists(f"refusing to write {out_dir}: it is or contains the input model {model_dir}; choose another --output")
+    remove_stale(out_dir, log)
     if out_dir.exists() and not overwrite:
         raise OutputExists(f"{out_dir} exists; pass --overwrite to replace it, or choose another --output")
+    check_writable(out_dir)
 
 
-def prepare_output(out_dir: Path, model_dir: Path, overwrite: bool) -> Path:
+def prepare_output(out_dir: Path, model_dir: Path, overwrite: bool, log=print) -> Path:
     """Checks, then a fresh temporary directory beside `out_dir` to write into."""
-    check_output(out_dir, model_dir, overwrite)
+    check_output(out_dir, model_dir, overwrite, log)
     out_dir = out_dir.resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
@@ -62,6 +71,8 @@ def prepare_output(out_dir: Path, model_dir: Path, overwrite: bool) -> Path:
 
 def commit_output(tmp: Path, out_dir: Path) -> None:
     """Atomic replace: the finished temporary directory takes the output's name."""
+    from .outputs import remove_path
+
     out_dir = out_dir.resolve()
     old = None
     if out_dir.exists():
@@ -69,7 +80,7 @@ def commit_output(tmp: Path, out_dir: Path) -> None:
         out_dir.rename(old)
     tmp.rename(out_dir)
     if old is not None:
-        shutil.rmtree(old)
+        remove_path(old)  # the previous output: a directory, or a file --overwrite replaces
 
 
 def write_tensors(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int) -> int:
@@ -84,12 +95,12 @@ def write_tensors(tensors: dict[str, torch.Tensor], directory: Path, max_shard_b
     shards.append(current)
     meta = {"format": "pt", "producer": f"moe-compressor {__version__}"}
     if len(shards) == 1:
-        save_file(shards[0], directory / "model.safetensors", metadata=meta)
+        save_safetensors(shards[0], directory / "model.safetensors", meta)
     else:
         weight_map = {}
         for i, shard in enumerate(shards, 1):
             fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, directory / fname, metadata=meta)
+            save_safetensors(shard, directory / fname, meta)
             weight_map.update(dict.fromkeys(shard, fname))
         total = sum(t.nbytes for t in tensors.values())
         (directory / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
@@ -97,8 +108,10 @@ def write_tensors(tensors: dict[str, torch.Tensor], directory: Path, max_shard_b
 
 
 def _weight_files(directory: Path) -> list[Path]:
+    from .validate import _weight_map
+
     index = directory / INDEX
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = sorted(set(_weight_map(index).values())) if index.exists() else ["model.safetensors"]
     for f in files:
         if not (directory / f).is_file():
             raise ModelDirError(f"{directory}: missing weight file {f}")
@@ -145,10 +158,18 @@ def skeleton(config, dtype: torch.dtype | None = None) -> nn.Module:
 
     entry = getattr(config, MOE_MODULES, None)
     kw = {} if dtype is None else {"dtype": dtype}
-    with torch.device("meta"):
-        if not entry:
-            return AutoModelForCausalLM.from_config(config, **kw)
-        model = architecture_class(config.architectures)._from_config(config, **kw)
+    try:
+        with torch.device("meta"):
+            if not entry:
+                return AutoModelForCausalLM.from_config(config, **kw)
+            model = architecture_class(config.architectures)._from_config(config, **kw)
+    except (KeyError, ValueError, TypeError, AttributeError, IndexError, ZeroDivisionError) as err:
+        if isinstance(err, ModelDirError):
+            raise
+        where = getattr(config, "_name_or_path", "") or "the model"
+        raise ModelDirError(f"{where}: transformers cannot build the model its config.json describes "
+                            f"({type(err).__name__}: {str(err)[:160]}); use the config.json that came with these "
+                            "weights") from None
     for name, spec in entry.items():
         try:
             mlp = two_layer_mlp(model.get_submodule(name))
@@ -179,12 +200,17 @@ def load_compressed(model_dir: Path, dtype: torch.dtype = torch.float32, dynamic
     qc = config.quantization_config
     del config.quantization_config
     model = skeleton(config, dtype)
-    gs, sym = qc["group_size"], qc["sym"]
-    for b in find_moe_blocks(model):
-        b.block.experts = empty_packed_experts(b, qc["experts"][b.name], gs, sym, dtype)
-    for name, fmt in qc["dense"].items():
-        parent, attr = name.rsplit(".", 1)
-        setattr(model.get_submodule(parent), attr, empty_packed_linear(model.get_submodule(name), fmt, gs, sym, dtype))
+    try:  # formats of modules the model does not have, or that do not exist: a config.json edited or damaged
+        gs, sym = qc["group_size"], qc["sym"]
+        for b in find_moe_blocks(model):
+            b.block.experts = empty_packed_experts(b, qc["experts"][b.name], gs, sym, dtype)
+        for name, fmt in qc["dense"].items():
+            parent, attr = name.rsplit(".", 1)
+            setattr(model.get_submodule(parent), attr, empty_packed_linear(model.get_submodule(name), fmt, gs, sym, dtype))
+    except (KeyError, AttributeError, TypeError, ValueError) as err:
+        raise ModelDirError(f"{model_dir}/config.json: its quantization_config does not describe this model "
+                            f"({type(err).__name__}: {str(err)[:120]}); was it edited, or written by another version? "
+                            "Compress the original model again") from None
     _load_weights(model, Path(model_dir))
     model.config.quantization_config = qc
     prune.apply_saved(model, enabled=dynamic_pruning)
@@ -193,7 +219,10 @@ def load_compressed(model_dir: Path, dtype: torch.dtype = torch.float32, dynamic
 
 def _load_weights(model: nn.Module, model_dir: Path) -> None:
     """Materialise a meta-device skeleton and load the checkpoint's tensors into it, exactly."""
-    model.to_empty(device="cpu")
+    from .validate import check_state
+
+    check_state(model_dir, model)  # before anything is read: damaged files, missing tensors, wrong shapes
+    model.to_empty(device=HOST)
     init_non_persistent_buffers(model)
     missing, unexpected = model.load_state_dict(read_tensors(model_dir), strict=False)
     model.tie_weights()
@@ -207,7 +236,7 @@ def init_non_persistent_buffers(model: nn.Module, only: set[nn.Module] | None = 
     """Non-persistent buffers (rotary inv_freq, CLIP's position_ids) are not in a checkpoint: each module holding
     some is initialised by its innermost transformers model (a LLaVA's vision tower is a model of its own).
     `only`: just these modules (a part of a streamed model), whose buffers still on the meta device are allocated
-    on the CPU first."""
+    on the host first."""
     from transformers import PreTrainedModel
 
     owner = {}
@@ -218,7 +247,7 @@ def init_non_persistent_buffers(model: nn.Module, only: set[nn.Module] | None = 
     for m, top in owner.items():
         for name in m._non_persistent_buffers_set:
             if m._buffers.get(name) is not None and m._buffers[name].is_meta:
-                m._buffers[name] = torch.empty_like(m._buffers[name], device="cpu")
+                m._buffers[name] = torch.empty_like(m._buffers[name], device=HOST)
         top._init_weights(m)
 
 

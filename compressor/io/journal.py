@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .keyed import read_keyed, write_keyed, write_text_atomic
+from .outputs import remove_stale_files
 
 JOURNAL_VERSION = 1
 
@@ -33,6 +34,12 @@ def journal_digest(plan: dict, recipe, model_fingerprint: list, windows_digest: 
               "calibration": recipe.calibration.model_dump(mode="json"),
               "model": model_fingerprint, "windows": windows_digest}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def journal_bytes(predicted: dict[str, int], blocks, dense) -> int:
+    """Bytes the journal will hold (from accounting.predict_bytes): the packed experts and dense linears."""
+    return (sum(predicted[f"{b.name}.{e}"] for b in blocks for e in range(b.num_experts))
+            + sum(predicted[f"{n}.packed"] for n in dense))
 
 
 def beside(out_dir: Path) -> Path:
@@ -52,6 +59,7 @@ class Journal:
             log(f"{what}: discarding {self.dir} (written for other settings or another plan)")
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_files(self.dir)  # a killed run's half-written layer file
         if not meta.exists():
             write_text_atomic(meta, json.dumps({"digest": digest}))
         self.done = sorted(i for i in (self._index(p) for p in self.dir.glob("layer-*.safetensors")) if i is not None)

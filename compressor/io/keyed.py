@@ -11,11 +11,26 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..errors import environment_error
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, whose errors carry no path: a full disk or a read-only location is an OutputError
+    naming the file."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except Exception as err:  # SafetensorError('... No space left on device (os error 28)'), OSError
+        raise environment_error(err, str(path)) or err
+
 
 def write_keyed(path: Path, tensors: dict[str, torch.Tensor], key: str, meta: dict[str, str] | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata={**(meta or {}), "key": key})
+    try:
+        save_safetensors({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, {**(meta or {}), "key": key})
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
@@ -35,5 +50,9 @@ def read_keyed(path: Path, key: str) -> tuple[dict[str, torch.Tensor], dict[str,
 
 def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
+    try:
+        tmp.write_text(text)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)

@@ -21,6 +21,7 @@ from ..measure import BlockMeasurement
 from .journal import Journal
 from ..targets import target
 from .keyed import read_keyed, write_keyed
+from .outputs import after_failure, remove_stale_files
 
 MEASURE_VERSION = 1
 SENSITIVITY_VERSION = 1
@@ -53,6 +54,8 @@ def cache_key(model_dir: Path, recipe, windows: torch.Tensor) -> tuple[str, dict
         "per_projection": target(a.target).per_projection,
         "gptq": q.gptq_options if a.eps_quantizer == "gptq" else None,
     }
+    if q.scale_dtype != "float16":  # only when set, so that the keys of entries measured before it existed still hold
+        inputs["scale_dtype"] = q.scale_dtype
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24], inputs
 
 
@@ -142,42 +145,75 @@ class MeasurementCache:
     def get_or_measure(self, model_dir: Path, recipe, windows: torch.Tensor, measure, log=print):
         """`measure(journal)` -> (measurements, ternary flags), run only when no valid entry exists; `journal` (a
         MeasureJournal, None without a cache) lets an interrupted pass 1 resume at the layer where it stopped."""
+        entry = self.entry(model_dir, recipe, windows, log)
+        return entry.hit if entry.hit is not None else entry.measure(measure, entry.journal(), log)
+
+    def entry(self, model_dir: Path, recipe, windows: torch.Tensor, log=print) -> "Entry":
+        """The entry for these inputs, read if valid (entry.hit), or the place to measure into."""
         if self.directory is None:
             self.outcome = "measured"
-            return measure(None)
+            return Entry(self, None, None, None)
         key, inputs = cache_key(model_dir, recipe, windows)
-        path = self.directory / f"{key}.safetensors"
-        hit = load(path, key)
-        if hit is not None:
-            self.outcome = f"reused {path}"
-            log(f"pass 1: reusing the measurements in {path}")
-            return hit
-        journal = MeasureJournal(self.directory / f"{key}.partial", key, log)
-        try:
-            measurements, ternary = measure(journal)
-        except BaseException:
-            if journal.dir.exists() and any(journal.dir.glob("layer-*")):
-                log(f"interrupted: the layers measured so far are kept in {journal.dir}; the same command "
-                    "resumes from them")
-            raise
-        save(path, key, inputs, measurements, ternary)
-        journal.remove()
-        self.outcome = f"measured, kept in {path}"
-        log(f"pass 1: measurements kept in {path}")
-        return measurements, ternary
+        entry = Entry(self, self.directory / f"{key}.safetensors", key, inputs)
+        entry.hit = load(entry.path, key)
+        if entry.hit is not None:
+            self.outcome = f"reused {entry.path}"
+            log(f"pass 1: reusing the measurements in {entry.path}")
+        else:
+            remove_stale_files(self.directory)  # a killed run's half-written entry
+        return entry
 
     def get_or_compute_sensitivity(self, model_dir: Path, windows: torch.Tensor, compute, log=print) -> torch.Tensor:
         """`compute()` -> the layer sensitivity [layers] (calibration/sensitivity.py), run only when no valid entry
         exists; kept beside the measurements."""
+        path, key, inputs, hit = self.sensitivity_entry(model_dir, windows, log)
+        if hit is not None:
+            return hit
+        s = compute()
+        self.keep_sensitivity(path, key, inputs, s, log)
+        return s
+
+    def sensitivity_entry(self, model_dir: Path, windows: torch.Tensor, log=print):
+        """(path, key, inputs, the sensitivity if cached else None); path None without a cache."""
         if self.directory is None:
-            return compute()
+            return None, None, None, None
         key, inputs = sensitivity_key(model_dir, windows)
         path = self.directory / f"{key}.safetensors"
         hit = read_keyed(path, key)
         if hit is not None and "sensitivity" in hit[0]:
             log(f"layer sensitivity: reusing {path}")
-            return hit[0]["sensitivity"]
-        s = compute()
-        write_keyed(path, {"sensitivity": s}, key, {"inputs": json.dumps(inputs)})
-        log(f"layer sensitivity: kept in {path}")
-        return s
+            return path, key, inputs, hit[0]["sensitivity"]
+        return path, key, inputs, None
+
+    @staticmethod
+    def keep_sensitivity(path: Path | None, key: str, inputs: dict, s: torch.Tensor, log=print) -> None:
+        if path is not None:
+            write_keyed(path, {"sensitivity": s}, key, {"inputs": json.dumps(inputs)})
+            log(f"layer sensitivity: kept in {path}")
+
+
+class Entry:
+    """One cache entry: `hit` (measurements, ternary flags) when valid; otherwise measured into `path`, journaled
+    beside it. `path` None: no cache."""
+
+    def __init__(self, cache: MeasurementCache, path: Path | None, key: str | None, inputs: dict | None):
+        self.cache, self.path, self.key, self.inputs = cache, path, key, inputs
+        self.hit = None
+
+    def journal(self, log=print) -> MeasureJournal | None:
+        return MeasureJournal(self.path.with_suffix(".partial"), self.key, log) if self.path is not None else None
+
+    def measure(self, measure, journal, log=print):
+        """`measure(journal)`, kept in the entry and its journal removed (by the process that writes the cache)."""
+        try:
+            measurements, ternary = measure(journal)
+        except BaseException as err:
+            if journal is not None:
+                after_failure(err, journal.dir, log)  # kept only if resumable, and then said so
+            raise
+        if self.path is not None:
+            save(self.path, self.key, self.inputs, measurements, ternary)
+            journal.remove()
+            self.cache.outcome = f"measured, kept in {self.path}"
+            log(f"pass 1: measurements kept in {self.path}")
+        return measurements, ternary

@@ -9,31 +9,44 @@ import torch
 from torch import nn
 
 from ..arch.families import family_for
+from ..errors import UserError
 from ..runtime.moe import CONFIG_KEY as MOE_MODULES
 
 QUANT_METHOD = "moe-compressor"
 
 
-class ModelDirError(ValueError):
+class ModelDirError(UserError, ValueError):
     pass
 
 
 def read_config(model_dir: str | Path) -> dict:
     model_dir = Path(model_dir)
+    if model_dir.is_file():
+        raise ModelDirError(f"{model_dir} is a file: pass the model directory (config.json and its weights); a "
+                            "config.json alone is planned by `compress CONFIG.json --dry-run --synthetic-stats`")
     if not model_dir.is_dir():
         raise ModelDirError(f"model directory not found: {model_dir}")
     cfg = model_dir / "config.json"
     if not cfg.is_file():
         raise ModelDirError(f"{model_dir} has no config.json: pass a transformers model directory (save_pretrained output)")
+    return read_config_file(cfg)
+
+
+def read_config_file(cfg: Path) -> dict:
+    """A config.json file: one JSON object."""
     try:
-        return json.loads(cfg.read_text())
-    except json.JSONDecodeError as err:
+        config = json.loads(Path(cfg).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelDirError(f"{cfg} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise ModelDirError(f"{cfg} holds a JSON {type(config).__name__}, not an object: it must be the config.json of a "
+                            "transformers model (save_pretrained output)")
+    return config
 
 
 def is_compressed(model_dir: str | Path) -> bool:
     qc = read_config(model_dir).get("quantization_config") or {}
-    return qc.get("quant_method") == QUANT_METHOD
+    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
 
 
 def _check_weights(model_dir: Path) -> None:
@@ -60,11 +73,15 @@ def architecture_class(architectures: list[str] | None):
     return cls
 
 
-def check_supported(config: dict) -> None:
+def check_supported(config: dict, where: str | Path = "config.json") -> None:
     """An error listing the supported families unless config.json is one of them (or lists up-cycled MLP blocks,
     which any architecture may hold)."""
     if MOE_MODULES not in config:
         family_for(config.get("model_type", "<missing model_type>"))
+        from .validate import check_architecture, check_config_values
+
+        check_config_values(config, where)
+        check_architecture(config, where)
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
@@ -76,7 +93,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, trust_
 
     model_dir = Path(model_dir)
     config = read_config(model_dir)
-    check_supported(config)
+    check_supported(config, model_dir / "config.json")
     if is_compressed(model_dir):
         from .checkpoint import load_compressed
 
@@ -86,9 +103,15 @@ def load_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, trust_
         from .checkpoint import load_upcycled
 
         return load_upcycled(model_dir, dtype)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-    )
+    from .validate import check_checkpoint
+
+    check_checkpoint(model_dir, trust_remote_code)  # damaged or mismatched weights: an error, not a random init
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except ImportError as err:  # another tool's quantization_config whose package is not installed, and the like
+        raise ModelDirError(f"{model_dir}: transformers cannot load this model here: {str(err)[:300]}") from None
     return model.eval()
 
 

@@ -27,6 +27,7 @@ from torch import nn
 from ..arch.view import decoder_layers, layers_prefix
 from .checkpoint import INDEX, _weight_files, init_non_persistent_buffers, skeleton
 from .models import ModelDirError, _check_weights
+from .validate import check_original, load_problems
 
 STEM = "stem"  # the part of the model outside the decoder layers that runs before them
 HEAD = "head"  # the output embeddings (LM head): read by complete() and, for a moment, by head()
@@ -46,6 +47,7 @@ class StreamedModel:
         if getattr(config, "quantization_config", None):
             raise ModelDirError(f"{self.model_dir}: config.json has a quantization_config; streaming reads unquantized "
                                 "16/32-bit safetensors only")
+        check_original(self.model_dir, config)  # every tensor whole and of its shape, before pass 1 reads any
         self.model = skeleton(config, dtype).eval()
         self._layer_re = re.compile(rf"^{re.escape(layers_prefix(self.model))}\.(\d+)\.")
         head = self.model.get_output_embeddings()
@@ -97,8 +99,7 @@ class StreamedModel:
                                          weight_mapping=_conversions(self.model))
             info, _ = convert_and_load_state_dict_in_model(self.model, state, config)
         missing = [n for n, t in self.model.state_dict().items() if self.part_of(n) == part and t.is_meta]
-        problems = [f"shape mismatch {k}: checkpoint {tuple(a)}, model {tuple(b)}" for k, a, b in info.mismatched_keys]
-        problems += [f"{k}: {e}" for k, e in info.conversion_errors.items()] + list(info.error_msgs)
+        problems = load_problems(info)
         if missing or problems:
             where = "the embeddings and other tensors outside the decoder layers" if part == STEM else f"decoder layer {part}"
             raise ModelDirError(

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .hooks import PruneHandle
-from .rule import DEFAULT_PROTECT, PruningRule, check_prunable
+from .rule import DEFAULT_PROTECT, NothingToPrune, PruningRule, check_prunable
 
 ALLOCATIONS = ("uniform", "global")
 NEVER = 3.0e38  # a threshold no signal reaches (JSON has no infinity)
@@ -90,8 +90,9 @@ def calibrate(model: nn.Module, blocks, windows: torch.Tensor, target: float, pr
     total = sum(p * slots for _, p, slots, _, _ in layers)
     achievable = sum(p * c.numel() for _, p, _, c, _ in layers) / total
     if target > achievable + 1e-9:
-        raise ValueError(f"dynamic pruning target {target:.0%} is out of reach: dropping every non-top expert of every "
-                         f"non-protected token removes {achievable:.1%} of activated expert parameters here")
+        raise NothingToPrune(f"dynamic pruning target {target:.0%} is out of reach: dropping every non-top expert of "
+                             f"every non-protected token removes {achievable:.1%} of activated expert parameters here; "
+                             "lower --dynamic-pruning")
 
     counts: dict[str, int] = {}
     if allocation == "uniform":

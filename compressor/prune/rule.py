@@ -26,16 +26,20 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..errors import UserError
+
 IMPORTANCE_SIGNALS = ("residual_norm", "input_norm", "attention")
 KINDS = ("ratio", "random")
 RULE_VERSION = 1
 
 
-class NothingToPrune(ValueError):
+class NothingToPrune(UserError, ValueError):
     """The model routes each token to a single expert: there is no weaker expert to drop."""
 
 
-def check_prunable(blocks) -> None:
+def check_prunable(blocks, target: float | None = None, protect: float = 0.0) -> None:
+    """Is there anything to prune, and (with `target`) can that share of activated expert parameters be skipped at
+    all? At most k-1 of a token's k experts are skipped, and never for the `protect` share of tokens."""
     if not blocks:
         raise NothingToPrune("dynamic pruning: the model has no MoE block, so there is nothing to prune")
     top1 = [b.name for b in blocks if b.top_k < 2]
@@ -44,6 +48,11 @@ def check_prunable(blocks) -> None:
             f"dynamic pruning: this model routes each token to top-{blocks[0].top_k} expert(s) in every MoE layer; "
             "pruning only drops a token's weaker experts next to its top one, so with top-1 routing there is "
             "nothing to prune (run without --dynamic-pruning)")
+    ceiling = max((b.top_k - 1) / b.top_k for b in blocks) * (1 - protect)
+    if target is not None and target > ceiling:
+        raise NothingToPrune(f"dynamic pruning target {target:.0%} is out of reach: at most top-k - 1 of a token's "
+                             f"experts are skipped, and never for the {protect:.0%} most important tokens, so at most "
+                             f"{ceiling:.1%} of activated expert parameters here; lower --dynamic-pruning")
 
 
 DEFAULT_PROTECT = 0.02  # MC-MoE: the top 2% most important tokens are never pruned

@@ -4,7 +4,7 @@ formats   FORMATS, QuantSpec, packed_nbytes     the formats and their exact byte
 packing   pack_bits / unpack_bits / pack_trits   table-driven bit and trit packing
 grid      find_params, quantize_codes, ...       scales / zero points and the elementwise maps
 ggml      GGML_TYPES, encode/decode_matrix       GGUF block types (q4_k, q8_0, tq2_0, ...), bit-exact with gguf-py
-scales    fp16_round, ternary_scale              fp16 scale rounding, absmean (a leaf shared by grid and ggml)
+scales    round_scales, ternary_scale            fp16 (or fp16-and-bf16) scale rounding, absmean (a leaf)
 qweight   QuantizedWeight, pack, unpack          codes + fp16 params <-> checkpoint tensors
 rtn       quantize_rtn                           round to nearest, group-wise, batched
 ternary   quantize_ternary                       absmean ternary (MoTE / BitNet b1.58)

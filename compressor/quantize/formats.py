@@ -21,6 +21,7 @@ import math
 import torch
 
 from .ggml import GGML_TYPES, GGMLType
+from .scales import SCALE_DTYPES
 
 FORMATS = ("keep", "int8", "int4", "int3", "int2", "ternary", "drop")  # this project's own formats
 GGML_FORMATS = tuple(GGML_TYPES)  # the GGUF block types: q4_0 ... q6_k, tq1_0, tq2_0 (rows of whole blocks)
@@ -34,12 +35,16 @@ class QuantSpec:
     format: str                         # one of ALL_FORMATS
     group_size: int = DEFAULT_GROUP_SIZE  # along the input dim; narrower matrices use one group
     sym: bool = False                   # asymmetric by default (MC-MoE / GPTQ default)
+    scale_dtype: str = "float16"        # the int scales' values: fp16, or "bfloat16" (values bf16 holds too, for a
+                                        # runtime that loads them in a bf16 model's dtype); stored as fp16 either way
 
     def __post_init__(self):
         if self.format not in ALL_FORMATS:
             raise ValueError(f"unknown format {self.format!r}; expected one of {', '.join(ALL_FORMATS)}")
         if not isinstance(self.group_size, int) or self.group_size < 1:
             raise ValueError(f"group_size must be a positive int, got {self.group_size!r}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}, got {self.scale_dtype!r}")
 
     @property
     def bits(self) -> int | None:

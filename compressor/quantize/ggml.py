@@ -60,7 +60,7 @@ def _pack_planes(v: torch.Tensor, width: int, run: int) -> torch.Tensor:
     planes) sits in byte c*run + j at bit s*width. This one rule is every ggml code and scale layout but two."""
     planes = 8 // width
     x = v.to(torch.int32).unflatten(-1, (-1, planes, run))  # [..., chunks, P, run]
-    shifts = (width * torch.arange(planes, dtype=torch.int32))[:, None]
+    shifts = (width * torch.arange(planes, dtype=torch.int32, device=x.device))[:, None]
     return (x << shifts).sum(-2, dtype=torch.int32).flatten(-2).to(torch.uint8)
 
 
@@ -68,7 +68,7 @@ def _unpack_planes(b: torch.Tensor, width: int, run: int) -> torch.Tensor:
     """Inverse of _pack_planes: bytes [..., m] -> unsigned codes uint8 [..., m * 8 / width]."""
     planes = 8 // width
     x = b.to(torch.int32).unflatten(-1, (-1, 1, run))  # [..., chunks, 1, run]
-    shifts = (width * torch.arange(planes, dtype=torch.int32))[:, None]
+    shifts = (width * torch.arange(planes, dtype=torch.int32, device=x.device))[:, None]
     return ((x >> shifts) & (2 ** width - 1)).flatten(-3).to(torch.uint8)
 
 
@@ -301,7 +301,7 @@ class _Ternary(GGMLType):
         a = u[..., :160].unflatten(-1, (5, 32))
         b = u[..., 160:240].unflatten(-1, (5, 16))
         c = torch.nn.functional.pad(u[..., 240:].unflatten(-1, (4, 4)), (0, 0, 0, 1))  # 5th digit 0
-        v = torch.cat([(x * _POW3[:, None]).sum(-2) for x in (a, b, c)], -1)  # [..., 52] base-3 values < 243
+        v = torch.cat([(x * _POW3.to(x.device)[:, None]).sum(-2) for x in (a, b, c)], -1)  # [..., 52] base-3 values < 243
         return torch.cat([((v * 256 + 242) // 243).to(torch.uint8), d], -1)
 
     def decode(self, raw):
@@ -309,7 +309,7 @@ class _Ternary(GGMLType):
         if self.name == "tq2_0":
             return (_unpack_planes(raw[..., :64], 2, 32).to(torch.int16) - 1).to(torch.int8), h
         x = raw[..., :52].to(torch.int32)
-        digits = (((x[..., None, :] * _POW3.flip(0)[:, None]) & 255) * 3) >> 8  # [..., 5, 52]: digit k of byte j
+        digits = (((x[..., None, :] * _POW3.to(x.device).flip(0)[:, None]) & 255) * 3) >> 8  # [..., 5, 52]: digit k of byte j
         a = digits[..., :, :32].flatten(-2)
         b = digits[..., :, 32:48].flatten(-2)
         c = digits[..., :4, 48:52].flatten(-2)

@@ -56,9 +56,9 @@ def inverse_cholesky(H: torch.Tensor, damp: float, tries: int) -> tuple[torch.Te
     makes GPTQ exactly RTN) and damp_used = inf, with a warning."""
     E, n, _ = H.shape
     base = H.diagonal(dim1=-2, dim2=-1).abs().mean(-1)  # [E]
-    eye = torch.eye(n, dtype=H.dtype)
-    U, damp_used = eye.repeat(E, 1, 1), torch.full((E,), float("inf"), dtype=torch.float64)
-    todo = torch.arange(E)
+    eye = torch.eye(n, dtype=H.dtype, device=H.device)
+    U, damp_used = eye.repeat(E, 1, 1), torch.full((E,), float("inf"), dtype=torch.float64, device=H.device)
+    todo = torch.arange(E, device=H.device)
     for d in damp_schedule(damp, tries):
         Hd = H[todo] + (d * base[todo])[:, None, None] * eye   # [e, n, n]
         L, info = torch.linalg.cholesky_ex(Hd)
@@ -174,7 +174,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, damp: fl
     check_finite("H", H3)
     if not (spec.is_int or spec.format == "ternary" or spec.ggml is not None):
         qw = quantize_rtn(W, spec)
-        return GPTQResult(qw, torch.zeros(E, dtype=torch.float64), hessian_error(W, qw.dequantize(), H3))
+        return GPTQResult(qw, W3.new_zeros(E, dtype=torch.float64), hessian_error(W, qw.dequantize(), H3))
 
     Wf, Hf = W3.float().clone(), H3.float().clone()          # [E, out, n], [E, n, n]
     diag = Hf.diagonal(dim1=-2, dim2=-1)                      # [E, n] view

@@ -2,7 +2,7 @@
 
 Every format is q = clamp(round(w / s) + z, qmin, qmax) and w_hat = (q - z) * s, in float32,
 with s and z rounded to fp16 *before* codes are computed, so a packed checkpoint reproduces
-w_hat bit for bit.
+w_hat bit for bit (int scales: to values bf16 holds too when spec.scale_dtype is "bfloat16", scales.round_scales).
   int asym  min-max over the group with 0 kept in range, s = (max - min) / maxq,
             z = round(-min / s) in [0, maxq]                               (GPTQ / MC-MoE)
   int sym   s = 2 * absmax / maxq, z = 2^(bits-1) implicit, never stored   (GPTQ's sym grid)
@@ -13,7 +13,7 @@ An all-zero group gets a harmless unit range (as in GPTQ), so s > 0 always.
 import torch
 
 from .formats import QuantSpec, group_size_for
-from .scales import FP16_MAX, FP16_TINY, fp16_round, ternary_scale  # noqa: F401 (re-exported)
+from .scales import FP16_MAX, FP16_TINY, fp16_round, round_scales, ternary_scale  # noqa: F401 (re-exported)
 
 
 def qrange(spec: QuantSpec) -> tuple[int, int]:
@@ -35,11 +35,11 @@ def find_params(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.T
     xmin, xmax = x.amin(-1).clamp(max=0), x.amax(-1).clamp(min=0)  # [..., out]
     if spec.sym:
         a = torch.maximum(-xmin, xmax)
-        s = fp16_round(2 * torch.where(a == 0, 1.0, a) / maxq)
+        s = round_scales(2 * torch.where(a == 0, 1.0, a) / maxq, spec.scale_dtype)
         return s, torch.full_like(s, (maxq + 1) // 2)
     flat = (xmin == 0) & (xmax == 0)
     xmin, xmax = torch.where(flat, -1.0, xmin), torch.where(flat, 1.0, xmax)
-    s = fp16_round((xmax - xmin) / maxq)
+    s = round_scales((xmax - xmin) / maxq, spec.scale_dtype)
     return s, torch.round(-xmin / s).clamp(0, maxq)
 
 

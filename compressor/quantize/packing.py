@@ -27,8 +27,8 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if codes.numel() and int(codes.max()) >= 2 ** bits:
         raise ValueError(f"codes out of range for {bits}-bit packing (max {int(codes.max())})")
     x = F.pad(codes.to(torch.int32), (0, -n % k)).unflatten(-1, (-1, k))     # [..., nb, k]
-    word = (x << (bits * torch.arange(k, dtype=torch.int32))).sum(-1, keepdim=True, dtype=torch.int32)
-    out = (word >> (8 * torch.arange(m, dtype=torch.int32))) & 0xFF           # [..., nb, m]
+    word = (x << (bits * _arange(k, x))).sum(-1, keepdim=True, dtype=torch.int32)
+    out = (word >> (8 * _arange(m, x))) & 0xFF           # [..., nb, m]
     return out.flatten(-2)[..., : math.ceil(n * bits / 8)].to(torch.uint8).contiguous()
 
 
@@ -37,12 +37,16 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     k, m = _block(bits)
     nb = math.ceil(n / k)
     x = F.pad(packed.to(torch.int32), (0, nb * m - packed.shape[-1])).unflatten(-1, (nb, m))  # [..., nb, m]
-    word = (x << (8 * torch.arange(m, dtype=torch.int32))).sum(-1, keepdim=True, dtype=torch.int32)
-    out = (word >> (bits * torch.arange(k, dtype=torch.int32))) & (2 ** bits - 1)  # [..., nb, k]
+    word = (x << (8 * _arange(m, x))).sum(-1, keepdim=True, dtype=torch.int32)
+    out = (word >> (bits * _arange(k, x))) & (2 ** bits - 1)  # [..., nb, k]
     return out.flatten(-2)[..., :n].to(torch.uint8).contiguous()
 
 
 _POW3 = [3 ** i for i in range(TRITS_PER_BYTE)]
+
+
+def _arange(n: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.arange(n, dtype=torch.int32, device=like.device)
 
 
 def pack_trits(trits: torch.Tensor) -> torch.Tensor:
@@ -52,11 +56,11 @@ def pack_trits(trits: torch.Tensor) -> torch.Tensor:
         raise ValueError("trits must be in {-1, 0, 1}")
     x = F.pad(trits.to(torch.int32) + 1, (0, -n % TRITS_PER_BYTE), value=1)    # [..., 5 * nb]
     x = x.unflatten(-1, (-1, TRITS_PER_BYTE))                                   # [..., nb, 5]
-    return (x * torch.tensor(_POW3, dtype=torch.int32)).sum(-1, dtype=torch.int32).to(torch.uint8).contiguous()
+    return (x * x.new_tensor(_POW3)).sum(-1, dtype=torch.int32).to(torch.uint8).contiguous()
 
 
 def unpack_trits(packed: torch.Tensor, n: int) -> torch.Tensor:
     """Inverse of pack_trits: uint8 [..., ceil(n / 5)] -> int8 [..., n]."""
     x = packed.to(torch.int32).unsqueeze(-1)                                    # [..., nb, 1]
-    digits = x // torch.tensor(_POW3, dtype=torch.int32) % 3                    # [..., nb, 5]
+    digits = x // x.new_tensor(_POW3) % 3                    # [..., nb, 5]
     return (digits.flatten(-2)[..., :n] - 1).to(torch.int8).contiguous()

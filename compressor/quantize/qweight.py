@@ -27,13 +27,13 @@ class QuantizedWeight:
         if self.zeros is not None:
             return self.zeros.float()
         z = 0 if self.spec.format == "ternary" else (qrange(self.spec)[1] + 1) // 2
-        return torch.full(self.scales.shape, float(z))
+        return torch.full(self.scales.shape, float(z), device=self.scales.device)
 
     def dequantize(self) -> torch.Tensor:
         """float32 [..., out, in]; w = (q - z) * s with the fp16-rounded s and z."""
         f = self.spec.format
         if f == "drop":
-            return torch.zeros(self.shape)
+            return torch.zeros(self.shape, device=self.codes.device)
         if f == "keep":
             return self.codes.float()
         if self.spec.ggml is not None:
@@ -51,9 +51,9 @@ class QuantizedWeight:
         return QuantizedWeight(self.spec, self.codes[index], pick(self.scales), pick(self.zeros), header)
 
 
-def dropped(shape, spec: QuantSpec) -> QuantizedWeight:
+def dropped(shape, spec: QuantSpec, device: torch.device | None = None) -> QuantizedWeight:
     """A 'drop' QuantizedWeight of the given shape (no memory: a zero-strided zero)."""
-    return QuantizedWeight(spec, torch.zeros((), dtype=torch.uint8).expand(*shape))
+    return QuantizedWeight(spec, torch.zeros((), dtype=torch.uint8, device=device).expand(*shape))
 
 
 def pack(qw: QuantizedWeight) -> dict[str, torch.Tensor]:

@@ -1,6 +1,7 @@
 """Round-to-nearest quantization, group-wise, batched over any leading (expert) dims."""
 import torch
 
+from ..errors import NonFiniteError
 from . import ggml
 from .formats import QuantSpec, group_size_for
 from .grid import expand_groups, group_params, quantize_codes
@@ -8,11 +9,11 @@ from .qweight import QuantizedWeight, dropped
 
 
 def check_finite(name: str, x: torch.Tensor) -> None:
-    """ValueError naming the tensor when it holds NaN or inf (callers add the layer/expert name)."""
+    """NonFiniteError (a ValueError) naming the tensor when it holds NaN or inf (callers add the layer/expert name)."""
     bad = ~torch.isfinite(x)
     if bad.any():
         n_nan = int(torch.isnan(x).sum())
-        raise ValueError(f"{name} contains non-finite values: {n_nan} NaN, {int(bad.sum()) - n_nan} inf "
+        raise NonFiniteError(f"{name} contains non-finite values: {n_nan} NaN, {int(bad.sum()) - n_nan} inf "
                          f"of {x.numel()} (shape {tuple(x.shape)})")
 
 
@@ -33,7 +34,7 @@ def quantize_rtn(W: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
         raise ValueError(f"W must be [..., out, in], got shape {tuple(W.shape)}")
     check_finite("W", W)
     if spec.format == "drop":
-        return dropped(W.shape, spec)
+        return dropped(W.shape, spec, W.device)
     if spec.format == "keep":
         if W.abs().max() > torch.finfo(torch.float16).max:
             raise ValueError("W exceeds the fp16 range; 'keep' stores fp16")

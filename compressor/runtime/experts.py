@@ -45,8 +45,16 @@ class Experts(nn.Module):
             if b is not None:  # a Parameter (a trainable up-cycled MLPMoE) stays one; a tensor becomes a buffer
                 setattr(self, name, b if isinstance(b, nn.Parameter) else b.detach().clone())
 
-    def _bias(self, b: torch.Tensor | None, e: int, dtype: torch.dtype) -> torch.Tensor | None:
-        return None if b is None else b[e].to(dtype)
+    def _bias(self, b: torch.Tensor | None, e: int, like: torch.Tensor) -> torch.Tensor | None:
+        return None if b is None else _like(b[e], like)
+
+    def _hidden(self, e: int, x: torch.Tensor, w_gu: torch.Tensor) -> torch.Tensor:
+        return self.apply_gate(F.linear(x, _like(w_gu, x), self._bias(self.gate_up_bias, e, x)))
+
+    def hidden(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e's down-projection input [n, I] for routed inputs x [n, H], as the forward computes it (what an
+        observer gets as `h`)."""
+        return self._hidden(e, x, self.expert_weights(e)[0])
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         out = hidden.new_zeros(hidden.shape[0], self.out_features())
@@ -55,13 +63,18 @@ class Experts(nn.Module):
             tok, pos = torch.where(top_k_index == e)
             x = hidden[tok]  # [n, H]
             w_gu, w_d = self.expert_weights(e)
-            h = self.apply_gate(F.linear(x, w_gu.to(x.dtype), self._bias(self.gate_up_bias, e, x.dtype)))  # [n, I]
+            h = self._hidden(e, x, w_gu)  # [n, I]
             weights = top_k_weights[tok, pos]
             if self.observer is not None:
                 self.observer(e, x, h, tok, weights)
-            y = F.linear(h, w_d.to(x.dtype), self._bias(self.down_bias, e, x.dtype))  # [n, H]
+            y = F.linear(h, _like(w_d, x), self._bias(self.down_bias, e, x))  # [n, H]
             out.index_add_(0, tok, (y * weights[:, None].to(y.dtype)).to(out.dtype))
         return out
+
+
+def _like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """t on x's device in x's dtype (itself when it already is): weights meet the activations where they are."""
+    return t.to(device=x.device, dtype=x.dtype)
 
 
 class DenseExperts(Experts):
@@ -174,8 +187,8 @@ class PackedLinear(nn.Module):
             self.bias = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.packed.dequantized().to(x.dtype), b)
+        b = None if self.bias is None else _like(self.bias, x)
+        return F.linear(x, _like(self.packed.dequantized(), x), b)
 
 
 def empty_packed_experts(view, formats: list[str], group_size: int, sym: bool, dtype: torch.dtype) -> PackedExperts:

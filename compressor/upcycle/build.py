@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..errors import UserError
 from ..quantize.formats import DEFAULT_GROUP_SIZE
 from .ternary import TernarySTE
 
@@ -37,7 +38,7 @@ COPIED_CONFIG = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attentio
 
 
 
-class UpcycleError(ValueError):
+class UpcycleError(UserError, ValueError):
     """Bad input to up-cycling; the message names the problem and the fix."""
 
 def mlp_names(dense: nn.Module) -> list[str]:
@@ -92,7 +93,7 @@ def drop_neurons(gate_up: torch.Tensor, down: torch.Tensor, ratio: float, gen: t
     back (measured on SmolLM2-135M at ratio 0.1: held-out perplexity x1.4 at step 0, against x2 with
     redrawn down columns)."""
     if not 0.0 <= ratio <= 1.0:
-        raise UpcycleError(f"drop ratio must be in [0, 1], got {ratio}")
+        raise UpcycleError(f"drop ratio must be in [0, 1], got {ratio} (--drop-ratio)")
     E, I2, H = gate_up.shape
     I = I2 // 2
     n = round(ratio * I)
@@ -121,7 +122,7 @@ def upcycle(dense_model: nn.Module, experts: int = 8, top_k: int | None = None, 
     _check_dense(dense_model)
     top_k = top_k or (1 if shared_expert else DEFAULT_TOP_K)
     if not 1 <= top_k <= experts:
-        raise UpcycleError(f"top_k must be in [1, experts={experts}], got {top_k}")
+        raise UpcycleError(f"top_k must be in [1, experts={experts}], got {top_k}: pass --top-k, or more --experts")
     layers = select_layers(dense_model, modules)
     config = moe_config(dense_model.config, experts, top_k, shared_expert, layers)
     moe = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

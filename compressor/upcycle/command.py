@@ -5,6 +5,8 @@ A Llama language model goes to a transformers MoE layout (build.py); a model of 
 from __future__ import annotations
 
 import json
+import math
+import re
 import shutil
 from pathlib import Path
 
@@ -37,11 +39,14 @@ def upcycle_cli(dense_dir: str | Path, out_dir: str | Path, experts: int = 8, to
     from ..calibration.data import read_text, tokenize
     from ..io.checkpoint import commit_output, prepare_output
     from ..io.models import _check_weights, load_tokenizer, read_config
+    from ..io.validate import checkpoint_headers
 
+    check_arguments(experts, top_k, steps, lr, batch_size, seq_len, checkpoint_every, group_size, modules)
     dense_dir, out_dir = Path(dense_dir), Path(out_dir)
     cfg = read_config(dense_dir)
     save_dtype = getattr(torch, str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"))  # the dense model's
     _check_weights(dense_dir)
+    checkpoint_headers(dense_dir)  # a damaged file: an error naming it, before anything is loaded
     if cfg.get("model_type") not in SUPPORTED_DENSE:
         llama_only = [flag for flag, given in (("--ternary", ternary), ("--shared-expert", shared_expert),
                                                ("--train-text/--steps", train_text or steps),
@@ -50,8 +55,8 @@ def upcycle_cli(dense_dir: str | Path, out_dir: str | Path, experts: int = 8, to
         if llama_only:
             raise UpcycleError(f"{', '.join(llama_only)}: for Llama language models only; the two-layer MLPs of a "
                                f"{cfg.get('model_type')!r} model become plain copies (CuMo), untrained")
-        return _upcycle_mlps(dense_dir, out_dir, cfg, save_dtype, experts, top_k or DEFAULT_TOP_K, modules, seed,
-                             overwrite, log)
+        return _upcycle_mlps(dense_dir, out_dir, cfg, save_dtype, experts, DEFAULT_TOP_K if top_k is None else top_k,
+                             modules, seed, overwrite, log)
     if drop_ratio and not (train_text and steps):
         log(f"warning: --drop-ratio {drop_ratio} without --train-text/--steps writes experts whose re-initialised "
             "neurons were never trained (the model is worse than the dense one until they are)")
@@ -96,6 +101,25 @@ def upcycle_cli(dense_dir: str | Path, out_dir: str | Path, experts: int = 8, to
     log(f"wrote {out_dir} ({info['model_type']}, {experts} experts, top-{info['top_k']}"
         f"{', ternary routed experts' if ternary else ''}{', shared expert' if shared_expert else ''})")
     return out_dir
+
+
+def check_arguments(experts: int, top_k: int | None, steps: int, lr: float, batch_size: int, seq_len: int,
+                    checkpoint_every: int, group_size: int, modules: str | None) -> None:
+    """The numbers and the regex of `cli.py upcycle`, before anything is loaded."""
+    bad = [f"--{name} {value}" for name, value, ok in (
+        ("experts", experts, experts >= 1), ("top-k", top_k, top_k is None or 1 <= top_k <= experts),
+        ("steps", steps, steps >= 0), ("lr", lr, math.isfinite(lr) and lr > 0), ("batch-size", batch_size, batch_size >= 1),
+        ("seq-len", seq_len, seq_len >= 2), ("checkpoint-every", checkpoint_every, checkpoint_every >= 1),
+        ("group-size", group_size, group_size >= 1)) if not ok]
+    if bad:
+        raise UpcycleError(f"{', '.join(bad)}: out of range (experts, batch size, checkpoint interval and group size at "
+                           f"least 1, top-k from 1 to the number of experts, steps at least 0, seq-len at least 2, "
+                           "lr a positive number)")
+    if modules is not None:
+        try:
+            re.compile(modules)
+        except re.error as err:
+            raise UpcycleError(f"--modules {modules!r} is not a regular expression: {err}") from None
 
 
 def _upcycle_mlps(dense_dir: Path, out_dir: Path, cfg: dict, save_dtype: torch.dtype, experts: int, top_k: int,

