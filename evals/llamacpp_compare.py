@@ -3,6 +3,8 @@
 
     nohup python -m evals.llamacpp_compare > /work/logs/llcmp-run.log 2>&1 &      # every step, resumes
     python -m evals.llamacpp_compare --steps report                              # table and plot only
+    python -m evals.llamacpp_compare --steps compress,ppl --points Q2_K,Q4_K_M --rows llama-Q2_K,ours-Q2_K
+                                                                                 # a part of it
 
 Rows (files under --runs, default /work/runs/llcmp; results in evals/results/llamacpp_compare.json, .md, .png):
   f16          the model's F16 GGUF (`cli.py compress REF --target gguf --bits 16 --method rtn`, then export)
@@ -275,7 +277,7 @@ class Run:
                  f"{row['measurements']}")
 
     def compress(self):
-        points = budget_points(self.rows, self.a.qtypes)
+        points = budget_points(self.rows, self.a.points or self.a.qtypes)
         for q, src in shared_compress(points).items():
             if src == q:
                 self.compress_row(f"ours-{q}", "gguf", points[q], [], export_gguf=True)
@@ -344,8 +346,12 @@ class Run:
         self.save()
         self.log(f"{name}: {row['ppl_ours']}")
 
+    def selected(self) -> list[str]:
+        """The rows --rows names (in its order), else every row."""
+        return [n for n in self.a.rows if n in self.rows] if self.a.rows else list(self.rows)
+
     def ppl(self):
-        for name in list(self.rows):
+        for name in self.selected():
             if "same_as" in self.rows[name]:
                 continue
             self.ppl_llama(name)
@@ -369,7 +375,7 @@ class Run:
     def tasks(self):
         from evals.lm_eval_runner import run_tasks
 
-        for name in list(self.rows):
+        for name in self.selected():
             row = self.rows[name]
             if "error" in row or "same_as" in row or row["kind"] in ("native", "vllm"):
                 continue
@@ -406,7 +412,7 @@ class Run:
         self.log(f"{name}: {self.rows[name]['bench']}")
 
     def bench(self):
-        for name in list(self.rows):
+        for name in self.selected():
             self.bench_row(name)
 
 
@@ -538,6 +544,11 @@ def main() -> None:
     p.add_argument("--f16", type=Path, default=Path("/work/runs/ref-f16.gguf"))
     p.add_argument("--runs", type=Path, default=Path("/work/runs/llcmp"))
     p.add_argument("--qtypes", type=lambda s: tuple(s.split(",")), default=QTYPES)
+    p.add_argument("--points", type=lambda s: tuple(s.split(",")), default=(),
+                   help="the llama.cpp points (of --qtypes) at which ours is compressed, in this order; default all")
+    p.add_argument("--rows", type=lambda s: tuple(s.split(",")), default=(),
+                   help="rows that ppl, tasks and bench score, in this order (e.g. f16,llama-Q2_K,ours-Q2_K); "
+                        "default all")
     p.add_argument("--granularity", type=lambda s: tuple(s.split(",")), default=("Q4_K_M",),
                    help="points at which --target native and vllm are compared with gguf")
     p.add_argument("--ternary-points", type=lambda s: tuple(s.split(",")), default=("IQ2_XS",),
