@@ -312,17 +312,21 @@ class Run:
     def heldout(self) -> dict[str, torch.Tensor]:
         return {n: tokenize(self.tok, read_text(p))[: self.a.max_tokens] for n, p in HELDOUT_TEXTS.items()}
 
+    def scored(self, row: dict, key: str) -> bool:
+        """Has `row` a perplexity under `key` on this run's --max-tokens (one measured on another is redone)?"""
+        return row.get(key, {}).get("max_tokens") == self.a.max_tokens
+
     def ppl_llama(self, name: str):
         from evals import llamacpp
 
         row = self.rows[name]
-        if "gguf" not in row or "ppl_llama_cpp" in row:
+        if "gguf" not in row or self.scored(row, "ppl_llama_cpp"):
             return
         self.log(f"{name}: perplexity in llama.cpp")
         t0 = time.time()
         ppl = {n: round(llamacpp.perplexity(Path(row["gguf"]), eval_windows(ids, self.a.seq_len),
                                             self.a.threads)["perplexity"], 4) for n, ids in self.heldout().items()}
-        row["ppl_llama_cpp"] = {**ppl, "mean": round(mean(ppl.values()), 4)}
+        row["ppl_llama_cpp"] = {**ppl, "mean": round(mean(ppl.values()), 4), "max_tokens": self.a.max_tokens}
         row["ppl_llama_cpp_seconds"] = round(time.time() - t0, 1)
         self.save()
         self.log(f"{name}: {row['ppl_llama_cpp']}")
@@ -332,7 +336,7 @@ class Run:
         from compressor.io.models import load_model
 
         row = self.rows.get(name, {})
-        if "dir" not in row or "ppl_ours" in row:
+        if "dir" not in row or self.scored(row, "ppl_ours"):
             return
         self.log(f"{name}: perplexity in our runtime")
         t0 = time.time()
@@ -341,7 +345,7 @@ class Run:
                for n, ids in self.heldout().items()}
         del model
         gc.collect()
-        row["ppl_ours"] = {**ppl, "mean": round(mean(ppl.values()), 4)}
+        row["ppl_ours"] = {**ppl, "mean": round(mean(ppl.values()), 4), "max_tokens": self.a.max_tokens}
         row["ppl_ours_seconds"] = round(time.time() - t0, 1)
         self.save()
         self.log(f"{name}: {row['ppl_ours']}")
