@@ -15,6 +15,8 @@ Rows (files under --runs, default /work/runs/llcmp; results in evals/results/lla
   ours-Q       `cli.py compress REF --target gguf --budget <llama-Q's expert bytes>B --budget-scope experts
                --samples 32 --group-size 128` (GPTQ, global LP, sensitivity weights: the defaults), then
                `export --format gguf`. Points with the same expert bytes share one compress.
+  ours+rtn-Q   the same with `--method rtn` (pass 1 and plan from the cache, no GPTQ in pass 2; step rtn, at
+               --rtn-points): the allocation alone against llama.cpp's importance-weighted rounding.
   native-Q, vllm-Q   the same budget under --target native (per expert; keep/int8/int4/int3/int2/ternary at
                group 128) and --target vllm (symmetric int4/int8 g128 per layer): the price of each target's
                granularity, in our runtime only (no export).
@@ -50,7 +52,7 @@ QTYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M", "IQ2_XS")
 ATTENTION = ("attn_q", "attn_k", "attn_v", "attn_output")  # --tensor-type regexes kept F16 (llama.cpp's names)
 NATIVE_FORMATS = "keep,int8,int4,int3,int2,ternary"
 GGUF_WITH_TQ = ",".join(TARGET_TABLE["gguf"].default_formats + ("tq2_0", "tq1_0", "keep"))
-STEPS = ("imatrix", "quantize", "compress", "ppl", "bench", "ternary", "targets", "tasks", "report")
+STEPS = ("imatrix", "quantize", "compress", "ppl", "rtn", "bench", "ternary", "targets", "tasks", "report")
 TASKS = ("local_piqa", "local_arc_easy")
 
 
@@ -238,7 +240,7 @@ class Run:
                "--group-size", "128", "--output", str(out), "--overwrite", *extra]
         t0 = time.time()
         load0 = load_average()
-        if finished(out, target, budget):  # written by an earlier run that stopped before recording it
+        if finished(out, target, budget, "rtn" if "rtn" in extra else "gptq"):  # written by an earlier run that stopped before recording it
             self.log(f"{name}: already compressed in {out}")
         else:
             self.log(f"{name}: {' '.join(cmd[2:])}")
@@ -284,6 +286,18 @@ class Run:
             elif f"ours-{q}" not in self.rows and f"ours-{src}" in self.rows:
                 self.rows[f"ours-{q}"] = {**self.rows[f"ours-{src}"], "same_as": f"ours-{src}"}
                 self.save()
+
+    def rtn(self):
+        """Ours with RTN in pass 2 (`--method rtn`; pass 1 and the plan as ours-Q's, from the measurement cache):
+        the LP's allocation without GPTQ, against llama.cpp's importance-weighted rounding."""
+        points = budget_points(self.rows, self.a.qtypes)
+        for q in self.a.rtn_points:
+            if q in points:
+                name = f"ours+rtn-{q}"
+                self.compress_row(name, "gguf", points[q], ["--method", "rtn"], export_gguf=True)
+                if name in self.rows and "error" not in self.rows[name]:
+                    self.ppl_llama(name)
+                    self.ppl_ours(name)
 
     def ternary(self):
         """Points below the default candidates' smallest size (gate/up q4_0 + down q2_k): TQ2_0 / TQ1_0 down rows
@@ -420,14 +434,16 @@ class Run:
             self.bench_row(name)
 
 
-def finished(out: Path, target: str, budget: int) -> bool:
-    """Is `out` a finished compress of this target and budget?"""
+def finished(out: Path, target: str, budget: int, method: str = "gptq") -> bool:
+    """Is `out` a finished compress of this target, budget and pass-2 method?"""
     import yaml
 
     if not (out / "report.json").exists():
         return False
-    a = yaml.safe_load((out / "recipe.yaml").read_text())["allocation"]
-    return a["target"] == target and str(a["budget"]) == f"{budget}B"
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    a = recipe["allocation"]
+    return (a["target"] == target and str(a["budget"]) == f"{budget}B"
+            and recipe["quantization"]["method"] == method)
 
 
 def plan_format_counts(plan: dict) -> dict[str, int]:
@@ -458,7 +474,8 @@ def type_summary(row: dict) -> str:
 
 def row_order(name: str, qtypes) -> tuple:
     kind, _, q = name.partition("-")
-    return (qtypes.index(q) if q in qtypes else -1, ("f16", "llama", "ours", "ours+tq", "native", "vllm").index(kind))
+    return (qtypes.index(q) if q in qtypes else -1,
+            ("f16", "llama", "ours", "ours+rtn", "ours+tq", "native", "vllm").index(kind))
 
 
 def markdown(results: dict) -> str:
@@ -509,17 +526,19 @@ def plot(results: dict, path: Path) -> None:
 
     rows = results["rows"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = {"llama": ("llama.cpp imatrix k-quants", "s", "C1"), "gguf": ("ours, --target gguf", "o", "C0"),
+    styles = {"llama": ("llama.cpp imatrix k-quants", "s", "C1"), "ours": ("ours, --target gguf", "o", "C0"),
+              "ours+rtn": ("ours, --target gguf, RTN in pass 2", "D", "C4"),
+              "ours+tq": ("ours, --target gguf with tq1_0/tq2_0", "P", "C5"),
               "native": ("ours, --target native (our runtime)", "^", "C2"),
               "vllm": ("ours, --target vllm (our runtime)", "v", "C3")}
     for kind, (label, marker, color) in styles.items():
         pts = sorted((r["expert_bytes"] / 1e6, (r.get("ppl_llama_cpp") or r["ppl_ours"])["mean"], n)
-                     for n, r in rows.items() if r["kind"] == kind and "same_as" not in r
+                     for n, r in rows.items() if n.partition("-")[0] == kind and "same_as" not in r
                      and ("ppl_llama_cpp" in r or "ppl_ours" in r))
         if not pts:
             continue
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, label=label,
-                linestyle="-" if kind in ("llama", "gguf") else "none")
+                linestyle="-" if kind in ("llama", "ours") else "none")
         if kind == "llama":
             for x, y, n in pts:
                 ax.annotate(n.partition("-")[2], (x, y), fontsize=7, textcoords="offset points", xytext=(4, 4))
@@ -555,6 +574,8 @@ def main() -> None:
                         "default all")
     p.add_argument("--granularity", type=lambda s: tuple(s.split(",")), default=("Q4_K_M",),
                    help="points at which --target native and vllm are compared with gguf")
+    p.add_argument("--rtn-points", type=lambda s: tuple(s.split(",")), default=("Q2_K",),
+                   help="points where ours is also compressed with RTN in pass 2 (step rtn)")
     p.add_argument("--ternary-points", type=lambda s: tuple(s.split(",")), default=("IQ2_XS",),
                    help="points where ours is also planned with TQ2_0 / TQ1_0 among the candidates")
     p.add_argument("--steps", type=lambda s: tuple(s.split(",")), default=STEPS)

@@ -89,3 +89,18 @@ def test_table_gives_ours_against_llama_cpp_at_the_same_point():
     assert "18.00 (-10.0%)" in table[3] and "18.20 (-9.0%)" in table[3] and "2xq4_0+28xq8_0" in table[3]
     assert "22.00 (+10.0%)" in table[4]
     assert "0.600 ± 0.030" in table[2]
+
+
+def test_an_earlier_compress_is_adopted_only_for_its_own_target_budget_and_pass_2_method(tmp_path):
+    import yaml
+
+    out = tmp_path / "ours"
+    out.mkdir()
+    (out / "recipe.yaml").write_text(yaml.safe_dump(
+        {"allocation": {"target": "gguf", "budget": "100B"}, "quantization": {"method": "rtn"}}))
+    assert not lc.finished(out, "gguf", 100, "rtn")  # no report.json: stopped before the end
+    (out / "report.json").write_text("{}")
+    assert lc.finished(out, "gguf", 100, "rtn")
+    assert not lc.finished(out, "gguf", 100, "gptq")
+    assert not lc.finished(out, "gguf", 101, "rtn")
+    assert not lc.finished(out, "vllm", 100, "rtn")
