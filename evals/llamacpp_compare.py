@@ -1,0 +1,600 @@
+"""Our `--target gguf` plans against llama.cpp's own quantization at equal expert bytes, on the reference MoE
+(issue 18, "Compare"). Evals, never CI: needs the llama.cpp build of evals/llamacpp.py.
+
+    nohup python -m evals.llamacpp_compare > /work/logs/llcmp-run.log 2>&1 &      # every step, resumes
+    python -m evals.llamacpp_compare --steps report                              # table and plot only
+    python -m evals.llamacpp_compare --steps compress,ppl --points Q2_K,Q4_K_M --rows llama-Q2_K,ours-Q2_K
+                                                                                 # a part of it
+
+Rows (files under --runs, default /work/runs/llcmp; results in evals/results/llamacpp_compare.json, .md, .png):
+  f16          the model's F16 GGUF (`cli.py compress REF --target gguf --bits 16 --method rtn`, then export)
+  llama-Q      `llama-quantize --imatrix` of the F16 GGUF to Q (Q2_K, Q3_K_S, Q3_K_M, Q4_K_M, IQ2_XS): only the
+               routed experts are quantized (attention kept F16 by --tensor-type, token embedding and output by
+               their own flags; checked on the file). The importance matrix comes from `llama-imatrix` on our own
+               calibration windows (the 32 x 512 tokens every compress here calibrates on, decoded to text).
+  ours-Q       `cli.py compress REF --target gguf --budget <llama-Q's expert bytes>B --budget-scope experts
+               --samples 32 --group-size 128` (GPTQ, global LP, sensitivity weights: the defaults), then
+               `export --format gguf`. Points with the same expert bytes share one compress.
+  ours+rtn-Q   the same with `--method rtn` (pass 1 and plan from the cache, no GPTQ in pass 2; step rtn, at
+               --rtn-points): the allocation alone against llama.cpp's importance-weighted rounding.
+  native-Q, vllm-Q   the same budget under --target native (per expert; keep/int8/int4/int3/int2/ternary at
+               group 128) and --target vllm (symmetric int4/int8 g128 per layer): the price of each target's
+               granularity, in our runtime only (no export).
+
+Every row is scored with this project's perplexity protocol (the first --max-tokens tokens of each held-out text in
+our tokenizer's ids, non-overlapping windows of --seq-len, each from a fresh context): GGUFs in llama.cpp, our
+compressed models also in our runtime (the two must agree); piqa and arc_easy (local lm-eval tasks, --limit
+examples each) on the experts of each GGUF put into the torch model (evals/gguf_weights.py) for llama.cpp's files
+and the F16 one, in our runtime for ours; llama-bench prefill and decode tokens/s of each GGUF. Each result is
+written to the JSON as soon as it exists, so a killed run resumes at the first missing one.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from compressor.assets import CALIB_TEXT, HELDOUT_TEXTS, REFERENCE_MODEL_DIR
+from compressor.calibration.data import calibration_windows, eval_windows, read_text, tokenize
+from compressor.targets import TARGET_TABLE
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "evals" / "results" / "llamacpp_compare.json"
+QTYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M", "IQ2_XS")
+ATTENTION = ("attn_q", "attn_k", "attn_v", "attn_output")  # --tensor-type regexes kept F16 (llama.cpp's names)
+NATIVE_FORMATS = "keep,int8,int4,int3,int2,ternary"
+GGUF_WITH_TQ = ",".join(TARGET_TABLE["gguf"].default_formats + ("tq2_0", "tq1_0", "keep"))
+STEPS = ("imatrix", "quantize", "compress", "ppl", "rtn", "bench", "ternary", "targets", "tasks", "report")
+TASKS = ("local_piqa", "local_arc_easy")
+
+
+# ---------------------------------------------------------------------------------------------------- results file
+
+def load_results(path: Path = RESULTS) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {"rows": {}}
+
+
+def save_results(results: dict, path: Path = RESULTS) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, path)
+
+
+def load_average() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+# ---------------------------------------------------------------------------------------------------- pure helpers
+
+def imatrix_text(tokenizer, windows: torch.Tensor, filler: torch.Tensor) -> str:
+    """Our calibration windows as one text for llama-imatrix (which reads text and cuts it into chunks of its
+    context): the windows decoded and concatenated, so llama.cpp's importance matrix sees the tokens our GPTQ and
+    pass 1 see. Decoding and tokenizing again can merge a few tokens at the seams; `filler` (the calibration
+    text's first ids) is appended until the text holds whole chunks again."""
+    text = "".join(tokenizer.decode(w.tolist()) for w in windows)
+    short = windows.numel() - tokenize(tokenizer, text).numel()
+    return text + (tokenizer.decode(filler[: short + 8].tolist()) if short > 0 else "")
+
+
+def projection_types(types: dict[str, str]) -> dict[str, dict[str, int]]:
+    """{tensor name: ggml type} of the routed experts -> {projection: {type: layers}}."""
+    out: dict[str, dict[str, int]] = {}
+    for name, t in types.items():
+        m = re.fullmatch(r"blk\.\d+\.ffn_(gate|up|down)_exps\.weight", name)
+        if m:
+            out.setdefault(m[1], {}).setdefault(t, 0)
+            out[m[1]][t] += 1
+    return {p: dict(sorted(c.items())) for p, c in sorted(out.items())}
+
+
+def budget_points(rows: dict, qtypes) -> dict[str, int]:
+    """llama-Q -> its expert bytes, for the llama.cpp files made so far (the budgets of ours-Q)."""
+    return {q: rows[f"llama-{q}"]["expert_bytes"] for q in qtypes if f"llama-{q}" in rows}
+
+
+def shared_compress(points: dict[str, int]) -> dict[str, str]:
+    """Q -> the Q whose compress it reuses: points with equal expert bytes (Q2_K and Q3_K_S on a model whose
+    gate/up rows take no k-quant) get one compress, at the first of them."""
+    first: dict[int, str] = {}
+    return {q: first.setdefault(b, q) for q, b in points.items()}
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+# ---------------------------------------------------------------------------------------------------- GGUF files
+
+def gguf_types(gguf: Path) -> dict[str, str]:
+    import gguf as gg
+
+    return {t.name: t.tensor_type.name for t in gg.GGUFReader(str(gguf)).tensors}
+
+
+def tensor_digest(gguf: Path) -> str:
+    """sha256 over every tensor's name and bytes (not the header, which names the mixture)."""
+    import hashlib
+
+    import gguf as gg
+
+    h = hashlib.sha256()
+    for t in gg.GGUFReader(str(gguf)).tensors:
+        h.update(t.name.encode())
+        h.update(t.data.tobytes())
+    return h.hexdigest()
+
+
+def describe_gguf(gguf: Path) -> dict:
+    """Expert bytes, the types of the routed experts per projection, and an error if anything else is quantized."""
+    from evals import llamacpp
+
+    types = gguf_types(gguf)
+    others = {n: t for n, t in types.items() if "_exps." not in n and t not in ("F16", "F32", "BF16")}
+    if others:
+        raise RuntimeError(f"{gguf}: tensors other than the routed experts are quantized: {others}")
+    return {"gguf": str(gguf), "file_bytes": gguf.stat().st_size, "expert_bytes": llamacpp.tensor_bytes(gguf),
+            "non_expert_types": llamacpp.tensor_types(gguf, r"^(?!.*_exps\.)"),
+            "expert_types": projection_types(types),
+            "expert_tensor_types": {n: t for n, t in types.items() if "_exps." in n}}
+
+
+# ---------------------------------------------------------------------------------------------------- steps
+
+class Run:
+    def __init__(self, args):
+        self.a = args
+        self.runs: Path = args.runs
+        self.runs.mkdir(parents=True, exist_ok=True)
+        self.results = load_results()
+        self.rows: dict = self.results.setdefault("rows", {})
+        self.results["settings"] = {
+            "model": str(args.model), "f16": str(args.f16), "qtypes": list(args.qtypes), "samples": args.samples,
+            "seq_len": args.seq_len, "max_tokens": args.max_tokens, "threads": args.threads,
+            "group_size": 128, "native_formats": NATIVE_FORMATS}
+        self._tok = None
+
+    @property
+    def tok(self):
+        if self._tok is None:
+            from compressor.io.models import load_tokenizer
+
+            self._tok = load_tokenizer(self.a.model)
+        return self._tok
+
+    def save(self):
+        save_results(self.results)
+
+    def log(self, msg: str):
+        print(f"{time.strftime('%H:%M:%S')} [load {load_average()}] {msg}", flush=True)
+
+    # -- llama.cpp's own files
+    def imatrix(self):
+        from evals import llamacpp
+
+        out = self.runs / "imatrix.gguf"
+        if "imatrix" in self.results and out.exists():
+            return
+        ids = tokenize(self.tok, read_text(CALIB_TEXT))
+        windows = calibration_windows(ids, self.a.samples, 512, 0)  # the recipe defaults' windows (seed 0)
+        text = self.runs / "calib_windows.txt"
+        text.write_text(imatrix_text(self.tok, windows, ids))
+        retok = tokenize(self.tok, text.read_text()).numel()
+        self.log(f"imatrix on {windows.shape[0]} x 512 calibration tokens ({retok} after decoding)")
+        t0 = time.time()
+        log = Path(f"/work/logs/llcmp-imatrix.log")
+        llamacpp.compute_imatrix(self.a.f16, text, out, ctx=512, chunks=self.a.samples, threads=self.a.threads,
+                                 log=log)
+        chunks = re.findall(r"computing over (\d+) chunks", log.read_text())
+        self.results["imatrix"] = {"file": str(out), "seconds": round(time.time() - t0, 1), "load": load_average(),
+                                   "tokens_after_decoding": retok, "chunks": int(chunks[0]) if chunks else None}
+        self.save()
+
+    def quantize(self):
+        from evals import llamacpp
+
+        if "f16" not in self.rows:
+            self.rows["f16"] = {"kind": "f16", **describe_gguf(self.a.f16)}
+            self.save()
+        for q in self.a.qtypes:
+            name = f"llama-{q}"
+            if name in self.rows:
+                continue
+            out = self.runs / f"{name}.gguf"
+            self.log(f"llama-quantize {q}")
+            t0 = time.time()
+            try:
+                llamacpp.quantize(self.a.f16, out, q, imatrix=self.runs / "imatrix.gguf", keep=ATTENTION,
+                                  threads=self.a.threads, log=Path(f"/work/logs/llcmp-quantize-{q}.log"))
+            except RuntimeError as err:
+                self.rows[name] = {"kind": "llama", "qtype": q, "error": str(err)[-800:]}
+                self.log(f"{q} failed: {str(err)[-300:]}")
+            else:
+                self.rows[name] = {"kind": "llama", "qtype": q, **describe_gguf(out),
+                                   "quantize_seconds": round(time.time() - t0, 1)}
+            self.save()
+        seen: dict[str, str] = {}
+        for q in self.a.qtypes:  # mixtures whose tensors came out identical are one model (scored once)
+            row = self.rows.get(f"llama-{q}", {})
+            if "gguf" in row:
+                row.setdefault("tensor_sha256", tensor_digest(Path(row["gguf"])))
+                if seen.setdefault(row["tensor_sha256"], f"llama-{q}") != f"llama-{q}":
+                    row["same_as"] = seen[row["tensor_sha256"]]
+        self.save()
+
+    # -- our compressions
+    def compress_row(self, name: str, target: str, budget: int, extra: list[str], export_gguf: bool):
+        if name in self.rows and ("error" not in self.rows[name] or not self.a.retry_failed):
+            return
+        out = self.runs / name
+        cmd = [sys.executable, str(ROOT / "cli.py"), "compress", str(self.a.model), "--target", target,
+               "--budget", f"{budget}B", "--budget-scope", "experts", "--samples", str(self.a.samples),
+               "--group-size", "128", "--output", str(out), "--overwrite", *extra]
+        t0 = time.time()
+        load0 = load_average()
+        if finished(out, target, budget, "rtn" if "rtn" in extra else "gptq"):  # written by an earlier run that stopped before recording it
+            self.log(f"{name}: already compressed in {out}")
+        else:
+            self.log(f"{name}: {' '.join(cmd[2:])}")
+            with open(f"/work/logs/llcmp-compress-{name}.log", "w") as log:
+                proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                      env={**os.environ, "PYTHONPATH": str(ROOT)})
+            if proc.returncode != 0:
+                tail = Path(f"/work/logs/llcmp-compress-{name}.log").read_text()[-1500:]
+                self.rows[name] = {"kind": target, "budget": budget, "error": tail}
+                self.save()
+                self.log(f"{name} failed:\n{tail}")
+                return
+        report = json.loads((out / "report.json").read_text())
+        plan = json.loads((out / "plan.json").read_text())
+        from compressor.io.checkpoint import tensor_nbytes
+
+        row = {"kind": target, "budget": budget, "dir": str(out), "command": " ".join(cmd[2:]),
+               "wall_seconds": round(time.time() - t0, 1), "compress_seconds": report.get("seconds"),
+               "load_before": load0, "load_after": load_average(),
+               "measurements": plan["allocation"].get("measurements"),
+               "expert_bytes_checkpoint": sum(n for k, n in tensor_nbytes(out).items() if ".experts." in k),
+               "formats": plan_format_counts(plan)}
+        if export_gguf:
+            from compressor.export import export
+
+            gguf, _ = export(out, "gguf", self.runs / f"{name}.gguf", overwrite=True, log=lambda *_: None)
+            row.update(describe_gguf(gguf))
+            if row["expert_bytes"] != row["expert_bytes_checkpoint"]:
+                raise RuntimeError(f"{name}: GGUF expert bytes {row['expert_bytes']} != checkpoint's "
+                                   f"{row['expert_bytes_checkpoint']}")
+        else:
+            row["expert_bytes"] = row["expert_bytes_checkpoint"]
+        self.rows[name] = row
+        self.save()
+        self.log(f"{name}: {row['expert_bytes']:,} expert bytes (budget {budget:,}), {row['wall_seconds']} s, "
+                 f"{row['measurements']}")
+
+    def compress(self):
+        points = budget_points(self.rows, self.a.points or self.a.qtypes)
+        for q, src in shared_compress(points).items():
+            if src == q:
+                self.compress_row(f"ours-{q}", "gguf", points[q], [], export_gguf=True)
+            elif f"ours-{q}" not in self.rows and f"ours-{src}" in self.rows:
+                self.rows[f"ours-{q}"] = {**self.rows[f"ours-{src}"], "same_as": f"ours-{src}"}
+                self.save()
+
+    def rtn(self):
+        """Ours with RTN in pass 2 (`--method rtn`; pass 1 and the plan as ours-Q's, from the measurement cache):
+        the LP's allocation without GPTQ, against llama.cpp's importance-weighted rounding."""
+        points = budget_points(self.rows, self.a.qtypes)
+        for q in self.a.rtn_points:
+            if q in points:
+                name = f"ours+rtn-{q}"
+                self.compress_row(name, "gguf", points[q], ["--method", "rtn"], export_gguf=True)
+                if name in self.rows and "error" not in self.rows[name]:
+                    self.ppl_llama(name)
+                    self.ppl_ours(name)
+
+    def ternary(self):
+        """Points below the default candidates' smallest size (gate/up q4_0 + down q2_k): TQ2_0 / TQ1_0 down rows
+        among the candidates too (their own pass 1)."""
+        points = budget_points(self.rows, self.a.qtypes)
+        for q in self.a.ternary_points:
+            if q in points:
+                name = f"ours+tq-{q}"
+                self.compress_row(name, "gguf", points[q], ["--formats", GGUF_WITH_TQ], export_gguf=True)
+                if name in self.rows and "error" not in self.rows[name]:
+                    self.ppl_llama(name)
+                    self.ppl_ours(name)
+                    self.bench_row(name)
+
+    def targets(self):
+        points = budget_points(self.rows, self.a.qtypes)
+        for q in self.a.granularity:
+            if q not in points:
+                continue
+            self.compress_row(f"native-{q}", "native", points[q], ["--formats", NATIVE_FORMATS], export_gguf=False)
+            self.compress_row(f"vllm-{q}", "vllm", points[q], [], export_gguf=False)
+            for name in (f"native-{q}", f"vllm-{q}"):
+                self.ppl_ours(name)
+
+    # -- evaluation
+    def heldout(self) -> dict[str, torch.Tensor]:
+        return {n: tokenize(self.tok, read_text(p))[: self.a.max_tokens] for n, p in HELDOUT_TEXTS.items()}
+
+    def scored(self, row: dict, key: str) -> bool:
+        """Has `row` a perplexity under `key` on this run's --max-tokens (one measured on another is redone)?"""
+        return row.get(key, {}).get("max_tokens") == self.a.max_tokens
+
+    def ppl_llama(self, name: str):
+        from evals import llamacpp
+
+        row = self.rows[name]
+        if "gguf" not in row or self.scored(row, "ppl_llama_cpp"):
+            return
+        self.log(f"{name}: perplexity in llama.cpp")
+        t0 = time.time()
+        ppl = {n: round(llamacpp.perplexity(Path(row["gguf"]), eval_windows(ids, self.a.seq_len),
+                                            self.a.threads)["perplexity"], 4) for n, ids in self.heldout().items()}
+        row["ppl_llama_cpp"] = {**ppl, "mean": round(mean(ppl.values()), 4), "max_tokens": self.a.max_tokens}
+        row["ppl_llama_cpp_seconds"] = round(time.time() - t0, 1)
+        self.save()
+        self.log(f"{name}: {row['ppl_llama_cpp']}")
+
+    def ppl_ours(self, name: str):
+        from compressor import api
+        from compressor.io.models import load_model
+
+        row = self.rows.get(name, {})
+        if "dir" not in row or self.scored(row, "ppl_ours"):
+            return
+        self.log(f"{name}: perplexity in our runtime")
+        t0 = time.time()
+        model = load_model(row["dir"])
+        ppl = {n: round(api.perplexity(model, ids, self.a.seq_len, progress=False)["perplexity"], 4)
+               for n, ids in self.heldout().items()}
+        del model
+        gc.collect()
+        row["ppl_ours"] = {**ppl, "mean": round(mean(ppl.values()), 4), "max_tokens": self.a.max_tokens}
+        row["ppl_ours_seconds"] = round(time.time() - t0, 1)
+        self.save()
+        self.log(f"{name}: {row['ppl_ours']}")
+
+    def selected(self) -> list[str]:
+        """The rows --rows names (in its order), else every row."""
+        return [n for n in self.a.rows if n in self.rows] if self.a.rows else list(self.rows)
+
+    def ppl(self):
+        for name in self.selected():
+            if "same_as" in self.rows[name]:
+                continue
+            self.ppl_llama(name)
+            if self.rows[name]["kind"] == "gguf":
+                self.ppl_ours(name)
+        for name, row in self.rows.items():  # rows sharing a compress share its scores
+            if "same_as" in row:
+                src = self.rows[row["same_as"]]
+                row.update({k: v for k, v in src.items() if k.startswith("ppl_")})
+        self.save()
+
+    def task_model(self, name: str):
+        from compressor.io.models import load_model
+        from evals.gguf_weights import model_with_gguf_experts
+
+        row = self.rows[name]
+        if row["kind"] in ("gguf", "native", "vllm"):
+            return load_model(row["dir"])  # our runtime
+        return model_with_gguf_experts(self.a.model, Path(row["gguf"]))  # llama.cpp's experts, dequantized
+
+    def tasks(self):
+        from evals.lm_eval_runner import run_tasks
+
+        for name in self.selected():
+            row = self.rows[name]
+            if "error" in row or "same_as" in row or row["kind"] in ("native", "vllm"):
+                continue
+            acc = row.get("tasks", {})
+            if acc.get("limit") == self.a.limit and all(t in acc for t in TASKS):
+                continue
+            self.log(f"{name}: {', '.join(TASKS)} on {self.a.limit} examples each")
+            t0 = time.time()
+            model = self.task_model(name)
+            res = run_tasks(model, self.tok, list(TASKS), limit=self.a.limit, batch_size=16)["results"]
+            del model
+            gc.collect()
+            row["tasks"] = {"limit": self.a.limit, "seconds": round(time.time() - t0, 1),
+                            **{t: {"acc": round(res[t]["acc,none"], 4), "stderr": round(res[t]["acc_stderr,none"], 4),
+                                   "acc_norm": round(res[t]["acc_norm,none"], 4)} for t in TASKS}}
+            self.save()
+            self.log(f"{name}: {row['tasks']}")
+        for row in self.rows.values():
+            if "same_as" in row and "tasks" in self.rows[row["same_as"]]:
+                row["tasks"] = self.rows[row["same_as"]]["tasks"]
+        self.save()
+
+    def bench_row(self, name: str):
+        from evals import llamacpp
+
+        if "bench" in self.rows[name] or "gguf" not in self.rows[name] or "same_as" in self.rows[name]:
+            return
+        self.log(f"{name}: llama-bench")
+        load0 = load_average()
+        b = llamacpp.bench(Path(self.rows[name]["gguf"]), prompt=128, gen=32, threads=self.a.threads, reps=3)
+        self.rows[name]["bench"] = {**b, "load_before": load0, "load_after": load_average(),
+                                    "time": time.strftime("%H:%M")}
+        self.save()
+        self.log(f"{name}: {self.rows[name]['bench']}")
+
+    def bench(self):
+        for name in self.selected():
+            self.bench_row(name)
+
+
+def finished(out: Path, target: str, budget: int, method: str = "gptq") -> bool:
+    """Is `out` a finished compress of this target, budget and pass-2 method?"""
+    import yaml
+
+    if not (out / "report.json").exists():
+        return False
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    a = recipe["allocation"]
+    return (a["target"] == target and str(a["budget"]) == f"{budget}B"
+            and recipe["quantization"]["method"] == method)
+
+
+def plan_format_counts(plan: dict) -> dict[str, int]:
+    """How many routed experts each format (gate_up/down pair as written in the plan) holds."""
+    counts: dict[str, int] = {}
+    for fmts in plan["experts"].values():
+        for f in fmts:
+            counts[f] = counts.get(f, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+EXPERT_PARAMS = 30 * 8 * 3 * 576 * 1536  # the reference MoE's routed expert weights
+
+
+def bits(expert_bytes: int, params: int = EXPERT_PARAMS) -> float:
+    return expert_bytes * 8 / params
+
+
+def type_summary(row: dict) -> str:
+    t = row.get("expert_types")
+    if t:
+        return "; ".join(f"{p} " + "+".join(f"{n}x{k.lower()}" if len(c) > 1 else k.lower() for k, n in c.items())
+                         for p, c in t.items())
+    return ", ".join(f"{n} {f}" for f, n in list(row.get("formats", {}).items())[:4])
+
+
+def row_order(name: str, qtypes) -> tuple:
+    kind, _, q = name.partition("-")
+    return (qtypes.index(q) if q in qtypes else -1,
+            ("f16", "llama", "ours", "ours+rtn", "ours+tq", "native", "vllm").index(kind))
+
+
+def markdown(results: dict) -> str:
+    s = results["settings"]
+    rows = results["rows"]
+    head = ["row", "expert bytes", "bits/w", "expert types", "ppl pydocs", "ppl austen", "ppl shakespeare",
+            "mean (llama.cpp)", "mean (ours)", "piqa", "arc_easy", "prefill tok/s", "decode tok/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    llama_mean = {r.get("qtype"): r["ppl_llama_cpp"]["mean"] for r in rows.values()
+                  if r["kind"] == "llama" and "ppl_llama_cpp" in r}
+    for name in sorted(rows, key=lambda n: row_order(n, list(s["qtypes"]))):
+        r = rows[name]
+        if "error" in r:
+            lines.append(f"| {name} | failed: {r['error'].strip().splitlines()[-1][:120]} |" + " |" * (len(head) - 2))
+            continue
+        main = r.get("ppl_llama_cpp") or r.get("ppl_ours") or {}
+        cells = [name + (f" (= {r['same_as']})" if "same_as" in r else ""), f"{r['expert_bytes']:,}",
+                 f"{bits(r['expert_bytes']):.3f}", type_summary(r)]
+        cells += [f"{main[t]:.2f}" if t in main else "" for t in HELDOUT_TEXTS]
+        q = name.partition("-")[2]
+        ref = llama_mean.get(q)
+        for key in ("ppl_llama_cpp", "ppl_ours"):
+            m = r.get(key, {}).get("mean")
+            rel = f" ({(m / ref - 1) * 100:+.1f}%)" if m is not None and ref and r["kind"] != "llama" else ""
+            cells.append(f"{m:.2f}{rel}" if m is not None else "")
+        for t in TASKS:
+            a = r.get("tasks", {}).get(t)
+            cells.append(f"{a['acc']:.3f} ± {a['stderr']:.3f}" if a else "")
+        b = r.get("bench", {})
+        for k in ("prefill_tok_s", "decode_tok_s"):
+            cells.append(f"{b[k]:.1f} ± {b[k + '_sd']:.1f}" if k in b else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    lim = {r["tasks"]["limit"] for r in rows.values() if "tasks" in r}
+    lines.append(
+        f"\nPerplexity: the first {s['max_tokens']} tokens of each held-out text in our tokenizer's ids, windows of "
+        f"{s['seq_len']}, in llama.cpp (GGUF rows) and in our runtime (\"mean (ours)\"); in brackets the change "
+        f"against llama.cpp's own file at the same point. bits/w: expert bytes x 8 / {EXPERT_PARAMS:,} expert "
+        f"weights. Tasks: acc ± standard error on the first {', '.join(map(str, sorted(lim))) or '-'} examples. "
+        f"llama-bench pp128 / tg32, {s['threads']} threads, on shared cores.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = {"llama": ("llama.cpp imatrix k-quants", "s", "C1"), "ours": ("ours, --target gguf", "o", "C0"),
+              "ours+rtn": ("ours, --target gguf, RTN in pass 2", "D", "C4"),
+              "ours+tq": ("ours, --target gguf with tq1_0/tq2_0", "P", "C5"),
+              "native": ("ours, --target native (our runtime)", "^", "C2"),
+              "vllm": ("ours, --target vllm (our runtime)", "v", "C3")}
+    for kind, (label, marker, color) in styles.items():
+        pts = sorted((r["expert_bytes"] / 1e6, (r.get("ppl_llama_cpp") or r["ppl_ours"])["mean"], n)
+                     for n, r in rows.items() if n.partition("-")[0] == kind and "same_as" not in r
+                     and ("ppl_llama_cpp" in r or "ppl_ours" in r))
+        if not pts:
+            continue
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, label=label,
+                linestyle="-" if kind in ("llama", "ours") else "none")
+        if kind == "llama":
+            for x, y, n in pts:
+                ax.annotate(n.partition("-")[2], (x, y), fontsize=7, textcoords="offset points", xytext=(4, 4))
+    f16 = rows.get("f16", {}).get("ppl_llama_cpp", {}).get("mean")
+    if f16:
+        ax.axhline(f16, color="gray", linestyle=":", label=f"F16 ({rows['f16']['expert_bytes'] / 1e6:,.0f} MB)")
+    ax.set_xlabel("routed-expert bytes (MB)")
+    ax.set_ylabel("mean held-out perplexity (llama.cpp)")
+    ax.set_title("reference MoE: equal expert bytes")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def report(results: dict) -> None:
+    RESULTS.with_suffix(".md").write_text(markdown(results))
+    try:
+        plot(results, RESULTS.with_suffix(".png"))
+    except ImportError:
+        pass
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, default=REFERENCE_MODEL_DIR)
+    p.add_argument("--f16", type=Path, default=Path("/work/runs/ref-f16.gguf"))
+    p.add_argument("--runs", type=Path, default=Path("/work/runs/llcmp"))
+    p.add_argument("--qtypes", type=lambda s: tuple(s.split(",")), default=QTYPES)
+    p.add_argument("--points", type=lambda s: tuple(s.split(",")), default=(),
+                   help="the llama.cpp points (of --qtypes) at which ours is compressed, in this order; default all")
+    p.add_argument("--rows", type=lambda s: tuple(s.split(",")), default=(),
+                   help="rows that ppl, tasks and bench score, in this order (e.g. f16,llama-Q2_K,ours-Q2_K); "
+                        "default all")
+    p.add_argument("--granularity", type=lambda s: tuple(s.split(",")), default=("Q4_K_M",),
+                   help="points at which --target native and vllm are compared with gguf")
+    p.add_argument("--rtn-points", type=lambda s: tuple(s.split(",")), default=("Q2_K",),
+                   help="points where ours is also compressed with RTN in pass 2 (step rtn)")
+    p.add_argument("--ternary-points", type=lambda s: tuple(s.split(",")), default=("IQ2_XS",),
+                   help="points where ours is also planned with TQ2_0 / TQ1_0 among the candidates")
+    p.add_argument("--steps", type=lambda s: tuple(s.split(",")), default=STEPS)
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--max-tokens", type=int, default=8192)
+    p.add_argument("--limit", type=int, default=200, help="examples per task")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--retry-failed", action="store_true", help="compress again the rows that failed before")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    run = Run(a)
+    for step in STEPS:
+        if step in a.steps and step != "report":
+            getattr(run, step)()
+    run.save()
+    report(run.results)
+
+
+if __name__ == "__main__":
+    main()
