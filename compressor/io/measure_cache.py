@@ -23,7 +23,7 @@ from ..targets import target
 from .keyed import read_keyed, write_keyed
 from .outputs import after_failure, remove_stale_files
 
-MEASURE_VERSION = 1
+MEASURE_VERSION = 2  # 2: ggml types fit their scales by search (quantize/scale_search.py)
 SENSITIVITY_VERSION = 1
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")
 

@@ -23,9 +23,10 @@ A matrix [out, in] in type t is `qweight` uint8 [out, in / block * bytes]: its r
 them, so exporting is a copy. Rows must be a whole number of blocks (in % block == 0): the k-quant and ternary types
 need rows of a multiple of 256, the 32-weight types of 32.
 
-`fit` chooses the header of each block from its weights (round to nearest: min-max for the types with an offset,
-signed absmax for the symmetric ones, absmean for ternary as in quantize/grid.py); `quantize_codes` then rounds each
-weight on its sub-block's (a, b). GPTQ (quantize/gptq.py) fits each block's header when its sweep reaches the block
+`fit` chooses the header of each block from its weights: each sub-block's step (and offset) by a search for the
+least weighted squared rounding error (quantize/scale_search.py; importance uniform, or a Hessian's diagonal), the
+super-block scales by rounding those, absmean for ternary as in quantize/grid.py (q8_0: absmax); `quantize_codes`
+then rounds each weight on its sub-block's (a, b). GPTQ (quantize/gptq.py) fits each block's header when its sweep reaches the block
 and rounds column by column on it, so what GPTQ evaluates is what is written. Pure torch; the layouts were read off
 ggml's block definitions (facts of the format), the code is this project's own.
 """
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .scale_search import search_affine, search_symmetric
 from .scales import FP16_MAX, ternary_scale
 
 Header = dict[str, torch.Tensor]
@@ -77,6 +79,11 @@ def _signed_absmax(x: torch.Tensor) -> torch.Tensor:
     return x.gather(-1, x.abs().argmax(-1, keepdim=True)).squeeze(-1)
 
 
+def _sub(importance: torch.Tensor | None, t: "GGMLType") -> torch.Tensor | None:
+    """Importance [..., nb, block] -> [..., nb, nsub, sub], as the weights are split into sub-blocks."""
+    return None if importance is None else importance.unflatten(-1, (t.nsub, t.sub))
+
+
 def _ratio(x: torch.Tensor, d: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """round(x / d) clamped to [lo, hi]; 0 where d == 0."""
     safe = torch.where(d == 0, 1.0, d)
@@ -109,8 +116,10 @@ class GGMLType:
         return n // self.block * self.nbytes
 
     # --- the header <-> (a, b) ---------------------------------------------------------------------------------
-    def fit(self, W: torch.Tensor) -> Header:
-        """W [..., nb, block] float32 -> the header of each block (round to nearest)."""
+    def fit(self, W: torch.Tensor, importance: torch.Tensor | None = None) -> Header:
+        """W [..., nb, block] float32 -> the header of each block: the sub-block steps (and offsets) that minimise
+        the squared rounding error weighted by `importance` (broadcast to W; None: uniform), by
+        quantize/scale_search.py, then stored as the type stores them."""
         raise NotImplementedError
 
     def affine(self, h: Header) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -141,13 +150,13 @@ class _Legacy(GGMLType):
     def offset(self) -> int:  # the stored unsigned code is q + offset
         return 0 if self.has_min or self.qmin == -128 else -self.qmin
 
-    def fit(self, W):
+    def fit(self, W, importance=None):
         if self.has_min:
-            lo, hi = W.amin(-1), W.amax(-1)
-            return {"d": _half((hi - lo) / self.qmax), "m": _half(lo)}
+            a, b = search_affine(W, self.qmax, importance)
+            return {"d": _half(a), "m": _half(b)}
         if self.qmin == -128:  # q8_0
             return {"d": _half(W.abs().amax(-1) / 127)}
-        return {"d": _half(_signed_absmax(W) / self.qmin)}  # the extreme weight lands on qmin exactly
+        return {"d": _half(search_symmetric(W, self.qmin, self.qmax, importance))}
 
     def affine(self, h):
         return h["d"][..., None], (h["m"][..., None] if self.has_min else None)
@@ -183,10 +192,10 @@ class _KMin(GGMLType):
     def scmax(self) -> int:
         return 15 if self.name == "q2_k" else 63
 
-    def fit(self, W):
+    def fit(self, W, importance=None):
         x = W.unflatten(-1, (self.nsub, self.sub))
-        lo, hi = x.amin(-1).clamp(max=0), x.amax(-1).clamp(min=0)  # [..., nb, nsub]; 0 kept in range
-        a, ml = (hi - lo) / self.qmax, -lo
+        a, b = search_affine(x, self.qmax, _sub(importance, self), zero_in_range=True)  # [..., nb, nsub]
+        ml = -b
         d, dmin = _half(a.amax(-1) / self.scmax), _half(ml.amax(-1) / self.scmax)
         return {"d": d, "dmin": dmin, "sc": _ratio(a, d[..., None], 0, self.scmax).to(torch.uint8),
                 "m": _ratio(ml, dmin[..., None], 0, self.scmax).to(torch.uint8)}
@@ -244,9 +253,9 @@ class _KSym(GGMLType):
     def sc_range(self) -> tuple[int, int]:
         return (-32, 31) if self.name == "q3_k" else (-128, 127)
 
-    def fit(self, W):
+    def fit(self, W, importance=None):
         x = W.unflatten(-1, (self.nsub, self.sub))
-        a = _signed_absmax(x) / self.qmin  # [..., nb, nsub]: each sub-block's extreme lands on qmin
+        a = search_symmetric(x, self.qmin, self.qmax, _sub(importance, self))  # [..., nb, nsub], signed
         lo, hi = self.sc_range
         d = _half(_signed_absmax(a) / lo)  # the largest scale lands on the most negative sc
         return {"d": d, "sc": _ratio(a, d[..., None], lo, hi).to(torch.int8)}
@@ -287,7 +296,7 @@ class _Ternary(GGMLType):
     byte is then ((byte * 3^k mod 256) * 3) >> 8. Bytes 0-31 hold elements 32 i + j (digit i of byte j), bytes 32-47
     elements 160 + 16 i + j, bytes 48-51 elements 240 + 4 i + j (four digits and a zero)."""
 
-    def fit(self, W):
+    def fit(self, W, importance=None):  # absmean by design (MoTE / BitNet), whatever the importance
         return {"d": ternary_scale(W)}  # absmean; a block already in {-m, 0, m} keeps m exactly
 
     def affine(self, h):
@@ -359,10 +368,13 @@ def dequantize_codes(q: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None) -
     return w if b is None else w + b
 
 
-def fit_matrix(t: GGMLType, W: torch.Tensor) -> Header:
-    """W [..., out, in] -> header [..., out, nb, ...]."""
+def fit_matrix(t: GGMLType, W: torch.Tensor, importance: torch.Tensor | None = None) -> Header:
+    """W [..., out, in] -> header [..., out, nb, ...]. `importance` [in] (or broadcastable to W): each column's
+    weight in the fitted error, e.g. a Hessian's diagonal; None: the weights' own squared error."""
     t.row_bytes(W.shape[-1])
-    return t.fit(W.float().unflatten(-1, (-1, t.block)))
+    if importance is not None:
+        importance = importance.float().unflatten(-1, (-1, t.block))
+    return t.fit(W.float().unflatten(-1, (-1, t.block)), importance)
 
 
 def quantize_matrix(t: GGMLType, W: torch.Tensor, h: Header) -> torch.Tensor:

@@ -80,8 +80,9 @@ class IntGrid:
     def __init__(self, spec: QuantSpec, n: int):
         self.spec, self.span = spec, group_size_for(spec, n)
 
-    def fit(self, W: torch.Tensor):
-        """W [E, out, cols] (whole groups) -> per-column s, z [E, out, cols] and the groups' (S, Z) [E, out, G]."""
+    def fit(self, W: torch.Tensor, importance: torch.Tensor | None = None):
+        """W [E, out, cols] (whole groups) -> per-column s, z [E, out, cols] and the groups' (S, Z) [E, out, G].
+        Min-max groups (`importance` is not used)."""
         S, Z = group_params(W, self.spec)
         cols = W.shape[-1]
         return expand_groups(S, self.span, cols), expand_groups(Z, self.span, cols), (S, Z)
@@ -107,8 +108,9 @@ class GGMLGrid:
         self.t.row_bytes(n)  # rows must be whole blocks
         self.span = self.t.block
 
-    def fit(self, W: torch.Tensor):
-        header = ggml.fit_matrix(self.t, W)
+    def fit(self, W: torch.Tensor, importance: torch.Tensor | None = None):
+        """`importance` [E, 1, cols]: each column's weight in the blocks' scale search (ggml.fit_matrix)."""
+        header = ggml.fit_matrix(self.t, W, importance)
         a, b = ggml.per_column(self.t, header)
         return a, torch.zeros_like(a) if b is None else b, header
 
@@ -126,7 +128,9 @@ class GGMLGrid:
 def _sweep(W, U, grid, params, block_size):
     """The GPTQ column sweep. W [E, out, n] (modified in place), U [E, n, n] upper. `params`: per-column params
     (P1, P2) [E, out, n] fixed up front in sweep order (static groups), or None: the grid fits them as the sweep
-    reaches each of its spans (groups, ggml blocks). -> float codes Q [E, out, n], the fitted pieces"""
+    reaches each of its spans (groups, ggml blocks), weighting each column's rounding error as the sweep does,
+    by 1 / U_cc^2 (the loss of rounding column c is ((w - q) / U_cc)^2). -> float codes Q [E, out, n], the fitted
+    pieces"""
     E, out, n = W.shape
     static = params is not None
     pieces = []
@@ -135,6 +139,7 @@ def _sweep(W, U, grid, params, block_size):
     else:       # blocks hold whole spans, so a span's columns are up to date when it starts
         P1, P2 = W.new_zeros(E, out, n), W.new_zeros(E, out, n)
         block_size = max(1, block_size // grid.span) * grid.span
+        importance = U.diagonal(dim1=-2, dim2=-1).pow(-2)[:, None, :]  # [E, 1, n]
     Q = torch.zeros_like(W)                                   # [E, out, n] float codes
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
@@ -143,7 +148,7 @@ def _sweep(W, U, grid, params, block_size):
         for i in range(i2 - i1):
             c = i1 + i
             if not static and c % grid.span == 0:
-                p1, p2, piece = grid.fit(W1[:, :, i:i + grid.span])
+                p1, p2, piece = grid.fit(W1[:, :, i:i + grid.span], importance[:, :, c:c + grid.span])
                 P1[:, :, c:c + p1.shape[-1]], P2[:, :, c:c + p1.shape[-1]] = p1, p2
                 pieces.append(piece)
             p1, p2 = P1[:, :, c], P2[:, :, c]                 # [E, out]
@@ -184,7 +189,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, damp: fl
     grid = GGMLGrid(spec, n) if spec.ggml is not None else IntGrid(spec, n)
     params = pieces = None
     if act_order or spec.format == "ternary":                 # static: every span fitted on the original order
-        p1, p2, piece = grid.fit(Wf)
+        p1, p2, piece = grid.fit(Wf, diag[:, None, :])  # the Hessian's diagonal: the columns' input energy
         params, pieces = (p1, p2), [piece]
     if act_order:
         perm = torch.argsort(diag, dim=-1, descending=True, stable=True)  # [E, n]
