@@ -58,7 +58,7 @@ def test_affine_never_worse_than_min_max_and_keeps_its_constraints(qmax, zero_in
 
 
 def test_symmetric_close_to_brute_force():
-    """A fine scan over every step from 0 to twice the min-max one, each rounded to nearest: the search (21
+    """A fine scan over every step from 0 to twice the min-max one, each rounded to nearest: the search (11
     candidates and a refit) is within 1% of the best on average and never far from it."""
     qmin, qmax = -4, 3
     x = groups(300, 16, seed=2)
