@@ -129,7 +129,7 @@ def test_dispatch_uses_gptq_with_hessian():
 
 
 def test_package_imports_torch_numpy_stdlib_only():
-    allowed = {"torch", "numpy", "dataclasses", "math", "warnings", "typing", "__future__"}
+    allowed = {"torch", "numpy", "contextlib", "dataclasses", "math", "warnings", "typing", "__future__"}
     for path in pathlib.Path(cq.__file__).parent.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
