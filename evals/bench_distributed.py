@@ -65,30 +65,37 @@ def main(argv: list[str] | None = None) -> dict:
                                                       "GPTQ, for a shorter run)")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="torch threads of the single process")
+    p.add_argument("--runs", default="threads,serial,ranks",
+                   help="which runs: threads (1 rank x --threads), serial (1 rank x 1 thread), ranks (--ranks x 1 "
+                        "thread); outputs are compared between the runs made")
     args = p.parse_args(argv)
+    runs = args.runs.split(",")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     result = {"model": args.model, "samples": args.samples, "seq_len": args.seq_len, "budget": args.budget,
               "method": args.method, "machine": {
         "cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()}}
+    names = {"threads": f"1 rank x {args.threads} threads", "serial": "1 rank x 1 thread",
+             "ranks": f"{args.ranks} ranks x 1 thread"}
     with tempfile.TemporaryDirectory() as tmp:
-        one, many, serial = Path(tmp) / "one", Path(tmp) / "many", Path(tmp) / "serial"
+        outs = {r: Path(tmp) / r for r in runs}
         run = lambda out: [sys.executable, "cli.py", *compress_args(args.model, out, args.samples, args.seq_len,
                                                                        args.budget, args.method)]
-        single = timed(run(one), {**env, "OMP_NUM_THREADS": str(args.threads)})
-        single["peak_rss_mb"] = [json.loads((one / "report.json").read_text())["peak_rss_mb"]]
-        one_thread = timed(run(serial), {**env, "OMP_NUM_THREADS": "1"})
-        one_thread["peak_rss_mb"] = [json.loads((serial / "report.json").read_text())["peak_rss_mb"]]
-        torchrun = Path(sys.executable).with_name("torchrun")
-        ranks = timed([str(torchrun), "--nproc-per-node", str(args.ranks), *run(many)[1:]], {**env, "OMP_NUM_THREADS": "1"})
-        report = json.loads((many / "report.json").read_text())
-        ranks["peak_rss_mb"] = [s["peak_rss_mb"] for s in report["ranks"]]
-        ranks["shares"] = report["ranks"]
-        result[f"1 rank x {args.threads} threads"] = single
-        result[f"{args.ranks} ranks x 1 thread"] = ranks
-        result["1 rank x 1 thread"] = one_thread
-        result[f"output: {args.ranks} ranks x 1 thread vs 1 rank x 1 thread"] = same_tensors(serial, many)
-        result[f"output: {args.ranks} ranks x 1 thread vs 1 rank x {args.threads} threads"] = same_tensors(one, many)
-        result[f"output: 1 rank x 1 thread vs 1 rank x {args.threads} threads"] = same_tensors(one, serial)
+        for r in runs:
+            if r == "ranks":
+                torchrun = Path(sys.executable).with_name("torchrun")
+                t = timed([str(torchrun), "--nproc-per-node", str(args.ranks), *run(outs[r])[1:]],
+                          {**env, "OMP_NUM_THREADS": "1"})
+                report = json.loads((outs[r] / "report.json").read_text())
+                t["peak_rss_mb"] = [s["peak_rss_mb"] for s in report["ranks"]]
+                t["shares"] = report["ranks"]
+            else:
+                t = timed(run(outs[r]), {**env, "OMP_NUM_THREADS": str(args.threads if r == "threads" else 1)})
+                t["peak_rss_mb"] = [json.loads((outs[r] / "report.json").read_text())["peak_rss_mb"]]
+            result[names[r]] = t
+            print(names[r], {k: v for k, v in t.items() if k != "shares"}, flush=True)
+        for i, a in enumerate(runs):
+            for b in runs[i + 1:]:
+                result[f"output: {names[b]} vs {names[a]}"] = same_tensors(outs[a], outs[b])
     result["machine"]["load_average_at_end"] = os.getloadavg()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1))
