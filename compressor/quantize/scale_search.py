@@ -6,7 +6,8 @@ min-max one (the group's span mapped onto qmax + delta levels, delta evenly spac
 SEARCH_SPREAD]: narrower grids clip the extremes, finer steps round the rest better), rounds the group on each,
 refits the step (and offset) to those codes by weighted least squares in closed form, and keeps the candidate with
 the smallest error. delta = 0 is the min-max grid itself and the refit never raises a candidate's error for its
-codes, so the result is never worse than min-max (tested against it and against a brute-force search).
+codes, so the result is never worse than min-max where every importance is positive (tested against it and
+against a brute-force search).
 
 Pure functions of (weights [..., n], importance [..., n] or None = uniform); groups along the last dimension.
 `importance` is what the error is weighted by: ones for the weights' own squared error, a Hessian's diagonal
