@@ -14,6 +14,7 @@ the 32-weight types only). Results: evals/results/ggml_fit.json.
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 import json
 import re
 from pathlib import Path
@@ -36,7 +37,7 @@ def tensors(path: Path, names: set[str]) -> dict[str, tuple[str, np.ndarray]]:
 
 def ours(kind: str, W: torch.Tensor, search: bool) -> torch.Tensor:
     t = ggml.GGML_TYPES[kind]
-    with (scale_search.min_max() if not search else torch.no_grad()):
+    with (scale_search.min_max() if not search else nullcontext()):
         h = ggml.fit_matrix(t, W)
     return ggml.dequantize_matrix(t, ggml.quantize_matrix(t, W, h), h)
 
