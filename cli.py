@@ -48,6 +48,12 @@ FLAG_FIELDS = {
 }
 
 
+def _choices(dest: str) -> list:
+    from compressor.config.schema import field_choices
+
+    return field_choices(FLAG_FIELDS[dest])
+
+
 def _compress_parser(sub) -> None:
     p = sub.add_parser("compress", help="compress a model (default: the shipped default model)",
                        argument_default=argparse.SUPPRESS)
@@ -55,9 +61,11 @@ def _compress_parser(sub) -> None:
     p.add_argument("--recipe", help="recipe YAML; flags override it")
     p.add_argument("--output", "-o", help="output directory (default: named after the model and settings, in .)")
     p.add_argument("--overwrite", action="store_true", default=False, help="replace an existing output directory")
-    p.add_argument("--method", choices=["gptq", "rtn", "ternary"])
-    p.add_argument("--bits", type=int, choices=[2, 3, 4, 8, 16], help="uniform expert bits (default 4)")
-    p.add_argument("--dense-bits", type=int, choices=[2, 3, 4, 8, 16], help="bits of shared experts / dense FFNs")
+    p.add_argument("--method", choices=_choices("method"),
+                   help="gptq (default), imatrix (round-to-nearest on scales fitted to the calibration inputs, "
+                        "llama.cpp's importance matrix; a fraction of GPTQ's time), rtn (no data), ternary")
+    p.add_argument("--bits", type=int, choices=_choices("bits"), help="uniform expert bits (default 4)")
+    p.add_argument("--dense-bits", type=int, choices=_choices("dense_bits"), help="bits of shared experts / dense FFNs")
     p.add_argument("--group-size", type=int)
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true")
@@ -70,19 +78,20 @@ def _compress_parser(sub) -> None:
     p.add_argument("--samples", type=int)
     p.add_argument("--seq-len", type=int)
     p.add_argument("--seed", type=int)
-    p.add_argument("--calib-mode", choices=["routed", "weighted"])
+    p.add_argument("--calib-mode", choices=_choices("calib_mode"))
     p.add_argument("--min-tokens", type=int)
     p.add_argument("--budget", help="e.g. 3.4GB, 3.4GiB, 512MB, 2.5bits")
-    p.add_argument("--budget-scope", choices=["model", "experts"])
+    p.add_argument("--budget-scope", choices=_choices("budget_scope"))
     p.add_argument("--formats", type=lambda s: s.split(","), help="allowed formats, e.g. keep,int4,int3,int2")
-    p.add_argument("--target", choices=["native", "gguf", "vllm"],
+    p.add_argument("--target", choices=_choices("target"),
                    help="where the model will run: native (default; a format per expert), gguf (llama.cpp: one ggml "
                         "type per layer and projection), vllm (symmetric int4/int8, group 128, one per layer)")
-    p.add_argument("--objective", choices=["global", "per_layer", "frequency"])
-    p.add_argument("--solver", choices=["highs", "cbc", "auto"])
-    p.add_argument("--eps-quantizer", choices=["rtn", "gptq"],
-                   help="quantizer behind the per-expert output-error table (default rtn; gptq: slower, closer to what is applied)")
-    p.add_argument("--layer-weights", choices=["sensitivity", "output_energy"],
+    p.add_argument("--objective", choices=_choices("objective"))
+    p.add_argument("--solver", choices=_choices("solver"))
+    p.add_argument("--eps-quantizer", choices=_choices("eps_quantizer"),
+                   help="quantizer behind the per-expert output-error table (default rtn; imatrix or gptq: per-expert Hessians "
+                        "first, closer to what --method imatrix or gptq applies)")
+    p.add_argument("--layer-weights", choices=_choices("layer_weights"),
                    help="how the global LP compares errors across layers (default sensitivity: measured loss "
                         "sensitivity of each layer, one more forward and backward)")
     p.add_argument("--plan", help="reuse a plan.json")
@@ -93,11 +102,11 @@ def _compress_parser(sub) -> None:
                    help="with --dry-run: plan from the config alone (meta device, synthetic statistics), for models "
                         "too large to load; MODEL may be a config.json")
     p.add_argument("--dynamic-pruning", type=float, help="target fraction of activated expert parameters to skip")
-    p.add_argument("--dtype", choices=["float16", "bfloat16"], help="dtype of unquantized tensors written")
+    p.add_argument("--dtype", choices=_choices("dtype"), help="dtype of unquantized tensors written")
     p.add_argument("--trust-remote-code", action="store_true", default=False)
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"],
+    p.add_argument("--device", choices=_choices("device"),
                    help="device each decoder layer is worked on, one at a time (default cpu; cuda is untested)")
-    p.add_argument("--hessians", choices=["device", "cpu"], help="keep GPTQ's Hessians on the device (default) or in "
+    p.add_argument("--hessians", choices=_choices("hessians"), help="keep GPTQ's Hessians on the device (default) or in "
                    "CPU memory")
     p.add_argument("--dist-timeout", type=float, metavar="SECONDS",
                    help="torchrun: seconds to wait for another rank before stopping with an error naming it")

@@ -23,10 +23,8 @@ from .config.schema import Recipe
 from .device import HOST, device_of, hessian_device
 from .plan import Plan, split_format
 from .quantize.formats import QuantSpec
-from .quantize.gptq import gptq_quantize
+from .quantize.dispatch import quantize_with
 from .quantize.qweight import QuantizedWeight
-from .quantize.rtn import quantize_rtn
-from .quantize.ternary import quantize_ternary
 from .io.journal import Journal
 from .runtime.experts import (DenseExperts, PackedExperts, PackedLinear, PackedMatrix, empty_packed_experts,
                               empty_packed_linear)
@@ -35,13 +33,10 @@ NO_HESSIAN_FORMATS = ("keep", "drop")
 
 
 def quantize_matrices(W: torch.Tensor, H: torch.Tensor | None, spec: QuantSpec, recipe: Recipe, where: str):
-    """W [n, out, in] (H [n, in, in] or None) -> (QuantizedWeight [n, out, in], damp_used [n] or None)."""
+    """W [n, out, in] (H [n, in, in] or None) -> (QuantizedWeight [n, out, in], damp_used [n] or None), by the
+    recipe's method (quantize/dispatch.py; RTN where H is None)."""
     q = recipe.quantization
-    if spec.format in NO_HESSIAN_FORMATS or H is None:
-        quant = quantize_ternary if spec.format == "ternary" else quantize_rtn
-        return _named(where, quant, W, spec), None
-    res = _named(where, gptq_quantize, W, H.to(W.device), spec, **q.gptq_options)
-    return res.qweight, res.damp_used
+    return _named(where, quantize_with, W, spec, H, q.data_method or "rtn", **q.gptq_options)
 
 
 def _named(where: str, fn, *args, **kwargs):
@@ -79,12 +74,9 @@ class QuantizePass:
     def _spec(self, fmt: str) -> QuantSpec:
         return QuantSpec(fmt, group_size=self.plan.group_size, sym=self.plan.sym, scale_dtype=self.plan.scale_dtype)
 
-    def _gptq(self) -> bool:
-        return self.recipe.quantization.method == "gptq"
-
     def needs_data(self) -> bool:
-        """Only GPTQ uses calibration statistics; RTN, ternary, keep and drop need no forward pass."""
-        return self._gptq()
+        """GPTQ and imatrix use calibration statistics (Hessians); RTN, ternary, keep and drop need no forward pass."""
+        return self.recipe.quantization.data_method is not None
 
     def _layer(self, i: int) -> tuple[list[MoEBlock], dict[str, nn.Linear]]:
         prefix = f"{layers_prefix(self.model)}.{i}."
@@ -96,10 +88,10 @@ class QuantizePass:
         t0, rep = time.time(), LayerReport(i)
         blocks, linears = self._layer(i)
         denses = {b.name: self._dense(b) for b in blocks}
-        calls = self.driver.calls(layer, inputs if self._gptq() else None, denses, linears if self._gptq() else {})
+        calls = self.driver.calls(layer, inputs if self.needs_data() else None, denses, linears if self.needs_data() else {})
         observed = {b.name: self._observe(b, denses[b.name]) for b in blocks}
         hessians = {n: LinearHessian(m, n, self.hessian_device) for n, m in linears.items()
-                    if calls.owns(n)} if self._gptq() else {}
+                    if calls.owns(n)} if self.needs_data() else {}
         if inputs is not None:
             calls.feed({name: obs for name, (_, obs, _) in observed.items()},
                        batches={name: partial(_count_tokens, stats) for name, (stats, _, _) in observed.items()},
@@ -198,9 +190,9 @@ class QuantizePass:
 
     def _hessian_experts(self, name: str, formats: list[str], stats: ExpertStats, rep: LayerReport,
                          experts: tuple[int, ...]) -> list[bool]:
-        """Which experts GPTQ quantizes with their Hessian; the others (too few tokens) fall back to RTN, logged (for
-        `experts`, those this worker quantizes)."""
-        if not self._gptq():
+        """Which experts are quantized with their Hessian (GPTQ, imatrix); the others (too few tokens) fall back to RTN,
+        logged (for `experts`, those this worker quantizes)."""
+        if not self.needs_data():
             return [False] * len(formats)
         min_tokens = self.recipe.calibration.min_tokens
         enough = (stats.mass >= max(min_tokens, 1e-6)).tolist()

@@ -1,8 +1,8 @@
 """Pass 1: measure every expert on full-precision inputs, before anything is quantized, so the
 allocator sees the whole model. Per MoE block: routing statistics, Hessians, and the output error
-table eps[e, f] of each candidate format, quantized by RTN (cheap, the default) or by GPTQ with each
-expert's routed-token Hessian (`quantizer="gptq"`: one more forward of the layer to collect the Hessians
-first, then a GPTQ run per format batched over the experts)."""
+table eps[e, f] of each candidate format, quantized by RTN (cheap, the default), or with each expert's routed-token
+Hessian by GPTQ or imatrix (`quantizer="gptq"|"imatrix"`: one more forward of the layer to collect the Hessians
+first, then a run per format batched over the experts; quantize/dispatch.py)."""
 
 from __future__ import annotations
 
@@ -19,9 +19,8 @@ from .calibration.layerwise import LayerInputs
 from .calibration.stats import ExpertStats, RoutedObserver, check_finite, check_finite_weights
 from .quantize.formats import QuantSpec, packable
 from .quantize.ggml import GGML_TYPES
-from .quantize.gptq import gptq_quantize, hessian_error
-from .quantize.rtn import quantize_rtn
-from .quantize.ternary import quantize_ternary
+from .quantize.dispatch import METHODS, quantize_with
+from .quantize.gptq import hessian_error
 from .runtime.experts import DenseExperts
 
 
@@ -46,14 +45,10 @@ class BlockMeasurement:
 
 
 def candidates(W: torch.Tensor, fmt: str, group_size: int, sym: bool, H: torch.Tensor | None = None,
-               scale_dtype: str = "float16", **gptq: float | int | bool) -> torch.Tensor:
-    """Dequantized version of W [E, out, in] in format `fmt`: RTN (or absmean ternary), or GPTQ with the
-    per-expert Hessians H [E, in, in] when given (`gptq`: damp, block_size, act_order)."""
-    spec = QuantSpec(fmt, group_size, sym, scale_dtype)
-    if H is not None:
-        return gptq_quantize(W, H.to(W.device), spec, **gptq).qweight.dequantize()
-    quant = quantize_ternary if fmt == "ternary" else quantize_rtn
-    return quant(W, spec).dequantize()
+               scale_dtype: str = "float16", method: str = "gptq", **gptq: float | int | bool) -> torch.Tensor:
+    """Dequantized version of W [E, out, in] in format `fmt`: RTN (or absmean ternary), or with the per-expert
+    Hessians H [E, in, in] when given, `method` gptq or imatrix (`gptq`: damp, block_size, act_order)."""
+    return quantize_with(W, QuantSpec(fmt, group_size, sym, scale_dtype), H, method, **gptq)[0].dequantize()
 
 
 class ErrorObserver(RoutedObserver):
@@ -97,8 +92,8 @@ class MeasurePass:
         `per_projection`: measure eps_proj too (targets choosing a format per projection). The work runs on the
         layer's device, the Hessians on `hessian_device` (default: that device); the results come back to the host.
         `driver` (calibration/calls.py) maps the per-expert work over workers (default: all of it, here)."""
-        if quantizer not in ("rtn", "gptq"):
-            raise ValueError(f"eps quantizer must be 'rtn' or 'gptq', got {quantizer!r}")
+        if quantizer not in METHODS:
+            raise ValueError(f"eps quantizer must be one of {', '.join(METHODS)}, got {quantizer!r}")
         self.blocks, self.formats, self.group_size, self.sym = blocks, formats, group_size, sym
         self.quantizer, self.gptq = quantizer, gptq or {}
         self.journal, self.per_projection, self.scale_dtype = journal, per_projection, scale_dtype
@@ -118,7 +113,8 @@ class MeasurePass:
 
     def _candidates(self, W: torch.Tensor, H: torch.Tensor | None) -> torch.Tensor:  # [F, E, out, in]
         """Each format's version of W; W itself (an error of 0, set to inf afterwards) where a format cannot hold it."""
-        return torch.stack([candidates(W, f, self.group_size, self.sym, H, self.scale_dtype, **self.gptq) if ok else W
+        return torch.stack([candidates(W, f, self.group_size, self.sym, H, self.scale_dtype, self.quantizer,
+                                       **self.gptq) if ok else W
                             for f, ok in zip(self.formats, self._fits(W).tolist())])
 
     def __call__(self, i: int, layer: nn.Module, inputs: LayerInputs) -> LayerInputs | None:
@@ -152,7 +148,7 @@ class MeasurePass:
         I, F = dense.down.shape[-1], len(self.formats)
         new_stats = lambda: ExpertStats.zeros(E, H, I, device, self.hessian_device)
         pre = None
-        if self.quantizer == "gptq":
+        if self.quantizer != "rtn":
             pre = new_stats()
             calls.feed({b.name: RoutedObserver(pre, where)})
         H_gu, H_d = pre.hessians() if pre is not None else (None, None)

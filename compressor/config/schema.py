@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..allocation.budget import parse_budget
 from ..prune.calibrate import DEFAULT_RENORMALIZE
 from ..prune.rule import DEFAULT_PROTECT
+from ..quantize.dispatch import DATA_METHODS, METHODS
+from ..quantize.gptq import DEFAULT_DAMP
 from ..quantize.formats import ALL_FORMATS, DEFAULT_GROUP_SIZE
 
 FormatName = Literal[ALL_FORMATS]  # this project's formats and the GGUF block types (quantize/formats.py)
@@ -42,7 +44,10 @@ class Calibration(Section):
 
 
 class Quantization(Section):
-    method: Literal["gptq", "rtn", "ternary"] = "gptq"
+    method: Literal[(*METHODS, "ternary")] = Field(
+        "gptq", description="gptq (calibration Hessians, errors fed back across columns), imatrix (round-to-nearest on "
+        "scales searched for the error weighted by the calibration inputs' mean square per column, llama.cpp's "
+        "importance matrix: a fraction of GPTQ's time), rtn (no data), ternary (every expert ternary, absmean)")
     bits: Literal[2, 3, 4, 8, 16] = Field(4, description="uniform bits for experts when no budget is given")
     group_size: int = Field(DEFAULT_GROUP_SIZE, ge=1, description="columns per scale group (a narrower matrix uses one group)")
     sym: bool = Field(False, description="symmetric grid (no zero points)")
@@ -51,7 +56,8 @@ class Quantization(Section):
         "(values float16 and bfloat16 both hold, for a runtime that loads the scales in a bfloat16 model's dtype; "
         "--target vllm sets it from --dtype)")
     act_order: bool = Field(False, description="GPTQ column order by descending Hessian diagonal, static groups")
-    damp: float = Field(0.01, gt=0, description="GPTQ damping, a fraction of the mean Hessian diagonal")
+    damp: float = Field(DEFAULT_DAMP, gt=0, description="GPTQ damping, a fraction of the mean Hessian diagonal "
+                       "(imatrix: the floor of each column's importance, the same fraction)")
     block_size: int = Field(128, ge=1, description="GPTQ lazy-update block width")
     dense_bits: Literal[2, 3, 4, 8, 16] | None = Field(
         None, description="bits for shared experts and dense FFNs; default: same as `bits`"
@@ -65,6 +71,11 @@ class Quantization(Section):
     def dense_bits_or_bits(self) -> int:
         """Bits of shared experts and dense FFNs (in the target's formats: targets.Target.dense_entries)."""
         return self.dense_bits if self.dense_bits is not None else self.bits
+
+    @property
+    def data_method(self) -> str | None:
+        """The quantizer that uses calibration Hessians (quantize/dispatch.py), or None: quantization needs no data."""
+        return self.method if self.method in DATA_METHODS else None
 
     @property
     def gptq_options(self) -> dict:
@@ -92,9 +103,10 @@ class Allocation(Section):
         8, ge=1, description="calibration windows the layer sensitivity is measured on; it holds every layer's input "
                              "for them in fp32 (layers x samples x seq_len x hidden x 4 bytes: 0.28 GB on the reference "
                              "MoE, 7.2 GB for DeepSeek-V3's 61 x 7168; lower it there)")
-    eps_quantizer: Literal["rtn", "gptq"] = Field(
-        "rtn", description="quantizer of the eps[expert][format] table: rtn (cheap) or gptq (per-expert Hessians; "
-                           "one more forward per layer and a GPTQ run per format)")
+    eps_quantizer: Literal[METHODS] = Field(
+        "rtn", description="quantizer of the eps[expert][format] table: rtn (cheap), imatrix or gptq (per-expert "
+                           "Hessians: one more forward per layer, then RTN on importance-searched scales or a GPTQ "
+                           "run per format)")
     solver: Literal["highs", "cbc", "auto"] = "highs"
     rel_gap: float = Field(1e-3, ge=0, description="relative optimality gap at which the solver may stop")
     plan: Path | None = Field(None, description="reuse a plan.json instead of solving")
@@ -145,3 +157,16 @@ class Recipe(Section):
     @classmethod
     def _strip(cls, v: str | None) -> str | None:
         return v.strip() if isinstance(v, str) else v
+
+
+def field_choices(path: str) -> list:
+    """The values a Literal field takes, by its dotted path ("quantization.method"): the CLI's choices come from
+    here, so a flag and its recipe field cannot disagree."""
+    model, *head, last = [Recipe, *path.split(".")]
+    for name in head:
+        model = model.model_fields[name].annotation
+    ann = model.model_fields[last].annotation
+    lit = next((a for a in (ann, *get_args(ann)) if get_origin(a) is Literal), None)
+    if lit is None:
+        raise TypeError(f"recipe field {path} is not a Literal")
+    return list(get_args(lit))

@@ -60,10 +60,10 @@ def check_image_path(recipe: Recipe, blocks) -> None:
     made-up data: GPTQ without calibration images, and online dynamic pruning (calibrated on text only)."""
     names = ", ".join(b.name for b in blocks[:2]) + (", ..." if len(blocks) > 2 else "")
     why = f"this model's MoE blocks ({names}) are up-cycled MLPs on its image path, which calibration text does not reach"
-    if recipe.quantization.method == "gptq" and recipe.calibration.images is None:
-        raise UnsupportedArchitecture(f"{why}, so GPTQ has no Hessians: pass --calib-images DIR (a directory of "
-                                      "images), or use --method rtn or --method ternary (with --budget, the allocation "
-                                      "then uses data-free weight errors)")
+    if recipe.quantization.data_method is not None and recipe.calibration.images is None:
+        raise UnsupportedArchitecture(f"{why}, so --method {recipe.quantization.method} has no Hessians: pass "
+                                      "--calib-images DIR (a directory of images), or use --method rtn or --method "
+                                      "ternary (with --budget, the allocation then uses data-free weight errors)")
     if recipe.pruning.target is not None:
         raise UnsupportedArchitecture(f"{why}, so --dynamic-pruning cannot be calibrated (it is calibrated on text)")
 

@@ -9,9 +9,11 @@ qweight   QuantizedWeight, pack, unpack          codes + fp16 params <-> checkpo
 rtn       quantize_rtn                           round to nearest, group-wise, batched
 ternary   quantize_ternary                       absmean ternary (MoTE / BitNet b1.58)
 gptq      gptq_quantize, hessian_error           GPTQ batched over experts
-dispatch  quantize                               GPTQ with a Hessian, RTN without
+scale_search search_symmetric / search_affine     scales of least weighted rounding error (ggml types, imatrix)
+dispatch  quantize_with, quantize, METHODS       the one entry point: gptq, imatrix (RTN on importance-searched
+                                                 scales) or rtn; RTN wherever no Hessian is given
 """
-from .dispatch import METHODS, quantize
+from .dispatch import DATA_METHODS, METHODS, quantize, quantize_with
 from .formats import ALL_FORMATS, FORMATS, GGML_FORMATS, QuantSpec, bits_per_weight, num_groups, packed_nbytes, packed_shapes
 from .gptq import GPTQResult, gptq_quantize, hessian_error
 from .packing import pack_bits, pack_trits, unpack_bits, unpack_trits

@@ -40,6 +40,7 @@ def hessian_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> torch.T
     return ((D @ _as3d(H).float()) * D).sum((-2, -1))  # [E]
 
 
+DEFAULT_DAMP = 0.01  # relative damping, a fraction of the mean Hessian diagonal (the recipe's quantization.damp)
 DAMP_RESTART = 1e-5  # damp = 0 that fails continues with 1e-4, 1e-3, ...
 
 
@@ -162,7 +163,7 @@ def _sweep(W, U, grid, params, block_size):
     return Q, pieces
 
 
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, damp: float = 0.01,
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, *, damp: float = DEFAULT_DAMP,
                   block_size: int = 128, act_order: bool = False, max_damp_tries: int = 6) -> GPTQResult:
     """W [E, out, in] or [out, in], H [E, in, in] or [in, in] (a 2D H is shared by all experts).
     int formats, ternary and ggml types use GPTQ; 'keep' returns the fp16 weight and 'drop' zeros (damp 0).

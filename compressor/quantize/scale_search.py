@@ -39,7 +39,12 @@ def min_max():
         _MIN_MAX = before
 
 
-def _deltas(steps: int, spread: float, like: torch.Tensor) -> torch.Tensor:
+def searching_off() -> bool:
+    """True inside `min_max()`: every search returns its min-max grid."""
+    return _MIN_MAX
+
+
+def search_deltas(steps: int, spread: float, like: torch.Tensor) -> torch.Tensor:
     if steps < 1 or steps % 2 == 0:
         raise ValueError(f"the scale search needs an odd number of candidates (got {steps})")
     return torch.linspace(-spread, spread, steps, dtype=like.dtype, device=like.device)
@@ -64,7 +69,7 @@ def search_symmetric(x: torch.Tensor, qmin: int, qmax: int, importance: torch.Te
     if _MIN_MAX:
         return best_a
     best_gain = torch.full_like(best_a, -1.0)  # error = Sxx - gain: the largest gain wins
-    for delta in _deltas(steps, spread, x):
+    for delta in search_deltas(steps, spread, x):
         inv = (qmin - delta) / torch.where(extreme == 0, 1.0, extreme)  # [..., 1]: 1 / the candidate step
         q = torch.round(x * inv).clamp_(qmin, qmax)
         _, sqx, sqq = _sums(x, q, w)
@@ -98,7 +103,7 @@ def search_affine(x: torch.Tensor, qmax: int, importance: torch.Tensor | None = 
     s = torch.full_like(a_mm, x.shape[-1]) if w is None else w.sum(-1)
     sx = x.sum(-1) if w is None else (w * x).sum(-1)
     best = None
-    for delta in _deltas(steps, spread, x):
+    for delta in search_deltas(steps, spread, x):
         inv = (qmax + delta) / torch.where(span > 0, span, 1.0)  # [..., 1]: 1 / the candidate step
         q = torch.round((x - lo) * inv).clamp_(0, qmax)
         sq, sqx, sqq = _sums(x, q, w)
