@@ -14,8 +14,9 @@ skipped when the command runs again, so an interrupted campaign resumes where it
              for every layer (MC-MoE's fixed beta, calibrated to the same target) and random dropping
   walltime   prefill (1 x --prefill-len tokens) and teacher-forced decode steps on the KV cache (batch 1, one
              thread), unpruned against pruned at --task-targets, configurations interleaved, medians of wall and
-             CPU seconds. The current forward: transformers' experts module unpruned, our skipping loop pruned,
-             compressed experts dequantized per call (no packed kernels yet)
+             CPU seconds. The 16-bit model: transformers' experts module unpruned, our skipping loop over the same
+             weights pruned; compressed models: the packed runtime (compressor/runtime: packed kernels, tokens
+             grouped by expert, a pruned slot never computed), the same runtime `cli.py bench` measures
   tasks      lm-eval accuracy with its standard error and the per-example outcomes (for paired differences),
              unpruned and at --task-targets for each rule in --task-methods
   ablations  the calibrated rule at --ablation-targets with one setting changed: kept weights not renormalised,
