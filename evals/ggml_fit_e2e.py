@@ -9,7 +9,8 @@ Each (plan, method) is `cli.py compress REF --plan P --method M --samples S` (im
 S x 512 windows llamacpp_compare gives llama-imatrix), `cli.py export --format gguf`, then perplexity in llama.cpp on
 the first --max-tokens tokens of each held-out text in windows of 512 (llamacpp_compare's protocol). Rows of
 llama.cpp's own files (--llama NAME=FILE) are scored the same way. Results: evals/results/ggml_fit_e2e.json, keyed
-"<label>|<plan>" (label: the method, or what --label says, e.g. the fit a row was made with).
+"<label>|<plan>" (label: the method, or what --label says, e.g. the fit a row was made with), "|<tokens>" appended
+when --max-tokens is not 2048. A compressed model or GGUF already on disk under --runs is reused, not made again.
 """
 from __future__ import annotations
 
@@ -69,15 +70,16 @@ def main() -> None:
         tmp.replace(RESULTS)
         print(key, row, flush=True)
 
+    tokens = "" if a.max_tokens == 2048 else f"|{a.max_tokens}"  # rows scored on more tokens than the first ones
     for spec in a.llama:
         name, _, file = spec.partition("=")
-        if f"llama.cpp {name}" not in res:
-            save(f"llama.cpp {name}", {**score(Path(file), a.model, a.max_tokens), "file": file})
+        if f"llama.cpp {name}{tokens}" not in res:
+            save(f"llama.cpp {name}{tokens}", {**score(Path(file), a.model, a.max_tokens), "file": file})
     lp = json.loads(a.lp_plan.read_text())
     plans = {"lp": lp, f"uniform-{UNIFORM}": uniform_plan(lp)}
     for plan_name in a.plans.split(","):
         for method in a.methods.split(","):
-            key = f"{a.label or method}|{plan_name}"
+            key = f"{a.label or method}|{plan_name}{tokens}"
             if key in res:
                 continue
             pf = a.runs / f"plan-{plan_name}.json"
