@@ -17,6 +17,9 @@ Rows (files under --runs, default /work/runs/llcmp; results in evals/results/lla
                `export --format gguf`. Points with the same expert bytes share one compress.
   ours+rtn-Q   the same with `--method rtn` (pass 1 and plan from the cache, no GPTQ in pass 2; step rtn, at
                --rtn-points): the allocation alone against llama.cpp's importance-weighted rounding.
+  ours+imatrix-Q   the same with `--method imatrix --eps-quantizer imatrix` (step imatrix_rows, at --rtn-points):
+               the LP on errors measured as pass 2 quantizes, round-to-nearest on scales weighted by the calibration
+               inputs' energy per column (llama.cpp's importance matrix from the same windows), no GPTQ.
   native-Q, vllm-Q   the same budget under --target native (per expert; keep/int8/int4/int3/int2/ternary at
                group 128) and --target vllm (symmetric int4/int8 g128 per layer): the price of each target's
                granularity, in our runtime only (no export).
@@ -52,7 +55,8 @@ QTYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M", "IQ2_XS")
 ATTENTION = ("attn_q", "attn_k", "attn_v", "attn_output")  # --tensor-type regexes kept F16 (llama.cpp's names)
 NATIVE_FORMATS = "keep,int8,int4,int3,int2,ternary"
 GGUF_WITH_TQ = ",".join(TARGET_TABLE["gguf"].default_formats + ("tq2_0", "tq1_0", "keep"))
-STEPS = ("imatrix", "quantize", "compress", "ppl", "rtn", "bench", "ternary", "targets", "tasks", "report")
+STEPS = ("imatrix", "quantize", "compress", "ppl", "rtn", "imatrix_rows", "bench", "ternary", "targets", "tasks",
+         "report")
 TASKS = ("local_piqa", "local_arc_easy")
 
 
@@ -240,7 +244,8 @@ class Run:
                "--group-size", "128", "--output", str(out), "--overwrite", *extra]
         t0 = time.time()
         load0 = load_average()
-        if finished(out, target, budget, "rtn" if "rtn" in extra else "gptq"):  # written by an earlier run that stopped before recording it
+        method = extra[extra.index("--method") + 1] if "--method" in extra else "gptq"
+        if finished(out, target, budget, method):  # written by an earlier run that stopped before recording it
             self.log(f"{name}: already compressed in {out}")
         else:
             self.log(f"{name}: {' '.join(cmd[2:])}")
@@ -290,11 +295,19 @@ class Run:
     def rtn(self):
         """Ours with RTN in pass 2 (`--method rtn`; pass 1 and the plan as ours-Q's, from the measurement cache):
         the LP's allocation without GPTQ, against llama.cpp's importance-weighted rounding."""
+        self.method_rows("rtn", ["--method", "rtn"])
+
+    def imatrix_rows(self):
+        """Ours with `--method imatrix --eps-quantizer imatrix`: pass 1's errors and pass 2 both from round-to-nearest on
+        importance-weighted scales (the calibration inputs' energy per column), no GPTQ."""
+        self.method_rows("imatrix", ["--method", "imatrix", "--eps-quantizer", "imatrix"])
+
+    def method_rows(self, kind: str, extra: list[str]):
         points = budget_points(self.rows, self.a.qtypes)
         for q in self.a.rtn_points:
             if q in points:
-                name = f"ours+rtn-{q}"
-                self.compress_row(name, "gguf", points[q], ["--method", "rtn"], export_gguf=True)
+                name = f"ours+{kind}-{q}"
+                self.compress_row(name, "gguf", points[q], extra, export_gguf=True)
                 if name in self.rows and "error" not in self.rows[name]:
                     self.ppl_llama(name)
                     self.ppl_ours(name)
@@ -475,7 +488,7 @@ def type_summary(row: dict) -> str:
 def row_order(name: str, qtypes) -> tuple:
     kind, _, q = name.partition("-")
     return (qtypes.index(q) if q in qtypes else -1,
-            ("f16", "llama", "ours", "ours+rtn", "ours+tq", "native", "vllm").index(kind))
+            ("f16", "llama", "ours", "ours+rtn", "ours+imatrix", "ours+tq", "native", "vllm").index(kind))
 
 
 def markdown(results: dict) -> str:
@@ -528,6 +541,7 @@ def plot(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = {"llama": ("llama.cpp imatrix k-quants", "s", "C1"), "ours": ("ours, --target gguf", "o", "C0"),
               "ours+rtn": ("ours, --target gguf, RTN in pass 2", "D", "C4"),
+              "ours+imatrix": ("ours, --target gguf, --method imatrix", "X", "C6"),
               "ours+tq": ("ours, --target gguf with tq1_0/tq2_0", "P", "C5"),
               "native": ("ours, --target native (our runtime)", "^", "C2"),
               "vllm": ("ours, --target vllm (our runtime)", "v", "C3")}
@@ -575,7 +589,8 @@ def main() -> None:
     p.add_argument("--granularity", type=lambda s: tuple(s.split(",")), default=("Q4_K_M",),
                    help="points at which --target native and vllm are compared with gguf")
     p.add_argument("--rtn-points", type=lambda s: tuple(s.split(",")), default=("Q2_K",),
-                   help="points where ours is also compressed with RTN in pass 2 (step rtn)")
+                   help="points where ours is also compressed with RTN or imatrix in pass 2 (steps rtn, "
+                        "imatrix_rows)")
     p.add_argument("--ternary-points", type=lambda s: tuple(s.split(",")), default=("IQ2_XS",),
                    help="points where ours is also planned with TQ2_0 / TQ1_0 among the candidates")
     p.add_argument("--steps", type=lambda s: tuple(s.split(",")), default=STEPS)
