@@ -355,3 +355,21 @@ def test_one_token_path_decides_as_the_tensor_path(models, renormalize):
                     drop = h._tokens(layer, b, idx, w, torch.ones(1), torch.tensor([protected]))
                 decided.append((None if drop is None else drop.tolist(), layer.counters))
         assert decided[0] == decided[1], (case, beta, logits, idx)
+
+
+def test_flat_routing_is_measured_and_said():
+    """The rule records the median ratio w_j / w_1 of the skippable slots; routers scaled towards zero (every
+    expert nearly equal) give a median near 1 and a note in describe(), routers scaled up (peaked) neither."""
+    medians, notes = {}, {}
+    for scale in (1e-3, 30.0):
+        model = tiny_model("mixtral")
+        blocks = find_moe_blocks(model)
+        with torch.no_grad():
+            for b in blocks:
+                b.router.weight.mul_(scale)
+        rule = calibrate(model, blocks, _ids(21, 4), 0.1)
+        medians[scale], notes[scale] = rule.meta["median_ratio"], "routing is flat" in rule.describe()
+    assert medians[1e-3] > 0.99 and notes[1e-3]
+    assert medians[30.0] < 0.5 and not notes[30.0]
+    col = torch.cat([torch.cat(l.collected.ratio).flatten() for l in collect(model, blocks, _ids(21, 4)).layers])
+    assert medians[30.0] == pytest.approx(float(col[torch.isfinite(col)].median()), abs=0.05)  # protected excluded

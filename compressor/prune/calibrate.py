@@ -119,9 +119,12 @@ def calibrate(model: nn.Module, blocks, windows: torch.Tensor, target: float, pr
         shared = max(betas.values()) if method == "ratio" else 0.0
         betas = {name: shared for name in betas}
     est = sum(p * counts[name] for name, p, _, _, _ in layers) / total
+    pooled = torch.cat([c for _, _, _, c, _ in layers])
     meta = {"method": "calibrated" if method == "ratio" else "random", "target": target, "allocation": allocation,
             "calibration_tokens": h.layers[0].counters.tokens, "calibration_reduction": round(est, 5),
-            "achievable_reduction": round(achievable, 5)}
+            "achievable_reduction": round(achievable, 5),
+            # how peaked routing is: the median ratio w_j / w_1 of the skippable slots (rule.FLAT_ROUTING)
+            "median_ratio": round(float(pooled.median()), 4) if pooled.numel() else None}
     thresholds = {name: thr for name, _p, _s, _c, thr in layers} if protect > 0 else None
     if method == "random":
         return PruningRule(betas={n: 0.0 for n in betas}, protect=protect, importance=importance,

@@ -56,6 +56,10 @@ def check_prunable(blocks, target: float | None = None, protect: float = 0.0) ->
 
 
 DEFAULT_PROTECT = 0.02  # MC-MoE: the top 2% most important tokens are never pruned
+# Routing this flat (the median skippable expert carries at least this share of the top expert's weight) leaves the
+# rule nothing cheap to skip. Measured: median ratio 0.54 on the default model (14% fewer activated parameters for
+# +0.47% perplexity) against 0.95 on reference-moe-drop (10% fewer for +3.5%; README, "Online dynamic pruning").
+FLAT_ROUTING = 0.8
 
 @dataclass
 class PruningRule:
@@ -136,7 +140,13 @@ class PruningRule:
                 + (" (calibrated thresholds)" if self.thresholds else " (per-sequence rank)"))
         target = self.meta.get("target")
         head = f"dynamic pruning ({self.kind}" + (f", target {target:.0%}" if target is not None else "") + ")"
-        return f"{head}: {what} {per_layer}; {prot}; renormalize {self.renormalize}"
+        line = f"{head}: {what} {per_layer}; {prot}; renormalize {self.renormalize}"
+        median = self.meta.get("median_ratio")
+        if median is not None and median >= FLAT_ROUTING:
+            line += (f"\nnote: this model's routing is flat: the median skippable expert carries {median:.0%} of the top "
+                     "expert's routing weight, so each skip removes about as much as it keeps; expect a real quality "
+                     "cost (measure it: cli.py eval --ppl, then --no-dynamic-pruning)")
+        return line
 
 
 def _short(name: str) -> str:
