@@ -21,13 +21,17 @@ def measure(model, blocks, windows, quantizer):
     return m.results
 
 
-def test_gptq_candidates_lower_the_measured_output_error(tmp_path):
-    src = save_tiny("mixtral", tmp_path / "m")
+def tiny_problem(model_type: str, where):
+    """(model, its MoE blocks, 8 calibration windows of 48 tokens) of a tiny random model saved under `where`."""
+    src = save_tiny(model_type, where)
     model = load_model(src)
-    blocks = find_moe_blocks(model)
     recipe = apply_overrides(Recipe(), {"calibration.samples": 8, "calibration.seq_len": 48,
                                         "calibration.text": str(src / "calib.txt")})
-    windows = api.calibration_data(recipe, load_tokenizer(src))
+    return model, find_moe_blocks(model), api.calibration_data(recipe, load_tokenizer(src))
+
+
+def test_gptq_candidates_lower_the_measured_output_error(tmp_path):
+    model, blocks, windows = tiny_problem("mixtral", tmp_path / "m")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rtn, gptq = measure(model, blocks, windows, "rtn"), measure(model, blocks, windows, "gptq")
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()), "measurement changed the model"
@@ -46,12 +50,7 @@ def test_gptq_candidates_lower_the_measured_output_error(tmp_path):
 def test_imatrix_candidates_lower_the_hessian_error_of_rtn(tmp_path):
     """The imatrix quantizer collects the Hessians first (as GPTQ does) and its candidates' Hessian-weighted error,
     summed over each block's experts, is below RTN's for every format."""
-    src = save_tiny("qwen2_moe", tmp_path / "m")
-    model = load_model(src)
-    blocks = find_moe_blocks(model)
-    recipe = apply_overrides(Recipe(), {"calibration.samples": 8, "calibration.seq_len": 48,
-                                        "calibration.text": str(src / "calib.txt")})
-    windows = api.calibration_data(recipe, load_tokenizer(src))
+    model, blocks, windows = tiny_problem("qwen2_moe", tmp_path / "m")
     rtn, imx = measure(model, blocks, windows, "rtn"), measure(model, blocks, windows, "imatrix")
     for r, m in zip(rtn, imx):
         assert torch.equal(r.count, m.count)
