@@ -26,6 +26,7 @@ perplexity protocol (the same tokenizer, the same non-overlapping windows) rathe
 """
 from __future__ import annotations
 
+import csv
 import math
 import os
 import re
@@ -113,11 +114,10 @@ def tokenize(gguf: Path, text: str) -> list[int]:
 def bench(gguf: Path, prompt: int = 128, gen: int = 32, threads: int = 2, reps: int = 3) -> dict:
     """llama-bench prefill (pp) and decode (tg) tokens/s."""
     out = run_tool("llama-bench", "-m", gguf, "-p", prompt, "-n", gen, "-r", reps, "-o", "csv", threads=threads)
-    rows = [line.split(",") for line in out.splitlines() if line.startswith('"')]
-    header = [h.strip('"') for h in rows[0]]
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.lstrip('"').startswith("build_commit"))
     result = {}
-    for r in rows[1:]:
-        rec = dict(zip(header, (c.strip('"') for c in r)))
+    for rec in csv.DictReader(lines[start:]):  # the header line is unquoted, the rows quoted (csv handles both)
         kind = "prefill" if int(rec["n_prompt"]) > 0 else "decode"
         result[f"{kind}_tok_s"] = float(rec["avg_ts"])
         result[f"{kind}_tok_s_sd"] = float(rec["stddev_ts"])
