@@ -88,10 +88,11 @@ class QuantizePass:
         t0, rep = time.time(), LayerReport(i)
         blocks, linears = self._layer(i)
         denses = {b.name: self._dense(b) for b in blocks}
-        calls = self.driver.calls(layer, inputs if self.needs_data() else None, denses, linears if self.needs_data() else {})
+        data = self.needs_data()
+        calls = self.driver.calls(layer, inputs if data else None, denses, linears if data else {})
         observed = {b.name: self._observe(b, denses[b.name]) for b in blocks}
         hessians = {n: LinearHessian(m, n, self.hessian_device) for n, m in linears.items()
-                    if calls.owns(n)} if self.needs_data() else {}
+                    if calls.owns(n)} if data else {}
         if inputs is not None:
             calls.feed({name: obs for name, (_, obs, _) in observed.items()},
                        batches={name: partial(_count_tokens, stats) for name, (stats, _, _) in observed.items()},

@@ -92,8 +92,8 @@ def main() -> None:
                 subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
             seconds = round(time.time() - t0, 1)
             if not gguf.exists():
-                subprocess.run([sys.executable, "cli.py", "export", str(out), "--format", "gguf", "--output", str(gguf)],
-                               cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                subprocess.run([sys.executable, "cli.py", "export", str(out), "--format", "gguf", "--output",
+                                str(gguf)], cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
             report = json.loads((out / "report.json").read_text())
             save(key, {**score(gguf, a.model, a.max_tokens), "command": " ".join(cmd[1:]),
                        "compress_seconds": report.get("seconds"), "wall_seconds": seconds, "loadavg": os.getloadavg()})

@@ -298,8 +298,8 @@ class Run:
         self.method_rows("rtn", ["--method", "rtn"])
 
     def imatrix_rows(self):
-        """Ours with `--method imatrix --eps-quantizer imatrix`: pass 1's errors and pass 2 both from round-to-nearest on
-        importance-weighted scales (the calibration inputs' energy per column), no GPTQ."""
+        """Ours with `--method imatrix --eps-quantizer imatrix`: pass 1's errors and pass 2 both from round-to-nearest
+        on importance-weighted scales (the calibration inputs' energy per column), no GPTQ."""
         self.method_rows("imatrix", ["--method", "imatrix", "--eps-quantizer", "imatrix"])
 
     def method_rows(self, kind: str, extra: list[str]):

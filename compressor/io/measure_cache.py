@@ -52,7 +52,7 @@ def cache_key(model_dir: Path, recipe, windows: torch.Tensor) -> tuple[str, dict
         "formats": list(a.formats),
         "eps_quantizer": a.eps_quantizer,
         "per_projection": target(a.target).per_projection,
-        "gptq": q.gptq_options if a.eps_quantizer == "gptq" else {"damp": q.damp} if a.eps_quantizer == "imatrix" else None,
+        "gptq": {"gptq": q.gptq_options, "imatrix": {"damp": q.damp}}.get(a.eps_quantizer),
     }
     if q.scale_dtype != "float16":  # only when set, so that the keys of entries measured before it existed still hold
         inputs["scale_dtype"] = q.scale_dtype

@@ -143,8 +143,8 @@ class PruningRule:
         line = f"{head}: {what} {per_layer}; {prot}; renormalize {self.renormalize}"
         median = self.meta.get("median_ratio")
         if median is not None and median >= FLAT_ROUTING:
-            line += (f"\nnote: this model's routing is flat: the median skippable expert carries {median:.0%} of the top "
-                     "expert's routing weight, so each skip removes about as much as it keeps; expect a real quality "
+            line += (f"\nnote: this model's routing is flat: the median skippable expert carries {median:.0%} of the "
+                     "top expert's routing weight, so each skip removes about as much as it keeps; expect a real quality "
                      "cost (measure it: cli.py eval --ppl, then --no-dynamic-pruning)")
         return line
 
