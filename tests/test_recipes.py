@@ -71,3 +71,23 @@ def test_recipe_plans_on_the_real_config(recipe_name):
         assert err.value.min_bytes == smallest
     else:
         assert _expert_bytes(api.plan_synthetic(r34, config), blocks, recipe) <= 3_400_000_000
+
+
+def test_compress_flags_offer_exactly_the_schema_choices():
+    """Every `compress` flag with choices offers the values its recipe field accepts (read from the schema), so a
+    value the schema gains, like --method imatrix, is a flag value at once; a non-Literal field is refused."""
+    import argparse
+
+    import cli
+    from compressor.config.schema import field_choices
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    cli._compress_parser(sub)
+    compress = sub.choices["compress"]
+    with_choices = {a.dest: a.choices for a in compress._actions if a.choices}
+    assert {"method", "eps_quantizer", "target", "bits", "dense_bits", "calib_mode"} <= set(with_choices)
+    for dest, choices in with_choices.items():
+        assert list(choices) == field_choices(cli.FLAG_FIELDS[dest]), dest
+    assert "imatrix" in with_choices["method"] and "imatrix" in with_choices["eps_quantizer"]
+    with pytest.raises(TypeError, match="not a Literal"):
+        field_choices("calibration.samples")
