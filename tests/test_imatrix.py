@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressor.quantize import QuantSpec, hessian_error, quantize_rtn, quantize_with, scale_search
+from compressor.quantize import QuantSpec, hessian_error, quantize, quantize_rtn, quantize_with, scale_search
 from compressor.quantize.dispatch import column_importance
 from compressor.quantize.grid import dequantize_codes, find_params, quantize_codes, searched_params
 from compressor.quantize.scales import fp16_round
@@ -127,3 +127,7 @@ def test_without_a_hessian_imatrix_is_rtn_and_bad_importance_is_refused():
         quantize_rtn(W, spec, torch.full((2, 64), float("nan")))
     with pytest.raises(ValueError, match="method must be one of"):
         quantize_with(W, spec, None, "awq")
+    H = torch.eye(64).expand(2, 64, 64) * torch.linspace(0.1, 10, 64)
+    assert not torch.equal(quantize(W, spec, H, "imatrix", damp=0.5).codes, quantize(W, spec, H, "imatrix").codes)
+    with pytest.raises(ValueError, match=r"options \['block_size'\] given but 'imatrix' does not use them"):
+        quantize(W, spec, H, "imatrix", damp=0.5, block_size=64)

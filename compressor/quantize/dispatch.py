@@ -45,8 +45,9 @@ def column_importance(H: torch.Tensor, damp: float = DEFAULT_DAMP) -> torch.Tens
 
 def quantize(W: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = None, method: str = "gptq",
              **gptq_kw) -> QuantizedWeight:
-    """W [..., out, in] -> QuantizedWeight (quantize_with's first result). GPTQ options with another method are
-    refused: they would silently do nothing."""
-    if gptq_kw and method != "gptq":
-        raise ValueError(f"GPTQ options {sorted(gptq_kw)} given but {method!r} was selected")
+    """W [..., out, in] -> QuantizedWeight (quantize_with's first result). Options the method does not use are
+    refused: they would silently do nothing (imatrix uses only damp, rtn none)."""
+    unused = set(gptq_kw) - {"gptq": set(gptq_kw), "imatrix": {"damp"}}.get(method, set())
+    if unused:
+        raise ValueError(f"options {sorted(unused)} given but {method!r} does not use them")
     return quantize_with(W, spec, H, method, **gptq_kw)[0]
