@@ -23,13 +23,11 @@ from .config.schema import Recipe
 from .device import HOST, device_of, hessian_device
 from .plan import Plan, split_format
 from .quantize.formats import QuantSpec
-from .quantize.dispatch import quantize_with
+from .quantize.dispatch import NO_HESSIAN_FORMATS, quantize_with
 from .quantize.qweight import QuantizedWeight
 from .io.journal import Journal
 from .runtime.experts import (DenseExperts, PackedExperts, PackedLinear, PackedMatrix, empty_packed_experts,
                               empty_packed_linear)
-
-NO_HESSIAN_FORMATS = ("keep", "drop")
 
 
 def quantize_matrices(W: torch.Tensor, H: torch.Tensor | None, spec: QuantSpec, recipe: Recipe, where: str):

@@ -16,6 +16,7 @@ from .rtn import quantize_rtn
 
 METHODS = ("gptq", "imatrix", "rtn")
 DATA_METHODS = ("gptq", "imatrix")  # the methods that use calibration inputs (Hessians)
+NO_HESSIAN_FORMATS = ("keep", "drop")  # formats no method quantizes with a Hessian (fp16 cast, zeros)
 
 
 def quantize_with(W: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = None, method: str = "gptq",
@@ -24,7 +25,7 @@ def quantize_with(W: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = Non
     gptq_kw (damp, block_size, act_order) go to gptq_quantize; imatrix uses damp as its floor (column_importance)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if method == "rtn" or H is None or spec.format in ("keep", "drop"):
+    if method == "rtn" or H is None or spec.format in NO_HESSIAN_FORMATS:
         return quantize_rtn(W, spec), None
     H = H.to(W.device)
     if method == "imatrix":
