@@ -18,7 +18,7 @@ import torch
 
 from .formats import QuantSpec, group_size_for
 from . import scale_search
-from .scale_search import SEARCH_SPREAD, SEARCH_STEPS, search_deltas
+from .scale_search import SEARCH_SPREAD, SEARCH_STEPS, search_deltas, weighted_sums
 from .scales import FP16_MAX, FP16_TINY, fp16_round, round_scales, ternary_scale  # noqa: F401 (re-exported)
 
 
@@ -78,7 +78,7 @@ def searched_params(x: torch.Tensor, spec: QuantSpec, importance: torch.Tensor, 
         step = span / (qmax + delta)
         z = z0[..., None] if spec.sym else torch.round(-lo / step).clamp(qmin, qmax)
         q = (torch.round(x / step) + z).clamp(qmin, qmax) - z  # [..., g] signed codes about the zero point
-        sqq, sqx = (w * q * q).sum(-1), (w * q * x).sum(-1)
+        _, sqx, sqq = weighted_sums(x, q, w)
         fit = torch.where((sqq > 0) & (sqx > 0), sqx / torch.where(sqq > 0, sqq, 1.0), step.squeeze(-1))
         s, z = round_scales(fit, spec.scale_dtype), z.squeeze(-1)
         err = error(s, z)

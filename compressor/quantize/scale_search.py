@@ -50,7 +50,7 @@ def search_deltas(steps: int, spread: float, like: torch.Tensor) -> torch.Tensor
     return torch.linspace(-spread, spread, steps, dtype=like.dtype, device=like.device)
 
 
-def _sums(x: torch.Tensor, q: torch.Tensor, w: torch.Tensor | None):
+def weighted_sums(x: torch.Tensor, q: torch.Tensor, w: torch.Tensor | None):
     """Weighted sums of the codes q and of q * x, q * q over each group (w None: uniform)."""
     wq = q if w is None else w * q
     return wq.sum(-1), (wq * x).sum(-1), (wq * q).sum(-1)
@@ -72,7 +72,7 @@ def search_symmetric(x: torch.Tensor, qmin: int, qmax: int, importance: torch.Te
     for delta in search_deltas(steps, spread, x):
         inv = (qmin - delta) / torch.where(extreme == 0, 1.0, extreme)  # [..., 1]: 1 / the candidate step
         q = torch.round(x * inv).clamp_(qmin, qmax)
-        _, sqx, sqq = _sums(x, q, w)
+        _, sqx, sqq = weighted_sums(x, q, w)
         ok = sqq > 0
         a = torch.where(ok, sqx / torch.where(ok, sqq, 1.0), best_a)
         gain = torch.where(ok, sqx * a, torch.zeros_like(a))
@@ -106,7 +106,7 @@ def search_affine(x: torch.Tensor, qmax: int, importance: torch.Tensor | None = 
     for delta in search_deltas(steps, spread, x):
         inv = (qmax + delta) / torch.where(span > 0, span, 1.0)  # [..., 1]: 1 / the candidate step
         q = torch.round((x - lo) * inv).clamp_(0, qmax)
-        sq, sqx, sqq = _sums(x, q, w)
+        sq, sqx, sqq = weighted_sums(x, q, w)
         det = s * sqq - sq * sq
         ok = det > 1e-12 * (s * sqq).clamp(min=1e-30)
         a = torch.where(ok, (s * sqx - sq * sx) / torch.where(ok, det, 1.0), a_mm)
