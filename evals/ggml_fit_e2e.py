@@ -21,9 +21,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from statistics import mean
 
-from compressor.assets import HELDOUT_TEXTS, REFERENCE_MODEL_DIR
+from compressor.assets import REFERENCE_MODEL_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "evals" / "results" / "ggml_fit_e2e.json"
@@ -37,15 +36,11 @@ def uniform_plan(lp: dict, fmt: str = UNIFORM) -> dict:
 
 
 def score(gguf: Path, model: Path, max_tokens: int) -> dict:
-    """Perplexity of each held-out text in llama.cpp, llamacpp_compare's protocol."""
-    from evals import llamacpp
-    from compressor.calibration.data import eval_windows, read_text, tokenize
+    """Perplexity of each held-out text in llama.cpp: llamacpp_compare's protocol (windows of 512, 2 threads)."""
     from compressor.io.models import load_tokenizer
+    from evals.llamacpp_compare import gguf_perplexity, heldout_ids
 
-    tok = load_tokenizer(model)
-    ppl = {n: llamacpp.perplexity(gguf, eval_windows(tokenize(tok, read_text(p))[:max_tokens], 512))["perplexity"]
-           for n, p in HELDOUT_TEXTS.items()}
-    return {**{k: round(v, 4) for k, v in ppl.items()}, "mean": round(mean(ppl.values()), 4)}
+    return gguf_perplexity(gguf, heldout_ids(load_tokenizer(model), max_tokens), 512, threads=2)
 
 
 def main() -> None:

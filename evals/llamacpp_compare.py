@@ -116,6 +116,21 @@ def mean(values) -> float:
     return sum(values) / len(values)
 
 
+def heldout_ids(tok, max_tokens: int) -> dict[str, torch.Tensor]:
+    """The first `max_tokens` token ids of each held-out text, in the model's own tokenizer."""
+    return {n: tokenize(tok, read_text(p))[:max_tokens] for n, p in HELDOUT_TEXTS.items()}
+
+
+def gguf_perplexity(gguf: Path, heldout: dict[str, torch.Tensor], seq_len: int, threads: int) -> dict:
+    """This comparison's protocol in llama.cpp: each text's perplexity over fresh windows of `seq_len`, and their
+    mean (of the rounded values)."""
+    from evals import llamacpp
+
+    ppl = {n: round(llamacpp.perplexity(gguf, eval_windows(ids, seq_len), threads)["perplexity"], 4)
+           for n, ids in heldout.items()}
+    return {**ppl, "mean": round(mean(ppl.values()), 4)}
+
+
 # ---------------------------------------------------------------------------------------------------- GGUF files
 
 def gguf_types(gguf: Path) -> dict[str, str]:
@@ -337,23 +352,20 @@ class Run:
 
     # -- evaluation
     def heldout(self) -> dict[str, torch.Tensor]:
-        return {n: tokenize(self.tok, read_text(p))[: self.a.max_tokens] for n, p in HELDOUT_TEXTS.items()}
+        return heldout_ids(self.tok, self.a.max_tokens)
 
     def scored(self, row: dict, key: str) -> bool:
         """Has `row` a perplexity under `key` on this run's --max-tokens (one measured on another is redone)?"""
         return row.get(key, {}).get("max_tokens") == self.a.max_tokens
 
     def ppl_llama(self, name: str):
-        from evals import llamacpp
-
         row = self.rows[name]
         if "gguf" not in row or self.scored(row, "ppl_llama_cpp"):
             return
         self.log(f"{name}: perplexity in llama.cpp")
         t0 = time.time()
-        ppl = {n: round(llamacpp.perplexity(Path(row["gguf"]), eval_windows(ids, self.a.seq_len),
-                                            self.a.threads)["perplexity"], 4) for n, ids in self.heldout().items()}
-        row["ppl_llama_cpp"] = {**ppl, "mean": round(mean(ppl.values()), 4), "max_tokens": self.a.max_tokens}
+        ppl = gguf_perplexity(Path(row["gguf"]), self.heldout(), self.a.seq_len, self.a.threads)
+        row["ppl_llama_cpp"] = {**ppl, "max_tokens": self.a.max_tokens}
         row["ppl_llama_cpp_seconds"] = round(time.time() - t0, 1)
         self.save()
         self.log(f"{name}: {row['ppl_llama_cpp']}")
