@@ -1,4 +1,4 @@
-"""The pieces of evals/llamacpp_compare.py that decide what is compared, none of which needs llama.cpp: which
+"""The pieces of evals/llamacpp_compare.py (and its table, evals/llamacpp_report.py) that decide what is compared, none of which needs llama.cpp: which
 points share a compress, what a GGUF's expert types and bytes are (and the refusal of a file whose non-expert
 tensors are quantized), the calibration text llama-imatrix reads, the table."""
 from __future__ import annotations
@@ -10,6 +10,7 @@ import torch
 from compressor.assets import CALIB_TEXT, DEFAULT_MODEL_DIR
 from compressor.calibration.data import calibration_windows, read_text, tokenize
 from evals import llamacpp_compare as lc
+from evals import llamacpp_report
 
 gguf = pytest.importorskip("gguf")
 
@@ -54,7 +55,7 @@ def test_describe_gguf_counts_expert_types_and_bytes_and_refuses_other_quantized
     # bytes per 256-weight row: q4_0 8 blocks x 18, q3_k 110, q5_k 176; 8 rows per tensor
     assert d["expert_bytes"] == 8 * (4 * 8 * 18 + 110 + 176)
     assert d["non_expert_types"] == {"F16": 1, "F32": 1}
-    assert lc.bits(d["expert_bytes"], params=6 * 8 * 256) == pytest.approx((4 * 4.5 + 3.4375 + 5.5) / 6)
+    assert llamacpp_report.bits(d["expert_bytes"], params=6 * 8 * 256) == pytest.approx((4 * 4.5 + 3.4375 + 5.5) / 6)
     write_gguf(tmp_path / "bad.gguf", "Q8_0")
     with pytest.raises(RuntimeError, match="blk.0.attn_q.weight"):
         lc.describe_gguf(tmp_path / "bad.gguf")
@@ -84,7 +85,7 @@ def test_table_gives_ours_against_llama_cpp_at_the_same_point():
                                         "ppl_ours": ppl(18.2), "expert_types": {"gate": {"Q4_0": 2, "Q8_0": 28}}},
                         "vllm-Q4_K_M": {"kind": "vllm", "expert_bytes": 398, "ppl_ours": ppl(22.0),
                                         "formats": {"int4/int4": 240}}}}
-    table = lc.markdown(results).splitlines()
+    table = llamacpp_report.markdown(results).splitlines()
     assert [line.split(" | ")[0] for line in table[2:5]] == ["| llama-Q4_K_M", "| ours-Q4_K_M", "| vllm-Q4_K_M"]
     assert "18.00 (-10.0%)" in table[3] and "18.20 (-9.0%)" in table[3] and "2xq4_0+28xq8_0" in table[3]
     assert "22.00 (+10.0%)" in table[4]
