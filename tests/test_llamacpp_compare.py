@@ -1,6 +1,7 @@
-"""The pieces of evals/llamacpp_compare.py (and its table, evals/llamacpp_report.py) that decide what is compared, none of which needs llama.cpp: which
-points share a compress, what a GGUF's expert types and bytes are (and the refusal of a file whose non-expert
-tensors are quantized), the calibration text llama-imatrix reads, the table."""
+"""The pieces of evals/llamacpp_compare.py (and of its table, evals/llamacpp_report.py) that decide what is
+compared, none of which needs llama.cpp: which points share a compress, what a GGUF's expert types and bytes are
+(and the refusal of a file whose non-expert tensors are quantized), the calibration text llama-imatrix reads, the
+table."""
 from __future__ import annotations
 
 import numpy as np
