@@ -20,6 +20,8 @@ Rows (files under --runs, default /work/runs/llcmp; results in evals/results/lla
   ours+imatrix-Q   the same with `--method imatrix --eps-quantizer imatrix` (step imatrix_rows, at --rtn-points):
                the LP on errors measured as pass 2 quantizes, round-to-nearest on scales weighted by the calibration
                inputs' energy per column (llama.cpp's importance matrix from the same windows), no GPTQ.
+  ours+layout-Q   `--method imatrix` on llama-Q's own per-tensor types as a fixed plan (`--plan`; step layout_rows,
+               at --rtn-points): our rounding against llama.cpp's at the same layout and bytes, no allocation.
   native-Q, vllm-Q   the same budget under --target native (per expert; keep/int8/int4/int3/int2/ternary at
                group 128) and --target vllm (symmetric int4/int8 g128 per layer): the price of each target's
                granularity, in our runtime only (no export).
@@ -56,8 +58,8 @@ QTYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M", "IQ2_XS")
 ATTENTION = ("attn_q", "attn_k", "attn_v", "attn_output")  # --tensor-type regexes kept F16 (llama.cpp's names)
 NATIVE_FORMATS = "keep,int8,int4,int3,int2,ternary"
 GGUF_WITH_TQ = ",".join(TARGET_TABLE["gguf"].default_formats + ("tq2_0", "tq1_0", "keep"))
-STEPS = ("imatrix", "quantize", "compress", "ppl", "rtn", "imatrix_rows", "bench", "ternary", "targets", "tasks",
-         "report")
+STEPS = ("imatrix", "quantize", "compress", "ppl", "rtn", "imatrix_rows", "layout_rows", "bench", "ternary", "targets",
+         "tasks", "report")
 
 
 # ---------------------------------------------------------------------------------------------------- results file
@@ -97,6 +99,25 @@ def projection_types(types: dict[str, str]) -> dict[str, dict[str, int]]:
             out.setdefault(m[1], {}).setdefault(t, 0)
             out[m[1]][t] += 1
     return {p: dict(sorted(c.items())) for p, c in sorted(out.items())}
+
+
+def layout_plan(template: dict, expert_tensor_types: dict[str, str], budget: int, source: str) -> dict:
+    """llama.cpp's own layout as a plan: every expert of layer N gets the types of blk.N's stacked gate/up and down
+    tensors in `expert_tensor_types` ({GGUF tensor name: ggml type}, as describe_gguf records them). `template` is a
+    plan of the same model (its module names and settings); `budget` is the file's expert bytes, which the layout
+    takes exactly."""
+    from compressor.plan import join_formats
+
+    experts = {}
+    for module, formats in template["experts"].items():
+        layer = re.search(r"layers\.(\d+)\.", module)[1]
+        t = {p: expert_tensor_types[f"blk.{layer}.ffn_{p}_exps.weight"].lower() for p in ("gate", "up", "down")}
+        if t["gate"] != t["up"]:
+            raise ValueError(f"{source}: blk.{layer} gives gate {t['gate']} and up {t['up']}; a plan gives the two "
+                             "one format")
+        experts[module] = [join_formats(t["gate"], t["down"])] * len(formats)
+    return {**template, "experts": experts, "budget_bytes": budget, "predicted_bytes": None,
+            "allocation": {"layout_of": source}, "analysis": {}}
 
 
 def budget_points(rows: dict, qtypes) -> dict[str, int]:
@@ -327,6 +348,30 @@ class Run:
                     self.ppl_llama(name)
                     self.ppl_ours(name)
 
+    def layout_rows(self):
+        """Ours in llama.cpp's own layout (llama-Q's per-tensor types as a fixed plan) with `--method imatrix`:
+        our rounding against llama.cpp's at the same types and bytes, no allocation (at --rtn-points)."""
+        template = next((Path(r["dir"]) / "plan.json" for r in self.rows.values()
+                         if r.get("kind") == "gguf" and "dir" in r), None)
+        for q in self.a.rtn_points:
+            src = self.rows.get(f"llama-{q}", {})
+            if "expert_tensor_types" not in src or "same_as" in src:
+                continue
+            if template is None:
+                raise SystemExit("layout_rows needs a --target gguf row of this model first (steps compress, rtn or "
+                                 "imatrix_rows) for the plan's module names")
+            plan = self.runs / f"layout-{q}.json"
+            plan.write_text(json.dumps(layout_plan(json.loads(template.read_text()), src["expert_tensor_types"],
+                                                   src["expert_bytes"], src["gguf"]), indent=1))
+            name = f"ours+layout-{q}"
+            self.compress_row(name, "gguf", src["expert_bytes"], ["--plan", str(plan), "--method", "imatrix"],
+                              export_gguf=True)
+            if name in self.rows and "error" not in self.rows[name]:
+                if self.rows[name]["expert_tensor_types"] != src["expert_tensor_types"]:
+                    raise RuntimeError(f"{name}: the exported GGUF's expert types differ from llama-{q}'s")
+                self.ppl_llama(name)
+                self.ppl_ours(name)
+
     def ternary(self):
         """Points below the default candidates' smallest size (gate/up q4_0 + down q2_k): TQ2_0 / TQ1_0 down rows
         among the candidates too (their own pass 1)."""
@@ -495,7 +540,7 @@ def main() -> None:
                    help="points at which --target native and vllm are compared with gguf")
     p.add_argument("--rtn-points", type=lambda s: tuple(s.split(",")), default=("Q2_K",),
                    help="points where ours is also compressed with RTN or imatrix in pass 2 (steps rtn, "
-                        "imatrix_rows)")
+                        "imatrix_rows, layout_rows)")
     p.add_argument("--ternary-points", type=lambda s: tuple(s.split(",")), default=("IQ2_XS",),
                    help="points where ours is also planned with TQ2_0 / TQ1_0 among the candidates")
     p.add_argument("--steps", type=lambda s: tuple(s.split(",")), default=STEPS)

@@ -26,7 +26,7 @@ def type_summary(row: dict) -> str:
 def row_order(name: str, qtypes) -> tuple:
     kind, _, q = name.partition("-")
     return (qtypes.index(q) if q in qtypes else -1,
-            ("f16", "llama", "ours", "ours+rtn", "ours+imatrix", "ours+tq", "native", "vllm").index(kind))
+            ("f16", "llama", "ours", "ours+rtn", "ours+imatrix", "ours+layout", "ours+tq", "native", "vllm").index(kind))
 
 
 def markdown(results: dict) -> str:
@@ -80,6 +80,7 @@ def plot(results: dict, path: Path) -> None:
     styles = {"llama": ("llama.cpp imatrix k-quants", "s", "C1"), "ours": ("ours, --target gguf", "o", "C0"),
               "ours+rtn": ("ours, --target gguf, RTN in pass 2", "D", "C4"),
               "ours+imatrix": ("ours, --target gguf, --method imatrix", "X", "C6"),
+              "ours+layout": ("ours, llama.cpp's layout, --method imatrix", "*", "C7"),
               "ours+tq": ("ours, --target gguf with tq1_0/tq2_0", "P", "C5"),
               "native": ("ours, --target native (our runtime)", "^", "C2"),
               "vllm": ("ours, --target vllm (our runtime)", "v", "C3")}

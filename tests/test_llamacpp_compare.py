@@ -106,3 +106,18 @@ def test_an_earlier_compress_is_adopted_only_for_its_own_target_budget_and_pass_
     assert not lc.finished(out, "gguf", 100, "gptq")
     assert not lc.finished(out, "gguf", 101, "rtn")
     assert not lc.finished(out, "vllm", 100, "rtn")
+
+
+def test_layout_plan_gives_every_expert_its_layers_gguf_types_and_refuses_gate_up_apart():
+    template = {"experts": {"model.layers.0.mlp.experts": ["int4"] * 3, "model.layers.1.mlp.experts": ["int2"] * 3},
+                "dense": {}, "group_size": 128, "target": "gguf", "budget_bytes": 7, "allocation": {"solver": "x"}}
+    types = {"blk.0.ffn_gate_exps.weight": "Q4_0", "blk.0.ffn_up_exps.weight": "Q4_0",
+             "blk.0.ffn_down_exps.weight": "Q3_K", "blk.1.ffn_gate_exps.weight": "Q5_0",
+             "blk.1.ffn_up_exps.weight": "Q5_0", "blk.1.ffn_down_exps.weight": "Q5_0"}
+    plan = lc.layout_plan(template, types, 1234, "llama.gguf")
+    assert plan["experts"] == {"model.layers.0.mlp.experts": ["q4_0+q3_k"] * 3,
+                               "model.layers.1.mlp.experts": ["q5_0"] * 3}
+    assert plan["budget_bytes"] == 1234 and plan["allocation"] == {"layout_of": "llama.gguf"}
+    assert plan["target"] == "gguf" and template["experts"]["model.layers.0.mlp.experts"] == ["int4"] * 3
+    with pytest.raises(ValueError, match="blk.1 gives gate q5_0 and up q8_0"):
+        lc.layout_plan(template, {**types, "blk.1.ffn_up_exps.weight": "Q8_0"}, 1234, "llama.gguf")
