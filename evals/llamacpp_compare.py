@@ -24,7 +24,8 @@ Rows (files under --runs, default /work/runs/llcmp; results in evals/results/lla
                at --rtn-points): our rounding against llama.cpp's at the same layout and bytes, no allocation.
   native-Q, vllm-Q   the same budget under --target native (per expert; keep/int8/int4/int3/int2/ternary at
                group 128) and --target vllm (symmetric int4/int8 g128 per layer): the price of each target's
-               granularity, in our runtime only (no export).
+               granularity, in our runtime only (no export); native+imatrix-Q, vllm+imatrix-Q with
+               --granularity-method imatrix, set against ours+imatrix-Q.
 
 Every row is scored with this project's perplexity protocol (the first --max-tokens tokens of each held-out text in
 our tokenizer's ids, non-overlapping windows of --seq-len, each from a fresh context): GGUFs in llama.cpp, our
@@ -386,13 +387,19 @@ class Run:
                     self.bench_row(name)
 
     def targets(self):
+        """native-Q and vllm-Q at --granularity points; with --granularity-method imatrix, native+imatrix-Q and
+        vllm+imatrix-Q (pass 1 and pass 2 as in ours+imatrix-Q, the row of --target gguf they are set against)."""
         points = budget_points(self.rows, self.a.qtypes)
+        method = self.a.granularity_method
+        extra = [] if method == "gptq" else ["--method", method, "--eps-quantizer", method]
+        tag = "" if method == "gptq" else f"+{method}"
         for q in self.a.granularity:
             if q not in points:
                 continue
-            self.compress_row(f"native-{q}", "native", points[q], ["--formats", NATIVE_FORMATS], export_gguf=False)
-            self.compress_row(f"vllm-{q}", "vllm", points[q], [], export_gguf=False)
-            for name in (f"native-{q}", f"vllm-{q}"):
+            self.compress_row(f"native{tag}-{q}", "native", points[q], ["--formats", NATIVE_FORMATS, *extra],
+                              export_gguf=False)
+            self.compress_row(f"vllm{tag}-{q}", "vllm", points[q], extra, export_gguf=False)
+            for name in (f"native{tag}-{q}", f"vllm{tag}-{q}"):
                 self.ppl_ours(name)
 
     # -- evaluation
@@ -538,6 +545,8 @@ def main() -> None:
                         "default all")
     p.add_argument("--granularity", type=lambda s: tuple(s.split(",")), default=("Q4_K_M",),
                    help="points at which --target native and vllm are compared with gguf")
+    p.add_argument("--granularity-method", choices=("gptq", "imatrix"), default="gptq",
+                   help="pass 1 and pass 2 of the native and vllm rows (step targets)")
     p.add_argument("--rtn-points", type=lambda s: tuple(s.split(",")), default=("Q2_K",),
                    help="points where ours is also compressed with RTN or imatrix in pass 2 (steps rtn, "
                         "imatrix_rows, layout_rows)")

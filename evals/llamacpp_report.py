@@ -23,10 +23,13 @@ def type_summary(row: dict) -> str:
     return ", ".join(f"{n} {f}" for f, n in list(row.get("formats", {}).items())[:4])
 
 
+KINDS = ("f16", "llama", "ours", "ours+rtn", "ours+imatrix", "ours+layout", "ours+tq", "native", "native+imatrix",
+         "vllm", "vllm+imatrix")  # row name prefixes, in the table's order within a point
+
+
 def row_order(name: str, qtypes) -> tuple:
     kind, _, q = name.partition("-")
-    return (qtypes.index(q) if q in qtypes else -1,
-            ("f16", "llama", "ours", "ours+rtn", "ours+imatrix", "ours+layout", "ours+tq", "native", "vllm").index(kind))
+    return qtypes.index(q) if q in qtypes else -1, KINDS.index(kind)
 
 
 def markdown(results: dict) -> str:
@@ -83,7 +86,9 @@ def plot(results: dict, path: Path) -> None:
               "ours+layout": ("ours, llama.cpp's layout, --method imatrix", "*", "C7"),
               "ours+tq": ("ours, --target gguf with tq1_0/tq2_0", "P", "C5"),
               "native": ("ours, --target native (our runtime)", "^", "C2"),
-              "vllm": ("ours, --target vllm (our runtime)", "v", "C3")}
+              "native+imatrix": ("ours, --target native, --method imatrix (our runtime)", "^", "C8"),
+              "vllm": ("ours, --target vllm (our runtime)", "v", "C3"),
+              "vllm+imatrix": ("ours, --target vllm, --method imatrix (our runtime)", "v", "C9")}
     for kind, (label, marker, color) in styles.items():
         pts = sorted((r["expert_bytes"] / 1e6, (r.get("ppl_llama_cpp") or r["ppl_ours"])["mean"], n)
                      for n, r in rows.items() if n.partition("-")[0] == kind and "same_as" not in r
