@@ -396,11 +396,11 @@ class Run:
         for q in self.a.granularity:
             if q not in points:
                 continue
+            self.compress_row(f"vllm{tag}-{q}", "vllm", points[q], extra, export_gguf=False)  # the cheaper first
+            self.ppl_ours(f"vllm{tag}-{q}")
             self.compress_row(f"native{tag}-{q}", "native", points[q], ["--formats", NATIVE_FORMATS, *extra],
                               export_gguf=False)
-            self.compress_row(f"vllm{tag}-{q}", "vllm", points[q], extra, export_gguf=False)
-            for name in (f"native{tag}-{q}", f"vllm{tag}-{q}"):
-                self.ppl_ours(name)
+            self.ppl_ours(f"native{tag}-{q}")
 
     # -- evaluation
     def heldout(self) -> dict[str, torch.Tensor]:
