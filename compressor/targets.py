@@ -92,6 +92,22 @@ class Target:
             return width % t.block == 0
         return self.group_size is None or fmt not in INT_BITS or width % self.group_size == 0
 
+    def misfits(self, formats, blocks) -> str:
+        """Which of `formats` the routed experts' row widths cannot take under this target, as a clause for an
+        infeasible budget's error ('' when every format fits every width)."""
+        counts: dict[tuple[str, int], int] = {}
+        for b in blocks:
+            for proj, width in (("gate/up", b.gate_up().shape[-1]), ("down", b.down().shape[-1])):
+                counts[proj, width] = counts.get((proj, width), 0) + 1
+        notes = [f"{proj} rows {width} wide ({n} MoE layer{'s' * (n > 1)}) cannot take {', '.join(bad)}"
+                 for (proj, width), n in counts.items()
+                 if (bad := [f for f in formats if f not in ("keep", "drop") and not self.fits(f, width)])]
+        if not notes:
+            return ""
+        need = (f"whole groups of {self.group_size}" if self.group_size else
+                "whole blocks (256 weights for k-quants and TQ types, 32 for q4_0, q5_0, q8_0 ...)")
+        return f"under --target {self.name} a row must hold {need}: {'; '.join(notes)}"
+
     def format_for(self, bits: int, width: int) -> str:
         """The target's format of `bits` (--bits, --dense-bits) for a matrix whose rows are `width` long."""
         table = BITS_TABLES[self.name]

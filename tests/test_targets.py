@@ -112,8 +112,12 @@ def test_vllm_target_whole_groups_and_bf16_scales(tmp_path):
     out = api.compress(recipe(src, tmp_path / "x", **vllm, **{"quantization.bits": 4}), dry_run=True, **QUIET)
     assert {f for fs in json.loads((out / "plan.json").read_text())["experts"].values() for f in fs} == {"keep"}
     keep_bytes = 2 * sum(p.numel() for n, p in load_model(src).named_parameters() if ".experts." in n)
-    with pytest.raises(InfeasibleBudget, match=f"smallest size reachable with the allowed formats is {keep_bytes} "):
+    with pytest.raises(InfeasibleBudget, match=f"smallest size reachable with the allowed formats is {keep_bytes} ") \
+            as err:
         api.compress(recipe(src, tmp_path / "y", **vllm, **{"allocation.budget": "12bits"}), dry_run=True, **QUIET)
+    assert ("under --target vllm a row must hold whole groups of 128: gate/up rows 192 wide (2 MoE layers) cannot "
+            "take int4, int8") in str(err.value)
+    assert "down rows 256 wide" not in str(err.value)  # 256 is two whole groups
     r = api.target("vllm").resolve(recipe(src, tmp_path / "b", **{"allocation.target": "vllm", "dtype": "bfloat16"}),
                                    log=lambda *_: None)
     assert r.quantization.scale_dtype == "bfloat16" and r.quantization.sym and r.quantization.group_size == 128
