@@ -131,9 +131,11 @@ def plan_budget(recipe: Recipe, model: nn.Module, blocks: list[MoEBlock], dense:
     smallest = int(allowed_bytes.min(axis=1).sum()) + (fixed if a.scope == "model" else 0)
     if smallest > budget_bytes:
         misfit = tgt.misfits(formats, blocks)
+        fix = ("plan for a target these widths fit (--target native takes any width)" if misfit else
+               "allow smaller formats (--formats)")
         raise InfeasibleBudget(smallest, budget_bytes, detail=(
             f"scope {a.scope!r}, target {a.target}, formats {formats}; " + (f"{misfit}; " if misfit else "")
-            + f"raise --budget to at least {smallest} bytes or allow smaller formats (--formats)"))
+            + f"raise --budget to at least {smallest} bytes or {fix}"))
     if a.objective == "per_layer":  # MC-MoE: each layer held to its share of the budget, by weight count
         alloc = solve_per_layer(cost, nbytes, capacity, blocks, a.solver, a.rel_gap)
     else:

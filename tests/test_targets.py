@@ -118,6 +118,7 @@ def test_vllm_target_whole_groups_and_bf16_scales(tmp_path):
     assert ("under --target vllm a row must hold whole groups of 128: gate/up rows 192 wide (2 MoE layers) cannot "
             "take int4, int8") in str(err.value)
     assert "down rows 256 wide" not in str(err.value)  # 256 is two whole groups
+    assert str(err.value).endswith("or plan for a target these widths fit (--target native takes any width)")
     r = api.target("vllm").resolve(recipe(src, tmp_path / "b", **{"allocation.target": "vllm", "dtype": "bfloat16"}),
                                    log=lambda *_: None)
     assert r.quantization.scale_dtype == "bfloat16" and r.quantization.sym and r.quantization.group_size == 128
