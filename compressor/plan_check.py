@@ -13,7 +13,7 @@ from .arch.view import MoEBlock
 from .errors import PlanError
 from .plan import Plan, split_format
 from .quantize.formats import ALL_FORMATS, QuantSpec, packable
-from .targets import TARGETS, target
+from .targets import TARGETS, row_widths, target
 
 SHOWN = 4
 
@@ -64,7 +64,7 @@ def _check_formats(plan: Plan, blocks: list[MoEBlock], dense: dict[str, nn.Linea
     allowed = target(plan.target).formats
     bad: list[str] = []
     for b in blocks:
-        widths = (b.gate_up().shape[-1], b.down().shape[-1])
+        widths = row_widths(b)
         for e, entry in enumerate(plan.experts[b.name]):
             bad += [f"{b.name} expert {e}: {problem}" for fmt, width in zip(split_format(entry), widths)
                     for problem in _format_problems(fmt, width, plan, allowed)]

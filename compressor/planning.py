@@ -26,7 +26,7 @@ from .config.schema import Recipe
 from .io.accounting import expert_matrix_bytes, predict_bytes, projection_bytes
 from .measure import BlockMeasurement
 from .plan import Plan, join_formats
-from .targets import Target, TargetError, target
+from .targets import Target, TargetError, row_widths, target
 
 
 def ternary_experts(blocks: list[MoEBlock], group_size: int, tgt: Target | None = None) -> dict[str, list[bool]]:
@@ -175,7 +175,7 @@ class TargetGroups:
         rows = []
         for b in self.blocks:
             per = np.array([[self.target.fits(f, w) for f in self.formats]
-                            for w in (b.gate_up().shape[-1], b.down().shape[-1])])  # [2, F]
+                            for w in row_widths(b)])  # [2, F]
             rows += [per.all(0)] if self.target.unit == "layer" else list(per)
         return np.array(rows)
 

@@ -43,6 +43,12 @@ class TargetError(UnsupportedArchitecture):
     """A plan or model the chosen target cannot hold; the message names the target and what it supports."""
 
 
+def row_widths(block) -> tuple[int, int]:
+    """The row widths (input features) of a block's expert gate_up and down matrices: what a target's formats must
+    fit (Target.fits)."""
+    return block.gate_up().shape[-1], block.down().shape[-1]
+
+
 @dataclass(frozen=True)
 class Target:
     name: str
@@ -97,11 +103,11 @@ class Target:
         infeasible budget's error ('' when every format fits every width)."""
         counts: dict[tuple[str, int], int] = {}
         for b in blocks:
-            for proj, width in (("gate/up", b.gate_up().shape[-1]), ("down", b.down().shape[-1])):
+            for proj, width in zip(("gate/up", "down"), row_widths(b)):
                 counts[proj, width] = counts.get((proj, width), 0) + 1
         notes = [f"{proj} rows {width} wide ({n} MoE layer{'s' * (n > 1)}) cannot take {', '.join(bad)}"
                  for (proj, width), n in counts.items()
-                 if (bad := [f for f in formats if f not in ("keep", "drop") and not self.fits(f, width)])]
+                 if (bad := [f for f in formats if not self.fits(f, width)])]
         if not notes:
             return ""
         need = (f"whole groups of {self.group_size}" if self.group_size else
@@ -127,7 +133,7 @@ class Target:
         a layer-unit target's layer in one format, 16-bit where its projections would differ)."""
         out = {}
         for b in blocks:
-            gu, d = self.format_for(bits, b.gate_up().shape[-1]), self.format_for(bits, b.down().shape[-1])
+            gu, d = (self.format_for(bits, w) for w in row_widths(b))
             if self.unit == "layer" and gu != d:
                 gu = d = "keep"
             out[b.name] = [join_formats(gu, d)] * b.num_experts
