@@ -272,9 +272,10 @@ class Run:
         self.save()
 
     # -- our compressions
-    def compress_row(self, name: str, target: str, budget: int, extra: list[str], export_gguf: bool):
+    def compress_row(self, name: str, target: str, budget: int, extra: list[str], export_gguf: bool) -> bool:
+        """Compress (and export) row `name` unless it is recorded; True when the row stands (no error)."""
         if name in self.rows and ("error" not in self.rows[name] or not self.a.retry_failed):
-            return
+            return "error" not in self.rows[name]
         out = self.runs / name
         cmd = [sys.executable, str(ROOT / "cli.py"), "compress", str(self.a.model), "--target", target,
                "--budget", f"{budget}B", "--budget-scope", "experts", "--samples", str(self.a.samples),
@@ -294,7 +295,7 @@ class Run:
                 self.rows[name] = {"kind": target, "budget": budget, "error": tail}
                 self.save()
                 self.log(f"{name} failed:\n{tail}")
-                return
+                return False
         report = json.loads((out / "report.json").read_text())
         plan = json.loads((out / "plan.json").read_text())
         from compressor.io.checkpoint import tensor_nbytes
@@ -319,6 +320,7 @@ class Run:
         self.save()
         self.log(f"{name}: {row['expert_bytes']:,} expert bytes (budget {budget:,}), {row['wall_seconds']} s, "
                  f"{row['measurements']}")
+        return True
 
     def compress(self):
         points = budget_points(self.rows, self.a.points or self.a.qtypes)
@@ -344,8 +346,7 @@ class Run:
         for q in self.a.rtn_points:
             if q in points:
                 name = f"ours+{kind}-{q}"
-                self.compress_row(name, "gguf", points[q], extra, export_gguf=True)
-                if name in self.rows and "error" not in self.rows[name]:
+                if self.compress_row(name, "gguf", points[q], extra, export_gguf=True):
                     self.ppl_llama(name)
                     self.ppl_ours(name)
 
@@ -365,9 +366,8 @@ class Run:
             plan.write_text(json.dumps(layout_plan(json.loads(template.read_text()), src["expert_tensor_types"],
                                                    src["expert_bytes"], src["gguf"]), indent=1))
             name = f"ours+layout-{q}"
-            self.compress_row(name, "gguf", src["expert_bytes"], ["--plan", str(plan), "--method", "imatrix"],
-                              export_gguf=True)
-            if name in self.rows and "error" not in self.rows[name]:
+            if self.compress_row(name, "gguf", src["expert_bytes"], ["--plan", str(plan), "--method", "imatrix"],
+                                 export_gguf=True):
                 if self.rows[name]["expert_tensor_types"] != src["expert_tensor_types"]:
                     raise RuntimeError(f"{name}: the exported GGUF's expert types differ from llama-{q}'s")
                 self.ppl_llama(name)
@@ -380,8 +380,7 @@ class Run:
         for q in self.a.ternary_points:
             if q in points:
                 name = f"ours+tq-{q}"
-                self.compress_row(name, "gguf", points[q], ["--formats", GGUF_WITH_TQ], export_gguf=True)
-                if name in self.rows and "error" not in self.rows[name]:
+                if self.compress_row(name, "gguf", points[q], ["--formats", GGUF_WITH_TQ], export_gguf=True):
                     self.ppl_llama(name)
                     self.ppl_ours(name)
                     self.bench_row(name)
