@@ -181,7 +181,7 @@ class MeasurePass:
         return measurement.to(HOST), outputs
 
 
-FORMAT_BITS = {"keep": 16.0, "int8": 8.0, "int4": 4.0, "int3": 3.0, "int2": 2.0, "ternary": 1.58, "drop": 0.0,
+FORMAT_BITS = {"keep": 16.0, "int8": 8.0, "int6": 6.0, "int5": 5.0, "int4": 4.0, "int3": 3.0, "int2": 2.0, "ternary": 1.58, "drop": 0.0,
                **{name: t.bits_per_weight for name, t in GGML_TYPES.items()}}
 
 

@@ -33,8 +33,8 @@ GGUF_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1",
                  "tq1_0": "q4_0", "tq2_0": "q4_0"}
 # --bits in each target's formats
 BITS_TABLES = {
-    "native": {16: "keep", 8: "int8", 4: "int4", 3: "int3", 2: "int2"},
-    "gguf": {2: "q2_k", 3: "q3_k", 4: "q4_k", 8: "q8_0", 16: "keep"},
+    "native": {16: "keep", 8: "int8", 6: "int6", 5: "int5", 4: "int4", 3: "int3", 2: "int2"},
+    "gguf": {2: "q2_k", 3: "q3_k", 4: "q4_k", 5: "q5_k", 6: "q6_k", 8: "q8_0", 16: "keep"},
     "vllm": {4: "int4", 8: "int8", 16: "keep"},
 }
 

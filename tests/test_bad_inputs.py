@@ -240,7 +240,7 @@ CASES = {
     # --plan
     "plan-not-json": Case(WITH_PLAN, r"p\.json is not JSON", plan(text="{nope")),
     "plan-a-json-list": Case(WITH_PLAN, r"holds a JSON list, not a plan", plan(text="[1, 2]")),
-    "plan-format-int5": Case(WITH_PLAN, r"unknown format 'int5'", plan(first_expert("int5"))),
+    "plan-format-int7": Case(WITH_PLAN, r"unknown format 'int7'", plan(first_expert("int7"))),
     "plan-for-a-deeper-model": Case(WITH_PLAN, r"made for another model \(2 MoE block\(s\) the model does not have",
                                     plan(more_layers)),
     "plan-for-other-shapes": Case(WITH_PLAN, r"made for another model .*'gate_up': \[256, 64\]", plan(other_width)),

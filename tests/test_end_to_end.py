@@ -25,6 +25,15 @@ def _recipe(model_dir, out, **over) -> Recipe:
     return apply_overrides(Recipe(), base)
 
 
+def unpack_to_dense(blocks) -> None:
+    """Every block's packed experts replaced by their weights unpacked into dense fp32 experts."""
+    for b in blocks:
+        packed = b.block.experts
+        pairs = [packed.expert_weights(e) for e in range(packed.num_experts)]
+        b.block.experts = DenseExperts(torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]),
+                                       packed.apply_gate, (packed.gate_up_bias, packed.down_bias))
+
+
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
     return {t: save_tiny(t, tmp_path_factory.mktemp(t)) for t in SUPPORTED_MODEL_TYPES}
@@ -46,11 +55,23 @@ def test_family_compress_reload_forward(model_type, tiny_dirs, tmp_path):
     assert torch.isfinite(logits).all()
 
     # the same model with every expert's packed weights unpacked into dense fp32: identical logits
-    for b in blocks:
-        packed = b.block.experts
-        pairs = [packed.expert_weights(e) for e in range(packed.num_experts)]
-        b.block.experts = DenseExperts(torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]),
-                                       packed.apply_gate, (packed.gate_up_bias, packed.down_bias))
+    unpack_to_dense(blocks)
+    torch.testing.assert_close(model(input_ids=ids).logits, logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [5, 6])
+def test_five_and_six_bit_experts_reload_as_their_dense_weights(bits, tiny_dirs, tmp_path):
+    """int5 / int6 (codes across byte boundaries; the compiled kernels' scalar reader): written bytes == predicted,
+    and the reloaded packed model's logits == the same weights unpacked into dense experts."""
+    out = api.compress(_recipe(tiny_dirs["qwen2_moe"], tmp_path / "out", **{"quantization.bits": bits}),
+                       log=lambda *_: None)
+    assert file_tensor_bytes(out) == json.loads((out / "plan.json").read_text())["predicted_bytes"]
+    model = load_model(out, torch.float32)
+    blocks = find_moe_blocks(model)
+    assert {f for b in blocks for f in b.block.experts.formats()} == {f"int{bits}"}
+    ids = torch.randint(0, 300, (2, 24))
+    logits = model(input_ids=ids).logits
+    unpack_to_dense(blocks)
     torch.testing.assert_close(model(input_ids=ids).logits, logits, rtol=1e-5, atol=1e-5)
 
 

@@ -12,7 +12,8 @@ from compressor.quantize.dispatch import column_importance
 from compressor.quantize.grid import dequantize_codes, find_params, quantize_codes, searched_params
 from compressor.quantize.scales import fp16_round
 
-INT_CASES = [("int2", False), ("int3", False), ("int4", False), ("int8", False), ("int2", True), ("int4", True)]
+INT_CASES = [("int2", False), ("int3", False), ("int4", False), ("int5", False), ("int6", False), ("int8", False),
+             ("int2", True), ("int4", True), ("int6", True)]
 
 
 def problem(groups: int = 400, n: int = 16, seed: int = 0):

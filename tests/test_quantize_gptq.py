@@ -21,7 +21,7 @@ def _problem(E=E, out=OUT, n=IN, seed=0):
     return torch.randn(E, out, n, generator=g), X.transpose(1, 2) @ X
 
 
-@pytest.mark.parametrize("fmt", ["int2", "int3", "int4"])
+@pytest.mark.parametrize("fmt", ["int2", "int3", "int4", "int5"])
 @pytest.mark.parametrize("sym", [False, True])
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_beats_rtn(fmt, sym, act_order):

@@ -10,7 +10,7 @@ from compressor.quantize import (FORMATS, QuantSpec, from_packed, pack, pack_bit
 SHAPES = [(1, 1), (3, 7), (5, 13), (2, 129), (4, 300), (3, 256)]  # in < group, ragged, exact
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("n", [0, 1, 7, 8, 13, 129])
 def test_pack_bits_round_trip(bits, n):
     g = torch.Generator().manual_seed(n * 10 + bits)
@@ -37,11 +37,19 @@ def test_bit_layout_is_lsb_first_stream():
     assert pack_trits(torch.tensor([1, -1, 0, 0, 0], dtype=torch.int8)).tolist() == [2 + 0 * 3 + 1 * 9 + 27 + 81]
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_bit_layout_is_the_little_endian_stream(bits):
+    """Against brute force: code i at stream bits [bits * i, bits * (i + 1)) of one little-endian integer."""
+    codes = torch.randint(0, 2 ** bits, (37,), dtype=torch.uint8, generator=torch.Generator().manual_seed(bits))
+    stream = sum(int(c) << (bits * i) for i, c in enumerate(codes.tolist()))
+    assert pack_bits(codes, bits).tolist() == list(stream.to_bytes(math.ceil(37 * bits / 8), "little"))
+
+
 def test_pack_rejects_out_of_range():
     with pytest.raises(ValueError, match="out of range"):
         pack_bits(torch.tensor([4], dtype=torch.uint8), 2)
     with pytest.raises(ValueError, match="bits"):
-        pack_bits(torch.tensor([1], dtype=torch.uint8), 5)
+        pack_bits(torch.tensor([1], dtype=torch.uint8), 7)
     with pytest.raises(ValueError, match="trits"):
         pack_trits(torch.tensor([2], dtype=torch.int8))
 
@@ -94,8 +102,8 @@ def test_from_packed_validates():
 
 
 def test_spec_validation_and_bits():
-    assert [QuantSpec(f).bits for f in FORMATS] == [16, 8, 4, 3, 2, None, None]
+    assert [QuantSpec(f).bits for f in FORMATS] == [16, 8, 6, 5, 4, 3, 2, None, None]
     with pytest.raises(ValueError, match="unknown format"):
-        QuantSpec("int5")
+        QuantSpec("int7")
     with pytest.raises(ValueError, match="group_size"):
         QuantSpec("int4", group_size=0)

@@ -14,12 +14,13 @@ def _W(*shape, seed=0):
 def test_rtn_error_falls_as_bits_rise(sym):
     W = _W(64, 300)
     err = {f: (quantize_rtn(W, QuantSpec(f, sym=sym)).dequantize() - W).pow(2).mean().item()
-           for f in ("int8", "int4", "int3", "int2")}
-    assert err["int8"] < err["int4"] < err["int3"] < err["int2"]
+           for f in ("int8", "int6", "int5", "int4", "int3", "int2")}
+    assert err["int8"] < err["int6"] < err["int5"] < err["int4"] < err["int3"] < err["int2"]
     assert err["int8"] < 1e-4 and err["int2"] < W.pow(2).mean().item()  # better than zeros
 
 
-@pytest.mark.parametrize("fmt,bits", [("int8", 8), ("int4", 4), ("int3", 3), ("int2", 2)])
+@pytest.mark.parametrize("fmt,bits", [("int8", 8), ("int6", 6), ("int5", 5), ("int4", 4), ("int3", 3),
+                                      ("int2", 2)])
 @pytest.mark.parametrize("sym", [False, True])
 def test_rtn_codes_and_params(fmt, bits, sym):
     W = _W(8, 200, seed=bits) * 3

@@ -82,12 +82,13 @@ def test_gguf_budget_compress_writes_what_llama_cpp_reads(wide, tmp_path):
     assert torch.isfinite(model(input_ids=ids).logits).all()
 
 
-def test_gguf_uniform_bits_fall_back_where_rows_are_not_256_blocks(tmp_path):
+@pytest.mark.parametrize("bits, expect", [(4, "q5_0"), (6, "q8_0")])  # llama-quantize's substitutes for q4_k, q6_k
+def test_gguf_uniform_bits_fall_back_where_rows_are_not_256_blocks(tmp_path, bits, expect):
     src = save_tiny("mixtral", tmp_path / "narrow")  # hidden 64, intermediate 96: 32-weight blocks only
-    out = api.compress(recipe(src, tmp_path / "u", **{"allocation.target": "gguf", "quantization.bits": 4,
+    out = api.compress(recipe(src, tmp_path / "u", **{"allocation.target": "gguf", "quantization.bits": bits,
                                                       "quantization.method": "rtn"}), **QUIET)
     plan = json.loads((out / "plan.json").read_text())
-    assert {f for fs in plan["experts"].values() for f in fs} == {"q5_0"}  # llama-quantize's substitute for q4_k
+    assert {f for fs in plan["experts"].values() for f in fs} == {expect}
     assert file_tensor_bytes(out) == plan["predicted_bytes"]
 
 

@@ -18,6 +18,7 @@ FormatName = Literal[ALL_FORMATS]  # this project's formats and the GGUF block t
 from ..targets import BITS_TABLES
 
 BITS_TO_FORMAT = BITS_TABLES["native"]
+Bits = Literal[tuple(sorted(BITS_TO_FORMAT))]  # --bits, --dense-bits: the native table holds every target's widths
 
 
 class Section(BaseModel):
@@ -48,7 +49,7 @@ class Quantization(Section):
         "gptq", description="gptq (calibration Hessians, errors fed back across columns), imatrix (round-to-nearest on "
         "scales searched for the error weighted by the calibration inputs' mean square per column, llama.cpp's "
         "importance matrix: a fraction of GPTQ's time), rtn (no data), ternary (every expert ternary, absmean)")
-    bits: Literal[2, 3, 4, 8, 16] = Field(4, description="uniform bits for experts when no budget is given")
+    bits: Bits = Field(4, description="uniform bits for experts when no budget is given")
     group_size: int = Field(DEFAULT_GROUP_SIZE, ge=1, description="columns per scale group (a narrower matrix uses one group)")
     sym: bool = Field(False, description="symmetric grid (no zero points)")
     scale_dtype: Literal["float16", "bfloat16"] = Field(
@@ -59,7 +60,7 @@ class Quantization(Section):
     damp: float = Field(DEFAULT_DAMP, gt=0, description="GPTQ damping, a fraction of the mean Hessian diagonal "
                        "(imatrix: the floor of each column's importance, the same fraction)")
     block_size: int = Field(128, ge=1, description="GPTQ lazy-update block width")
-    dense_bits: Literal[2, 3, 4, 8, 16] | None = Field(
+    dense_bits: Bits | None = Field(
         None, description="bits for shared experts and dense FFNs; default: same as `bits`"
     )
 

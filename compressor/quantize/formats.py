@@ -23,10 +23,10 @@ import torch
 from .ggml import GGML_TYPES, GGMLType
 from .scales import SCALE_DTYPES
 
-FORMATS = ("keep", "int8", "int4", "int3", "int2", "ternary", "drop")  # this project's own formats
+FORMATS = ("keep", "int8", "int6", "int5", "int4", "int3", "int2", "ternary", "drop")  # this project's own formats
 GGML_FORMATS = tuple(GGML_TYPES)  # the GGUF block types: q4_0 ... q6_k, tq1_0, tq2_0 (rows of whole blocks)
 ALL_FORMATS = FORMATS + GGML_FORMATS  # every allocation candidate
-INT_BITS = {"int8": 8, "int4": 4, "int3": 3, "int2": 2}
+INT_BITS = {"int8": 8, "int6": 6, "int5": 5, "int4": 4, "int3": 3, "int2": 2}
 DEFAULT_GROUP_SIZE = 128
 
 
@@ -48,7 +48,7 @@ class QuantSpec:
 
     @property
     def bits(self) -> int | None:
-        """16 for keep, 8/4/3/2 for the int formats, None for ternary and drop."""
+        """16 for keep, 8/6/5/4/3/2 for the int formats, None for ternary and drop."""
         return 16 if self.format == "keep" else INT_BITS.get(self.format)
 
     @property

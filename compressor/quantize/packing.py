@@ -10,8 +10,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-BLOCKS = {2: (4, 1), 3: (8, 3), 4: (2, 1), 8: (1, 1)}  # bits -> (codes per block, bytes per block)
+BLOCKS = {2: (4, 1), 3: (8, 3), 4: (2, 1), 5: (8, 5), 6: (4, 3), 8: (1, 1)}  # bits -> (codes per block, bytes per block)
 TRITS_PER_BYTE = 5                                     # 3^5 = 243 <= 256
+
+
+def _word(m: int) -> torch.dtype:
+    """The integer type that holds a block of m bytes as one word (int5's 5 bytes need 64 bits)."""
+    return torch.int32 if m < 4 else torch.int64
 
 
 def _block(bits: int) -> tuple[int, int]:
@@ -26,8 +31,8 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     n = codes.shape[-1]
     if codes.numel() and int(codes.max()) >= 2 ** bits:
         raise ValueError(f"codes out of range for {bits}-bit packing (max {int(codes.max())})")
-    x = F.pad(codes.to(torch.int32), (0, -n % k)).unflatten(-1, (-1, k))     # [..., nb, k]
-    word = (x << (bits * _arange(k, x))).sum(-1, keepdim=True, dtype=torch.int32)
+    x = F.pad(codes.to(_word(m)), (0, -n % k)).unflatten(-1, (-1, k))       # [..., nb, k]
+    word = (x << (bits * _arange(k, x))).sum(-1, keepdim=True, dtype=x.dtype)
     out = (word >> (8 * _arange(m, x))) & 0xFF           # [..., nb, m]
     return out.flatten(-2)[..., : math.ceil(n * bits / 8)].to(torch.uint8).contiguous()
 
@@ -36,8 +41,8 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of pack_bits: uint8 [..., ceil(n * bits / 8)] -> uint8 [..., n]."""
     k, m = _block(bits)
     nb = math.ceil(n / k)
-    x = F.pad(packed.to(torch.int32), (0, nb * m - packed.shape[-1])).unflatten(-1, (nb, m))  # [..., nb, m]
-    word = (x << (8 * _arange(m, x))).sum(-1, keepdim=True, dtype=torch.int32)
+    x = F.pad(packed.to(_word(m)), (0, nb * m - packed.shape[-1])).unflatten(-1, (nb, m))  # [..., nb, m]
+    word = (x << (8 * _arange(m, x))).sum(-1, keepdim=True, dtype=x.dtype)
     out = (word >> (bits * _arange(k, x))) & (2 ** bits - 1)  # [..., nb, k]
     return out.flatten(-2)[..., :n].to(torch.uint8).contiguous()
 
@@ -46,7 +51,7 @@ _POW3 = [3 ** i for i in range(TRITS_PER_BYTE)]
 
 
 def _arange(n: int, like: torch.Tensor) -> torch.Tensor:
-    return torch.arange(n, dtype=torch.int32, device=like.device)
+    return torch.arange(n, dtype=like.dtype, device=like.device)
 
 
 def pack_trits(trits: torch.Tensor) -> torch.Tensor:

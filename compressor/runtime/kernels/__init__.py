@@ -2,7 +2,7 @@
 callable x [M, in] -> [M, out] (x's dtype) that computes from the checkpoint's own tensors.
 
   path            formats                       rows of x <= GEMV_ROWS (decode)       more rows (prefill)
-  native          all (int2/3/4/8, ternary,     compiled kernel on the packed bytes   compiled dequantization into a
+  native          all (int2-8, ternary,         compiled kernel on the packed bytes   compiled dequantization into a
                   ggml types, keep)             (kernels/packed.cpp)                  reused buffer, then the library
                                                                                       GEMM (bf16: AMX / oneDNN)
   torch-int4pack  int4 (group size allowing)    torch's int4 CPU kernel               table-driven unpack into the

@@ -169,7 +169,9 @@ static void decode_row(const Mat& A, int64_t n, float* w) {  // ternary: the tri
       case 2: return int_codes<2>(row, A.K, A.rowbytes, w);
       case 3: return int_codes<3>(row, A.K, A.rowbytes, w);
       case 4: return int_codes<4>(row, A.K, A.rowbytes, w);
-      default: return int_codes<8>(row, A.K, A.rowbytes, w);
+      case 8: return int_codes<8>(row, A.K, A.rowbytes, w);
+      default:  // int5, int6: the scalar reader (no SIMD decoder of their own)
+        for (int64_t k = 0; k < A.K; ++k) w[k] = (float)code_at(row, k, A.bits, A.rowbytes);
     }
   }
 }

@@ -104,7 +104,7 @@ static Acts make_acts(const Mat& A, int64_t M, const float* x, int64_t ldx) {
       a.lo[m * A.K + k] = l;
       a.has_lo |= (l & 0x7fff) != 0;
     }
-  a.oct = A.kind == KIND_INT && A.bits != 8 && A.gs % 128 == 0 && A.K >= 128;
+  a.oct = A.kind == KIND_INT && A.bits <= 4 && A.gs % 128 == 0 && A.K >= 128;
   if (a.oct) {
     const int64_t full = A.K & ~int64_t(127);
     a.ohi.resize(M * full);

@@ -5,7 +5,7 @@
 //   mc_gemv    y[m, n] = sum_k x[m, k] W[n, k]   x, y float32; a few rows of x (decode, small batches)
 //   mc_dequant W -> float32 / bfloat16 / float16 rows (the operand of a library GEMM for prefill)
 //
-// Formats (struct Mat): int2/3/4/8 (codes LSB-first along each row, fp16 scales and zero points per (row, group),
+// Formats (struct Mat): int2/3/4/5/6/8 (codes LSB-first along each row, fp16 scales and zero points per (row, group),
 // w = (q - z) * s), ternary (5 trits per byte, w = t * s), the GGUF block types (ggml_blocks.h), keep (fp16) and
 // bf16 (a model's own linear layers, runtime/linear.py).
 // Tiers, chosen at compile time: AVX512-BF16 + VBMI (codes become bf16 pairs by a table lookup, vdpbf16ps against x
@@ -28,10 +28,24 @@ static inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+// Row n of an int matrix from its codes (decode_row) to its values, w = (q - z) * s per group, as quantize/grid.py
+static void scale_int_row(const Mat& A, int64_t n, float* w) {
+  const float zdef = (float)(1 << (A.bits - 1));
+  for (int64_t g = 0; g < A.G; ++g) {
+    const float s = h2f(A.scales[n * A.G + g]), z = A.zeros ? h2f(A.zeros[n * A.G + g]) : zdef;
+    float* wg = w + g * A.gs;
+    const int64_t len = std::min(A.K, (g + 1) * A.gs) - g * A.gs;
+    for (int64_t k = 0; k < len; ++k) wg[k] = (wg[k] - z) * s;
+  }
+}
+
+// Any format row by row through decode_row: the GGUF types, 16-bit, ternary, and the int widths without a kernel of
+// their own (int5, int6)
 static void rows_decoded(const Mat& A, const Acts& a, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   std::vector<float> w(A.K + 256);
   for (int64_t n = n0; n < n1; ++n) {
     decode_row(A, n, w.data());
+    if (A.kind == KIND_INT) scale_int_row(A, n, w.data());
     for (int64_t m = 0; m < a.M; ++m) {
       const float* x = a.x + m * a.ldx;
       if (A.kind != KIND_TERNARY) { y[m * ldy + n] = dot(x, w.data(), A.K); continue; }
@@ -206,15 +220,10 @@ void mc_dequant(const Mat* A, void* out, int32_t out_kind, int nthreads) {
       }
 #endif
       decode_row(*A, n, w.data());
-      if (A->kind == KIND_INT || A->kind == KIND_TERNARY) {  // w = (q - z) * s, as quantize/grid.py
-        const float zdef = A->kind == KIND_INT ? (float)(1 << (A->bits - 1)) : 0.0f;
-        for (int64_t g = 0; g < A->G; ++g) {
-          const float s = h2f(A->scales[n * A->G + g]), z = A->zeros ? h2f(A->zeros[n * A->G + g]) : zdef;
-          float* wg = w.data() + g * A->gs;
-          const int64_t len = std::min(A->K, (g + 1) * A->gs) - g * A->gs;
-          for (int64_t k = 0; k < len; ++k) wg[k] = (wg[k] - z) * s;
-        }
-      }
+      if (A->kind == KIND_INT) scale_int_row(*A, n, w.data());
+      if (A->kind == KIND_TERNARY)  // w = t * s
+        for (int64_t g = 0; g < A->G; ++g)
+          for (int64_t k = g * A->gs; k < std::min(A->K, (g + 1) * A->gs); ++k) w[k] *= h2f(A->scales[n * A->G + g]);
       store_row(w.data(), A->K, o, out_kind);
     }
   }
