@@ -20,9 +20,11 @@ Rows (files under --runs, default /work/runs/llcmp; results in evals/results/lla
   ours+imatrix-Q   the same with `--method imatrix --eps-quantizer imatrix` (step imatrix_rows, at --rtn-points):
                the LP on errors measured as pass 2 quantizes, round-to-nearest on scales weighted by the calibration
                inputs' energy per column (llama.cpp's importance matrix from the same windows), no GPTQ.
+  ours+tq-Q    the LP with tq1_0 / tq2_0 among the candidates (step ternary, at --ternary-points: below the default
+               candidates' smallest size); ours+tq+imatrix-Q with --ternary-method imatrix.
   ours+layout-Q   `--method imatrix` on llama-Q's own per-tensor types as a fixed plan (`--plan`; step layout_rows,
                at --rtn-points): our rounding against llama.cpp's at the same layout and bytes, no allocation.
-  native-Q, vllm-Q   the same budget under --target native (per expert; keep/int8/int4/int3/int2/ternary at
+  native-Q, vllm-Q   the same budget under --target native (per expert; keep/int8/int6/int5/int4/int3/int2/ternary at
                group 128) and --target vllm (symmetric int4/int8 g128 per layer): the price of each target's
                granularity, in our runtime only (no export); native+imatrix-Q, vllm+imatrix-Q with
                --granularity-method imatrix, set against ours+imatrix-Q.
@@ -57,7 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "evals" / "results" / "llamacpp_compare.json"
 QTYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_M", "IQ2_XS")
 ATTENTION = ("attn_q", "attn_k", "attn_v", "attn_output")  # --tensor-type regexes kept F16 (llama.cpp's names)
-NATIVE_FORMATS = "keep,int8,int4,int3,int2,ternary"
+NATIVE_FORMATS = "keep,int8,int6,int5,int4,int3,int2,ternary"
 GGUF_WITH_TQ = ",".join(TARGET_TABLE["gguf"].default_formats + ("tq2_0", "tq1_0", "keep"))
 STEPS = ("imatrix", "quantize", "compress", "ppl", "rtn", "imatrix_rows", "layout_rows", "bench", "ternary", "targets",
          "tasks", "report")
@@ -273,17 +275,25 @@ class Run:
 
     # -- our compressions
     def compress_row(self, name: str, target: str, budget: int, extra: list[str], export_gguf: bool) -> bool:
-        """Compress (and export) row `name` unless it is recorded; True when the row stands (no error)."""
-        if name in self.rows and ("error" not in self.rows[name] or not self.a.retry_failed):
-            return "error" not in self.rows[name]
+        """Compress (and export) row `name` unless it is recorded; True when the row stands (no error). A row
+        recorded with another command (a changed candidate menu) is done again; the old one is kept under
+        results["superseded"]."""
         out = self.runs / name
         cmd = [sys.executable, str(ROOT / "cli.py"), "compress", str(self.a.model), "--target", target,
                "--budget", f"{budget}B", "--budget-scope", "experts", "--samples", str(self.a.samples),
                "--group-size", "128", "--output", str(out), "--overwrite", *extra]
+        old = self.rows.get(name)
+        if old is not None and old.get("command", " ".join(cmd[2:])) != " ".join(cmd[2:]):
+            self.log(f"{name}: recorded with another command; compressing again")
+            self.results.setdefault("superseded", {}).setdefault(name, []).append(self.rows.pop(name))
+            self.save()
+        elif old is not None and ("error" not in old or not self.a.retry_failed):
+            return "error" not in old
         t0 = time.time()
         load0 = load_average()
         method = extra[extra.index("--method") + 1] if "--method" in extra else "gptq"
-        if finished(out, target, budget, method):  # written by an earlier run that stopped before recording it
+        formats = extra[extra.index("--formats") + 1].split(",") if "--formats" in extra else None
+        if finished(out, target, budget, method, formats):  # written by an earlier run that stopped before recording it
             self.log(f"{name}: already compressed in {out}")
         else:
             self.log(f"{name}: {' '.join(cmd[2:])}")
@@ -375,12 +385,15 @@ class Run:
 
     def ternary(self):
         """Points below the default candidates' smallest size (gate/up q4_0 + down q2_k): TQ2_0 / TQ1_0 down rows
-        among the candidates too (their own pass 1)."""
+        among the candidates too (their own pass 1); with --ternary-method imatrix, row ours+tq+imatrix-Q (pass 1
+        and pass 2 as in ours+imatrix-Q)."""
         points = budget_points(self.rows, self.a.qtypes)
+        method = self.a.ternary_method
+        extra = [] if method == "gptq" else ["--method", method, "--eps-quantizer", method]
         for q in self.a.ternary_points:
             if q in points:
-                name = f"ours+tq-{q}"
-                if self.compress_row(name, "gguf", points[q], ["--formats", GGUF_WITH_TQ], export_gguf=True):
+                name = f"ours+tq{'' if method == 'gptq' else '+' + method}-{q}"
+                if self.compress_row(name, "gguf", points[q], ["--formats", GGUF_WITH_TQ, *extra], export_gguf=True):
                     self.ppl_llama(name)
                     self.ppl_ours(name)
                     self.bench_row(name)
@@ -510,8 +523,8 @@ class Run:
             self.bench_row(name)
 
 
-def finished(out: Path, target: str, budget: int, method: str = "gptq") -> bool:
-    """Is `out` a finished compress of this target, budget and pass-2 method?"""
+def finished(out: Path, target: str, budget: int, method: str = "gptq", formats: list[str] | None = None) -> bool:
+    """Is `out` a finished compress of this target, budget, pass-2 method (and candidate formats, when given)?"""
     import yaml
 
     if not (out / "report.json").exists():
@@ -519,7 +532,7 @@ def finished(out: Path, target: str, budget: int, method: str = "gptq") -> bool:
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
     a = recipe["allocation"]
     return (a["target"] == target and str(a["budget"]) == f"{budget}B"
-            and recipe["quantization"]["method"] == method)
+            and recipe["quantization"]["method"] == method and (formats is None or a["formats"] == formats))
 
 
 def plan_format_counts(plan: dict) -> dict[str, int]:
@@ -551,6 +564,8 @@ def main() -> None:
                         "imatrix_rows, layout_rows)")
     p.add_argument("--ternary-points", type=lambda s: tuple(s.split(",")), default=("IQ2_XS",),
                    help="points where ours is also planned with TQ2_0 / TQ1_0 among the candidates")
+    p.add_argument("--ternary-method", choices=("gptq", "imatrix"), default="gptq",
+                   help="pass 1 and pass 2 of the rows of step ternary")
     p.add_argument("--steps", type=lambda s: tuple(s.split(",")), default=STEPS)
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)

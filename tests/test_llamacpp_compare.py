@@ -93,19 +93,22 @@ def test_table_gives_ours_against_llama_cpp_at_the_same_point():
     assert "0.600 ± 0.030" in table[2]
 
 
-def test_an_earlier_compress_is_adopted_only_for_its_own_target_budget_and_pass_2_method(tmp_path):
+def test_an_earlier_compress_is_adopted_only_for_its_own_target_budget_method_and_formats(tmp_path):
     import yaml
 
     out = tmp_path / "ours"
     out.mkdir()
     (out / "recipe.yaml").write_text(yaml.safe_dump(
-        {"allocation": {"target": "gguf", "budget": "100B"}, "quantization": {"method": "rtn"}}))
+        {"allocation": {"target": "gguf", "budget": "100B", "formats": ["q4_0", "q2_k"]},
+         "quantization": {"method": "rtn"}}))
     assert not lc.finished(out, "gguf", 100, "rtn")  # no report.json: stopped before the end
     (out / "report.json").write_text("{}")
     assert lc.finished(out, "gguf", 100, "rtn")
     assert not lc.finished(out, "gguf", 100, "gptq")
     assert not lc.finished(out, "gguf", 101, "rtn")
     assert not lc.finished(out, "vllm", 100, "rtn")
+    assert lc.finished(out, "gguf", 100, "rtn", ["q4_0", "q2_k"])
+    assert not lc.finished(out, "gguf", 100, "rtn", ["q4_0", "q2_k", "q3_k"])  # another candidate menu
 
 
 def test_layout_plan_gives_every_expert_its_layers_gguf_types_and_refuses_gate_up_apart():
