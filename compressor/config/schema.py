@@ -87,7 +87,8 @@ class Quantization(Section):
 class Allocation(Section):
     budget: str | None = Field(None, description="e.g. 3.4GB, 3.4GiB, 512MB, 2.5bits; None: uniform `bits`")
     scope: Literal["model", "experts"] = Field("model", description="what the budget counts")
-    formats: list[FormatName] = Field(["keep", "int8", "int4", "int3", "int2"], description="allowed formats")
+    formats: list[FormatName] = Field(["keep", "int8", "int6", "int5", "int4", "int3", "int2"],
+                                      description="allowed formats")
     target: Literal["native", "gguf", "vllm"] = Field(
         "native", description="where the model will run (compressor/targets.py): native (this project's runtime, a "
         "format per expert), gguf (llama.cpp: ggml types, one per layer and projection), vllm (vLLM/SGLang fused MoE: "
