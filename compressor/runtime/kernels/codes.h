@@ -142,6 +142,35 @@ template <> inline __m512i codes16<3>(const uint8_t* p) {
                                        _mm256_set1_epi32((int)((w >> 24) & 0xffffff)), 1);
   return _mm512_and_si512(_mm512_srlv_epi32(v, sh), _mm512_set1_epi32(7));
 }
+// int5 / int6: 16 codes are 2B bytes, four chunks of four codes (4B = 20 / 24 bits); each chunk is cut from the
+// stream in a scalar register, broadcast to its four lanes and shifted apart there
+template <int B> static inline __m512i codes16_chunked(const uint8_t* p) {
+  static_assert(B == 5 || B == 6, "chunks of four codes fit a 32-bit lane for 5 and 6 bits");
+  uint64_t lo;
+  uint32_t hi = 0;
+  std::memcpy(&lo, p, 8);
+  std::memcpy(&hi, p + 8, 2 * B - 8);  // the stream's last 2 (int5) or 4 (int6) bytes
+  const unsigned __int128 s = (unsigned __int128)hi << 64 | lo;
+  constexpr uint32_t chunk = (1u << (4 * B)) - 1;
+  const __m128i c = _mm_setr_epi32((int)((uint32_t)s & chunk), (int)((uint32_t)(s >> (4 * B)) & chunk),
+                                   (int)((uint32_t)(s >> (8 * B)) & chunk), (int)((uint32_t)(s >> (12 * B)) & chunk));
+  const __m512i v = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                                             _mm512_castsi128_si512(c));
+  const __m512i sh = _mm512_setr_epi32(0, B, 2 * B, 3 * B, 0, B, 2 * B, 3 * B, 0, B, 2 * B, 3 * B, 0, B, 2 * B, 3 * B);
+  return _mm512_and_si512(_mm512_srlv_epi32(v, sh), _mm512_set1_epi32((1 << B) - 1));
+}
+template <> inline __m512i codes16<5>(const uint8_t* p) { return codes16_chunked<5>(p); }
+template <> inline __m512i codes16<6>(const uint8_t* p) { return codes16_chunked<6>(p); }
+
+#if defined(MC_BF16)
+// 32 codes of 5 or 6 bits as bf16 pairs (lane i: codes 2i, 2i + 1): two runs of 16 through float32
+template <int B> static inline __m512i dec32_via_float(const uint8_t* p) {
+  const __m512 lo = _mm512_cvtepi32_ps(codes16<B>(p)), hi = _mm512_cvtepi32_ps(codes16<B>(p + 2 * B));
+  return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+}
+template <> inline __m512i dec32<5>(const uint8_t* p) { return dec32_via_float<5>(p); }
+template <> inline __m512i dec32<6>(const uint8_t* p) { return dec32_via_float<6>(p); }
+#endif
 #endif
 
 template <int B>
@@ -169,9 +198,9 @@ static void decode_row(const Mat& A, int64_t n, float* w) {  // ternary: the tri
       case 2: return int_codes<2>(row, A.K, A.rowbytes, w);
       case 3: return int_codes<3>(row, A.K, A.rowbytes, w);
       case 4: return int_codes<4>(row, A.K, A.rowbytes, w);
-      case 8: return int_codes<8>(row, A.K, A.rowbytes, w);
-      default:  // int5, int6: the scalar reader (no SIMD decoder of their own)
-        for (int64_t k = 0; k < A.K; ++k) w[k] = (float)code_at(row, k, A.bits, A.rowbytes);
+      case 5: return int_codes<5>(row, A.K, A.rowbytes, w);
+      case 6: return int_codes<6>(row, A.K, A.rowbytes, w);
+      default: return int_codes<8>(row, A.K, A.rowbytes, w);
     }
   }
 }

@@ -17,7 +17,7 @@ enum Out : int32_t { OUT_F32 = 0, OUT_BF16 = 1, OUT_F16 = 2 };
 
 struct Mat {
   int32_t kind;
-  int32_t bits;  // KIND_INT: 2, 3, 4, 8; KIND_GGML: the GGUF type id
+  int32_t bits;  // KIND_INT: 2, 3, 4, 5, 6, 8; KIND_GGML: the GGUF type id
   int64_t N, K;
   const uint8_t* q;  // [N, rowbytes]; KIND_F16 / KIND_BF16: the 16-bit weights [N, K]
   int64_t rowbytes;

@@ -28,7 +28,7 @@ static inline void block_int(const Mat& A, const Acts& a, float* y, int64_t ldy,
       for (int r = 0; r < NB; ++r)
         #pragma GCC unroll 4
         for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
-      if constexpr (B != 8) {
+      if constexpr (B <= 4) {
         const int64_t full = A.K & ~int64_t(127);
         for (; a.oct && k + 128 <= k1; k += 128)
           #pragma GCC unroll 4

@@ -39,13 +39,12 @@ static void scale_int_row(const Mat& A, int64_t n, float* w) {
   }
 }
 
-// Any format row by row through decode_row: the GGUF types, 16-bit, ternary, and the int widths without a kernel of
-// their own (int5, int6)
+// The formats without a product of their own, row by row through decode_row: the GGUF types, and 16-bit and ternary
+// below the AVX512-BF16 tier
 static void rows_decoded(const Mat& A, const Acts& a, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   std::vector<float> w(A.K + 256);
   for (int64_t n = n0; n < n1; ++n) {
     decode_row(A, n, w.data());
-    if (A.kind == KIND_INT) scale_int_row(A, n, w.data());
     for (int64_t m = 0; m < a.M; ++m) {
       const float* x = a.x + m * a.ldx;
       if (A.kind != KIND_TERNARY) { y[m * ldy + n] = dot(x, w.data(), A.K); continue; }
@@ -80,6 +79,8 @@ static void rows(const Mat& A, const Acts& a, float* y, int64_t ldy, int64_t n0,
       case 2: return rows_int_b<2>(A, a, y, ldy, n0, n1);
       case 3: return rows_int_b<3>(A, a, y, ldy, n0, n1);
       case 4: return rows_int_b<4>(A, a, y, ldy, n0, n1);
+      case 5: return rows_int_b<5>(A, a, y, ldy, n0, n1);
+      case 6: return rows_int_b<6>(A, a, y, ldy, n0, n1);
       case 8: return rows_int_b<8>(A, a, y, ldy, n0, n1);
     }
   }
@@ -194,6 +195,8 @@ void mc_dequant(const Mat* A, void* out, int32_t out_kind, int nthreads) {
           case 2: dequant_int_row<2>(*A, n, w.data(), o, out_kind); continue;
           case 3: dequant_int_row<3>(*A, n, w.data(), o, out_kind); continue;
           case 4: dequant_int_row<4>(*A, n, w.data(), o, out_kind); continue;
+          case 5: dequant_int_row<5>(*A, n, w.data(), o, out_kind); continue;
+          case 6: dequant_int_row<6>(*A, n, w.data(), o, out_kind); continue;
           case 8: dequant_int_row<8>(*A, n, w.data(), o, out_kind); continue;
         }
       }
