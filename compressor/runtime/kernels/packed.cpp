@@ -28,17 +28,6 @@ static inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-// Row n of an int matrix from its codes (decode_row) to its values, w = (q - z) * s per group, as quantize/grid.py
-static void scale_int_row(const Mat& A, int64_t n, float* w) {
-  const float zdef = (float)(1 << (A.bits - 1));
-  for (int64_t g = 0; g < A.G; ++g) {
-    const float s = h2f(A.scales[n * A.G + g]), z = A.zeros ? h2f(A.zeros[n * A.G + g]) : zdef;
-    float* wg = w + g * A.gs;
-    const int64_t len = std::min(A.K, (g + 1) * A.gs) - g * A.gs;
-    for (int64_t k = 0; k < len; ++k) wg[k] = (wg[k] - z) * s;
-  }
-}
-
 // The formats without a product of their own, row by row through decode_row: the GGUF types, and 16-bit and ternary
 // below the AVX512-BF16 tier
 static void rows_decoded(const Mat& A, const Acts& a, float* y, int64_t ldy, int64_t n0, int64_t n1) {
@@ -223,10 +212,15 @@ void mc_dequant(const Mat* A, void* out, int32_t out_kind, int nthreads) {
       }
 #endif
       decode_row(*A, n, w.data());
-      if (A->kind == KIND_INT) scale_int_row(*A, n, w.data());
-      if (A->kind == KIND_TERNARY)  // w = t * s
-        for (int64_t g = 0; g < A->G; ++g)
-          for (int64_t k = g * A->gs; k < std::min(A->K, (g + 1) * A->gs); ++k) w[k] *= h2f(A->scales[n * A->G + g]);
+      if (A->kind == KIND_INT || A->kind == KIND_TERNARY) {  // w = (q - z) * s, as quantize/grid.py
+        const float zdef = A->kind == KIND_INT ? (float)(1 << (A->bits - 1)) : 0.0f;
+        for (int64_t g = 0; g < A->G; ++g) {
+          const float s = h2f(A->scales[n * A->G + g]), z = A->zeros ? h2f(A->zeros[n * A->G + g]) : zdef;
+          float* wg = w.data() + g * A->gs;
+          const int64_t len = std::min(A->K, (g + 1) * A->gs) - g * A->gs;
+          for (int64_t k = 0; k < len; ++k) wg[k] = (wg[k] - z) * s;
+        }
+      }
       store_row(w.data(), A->K, o, out_kind);
     }
   }
