@@ -163,13 +163,38 @@ template <> inline __m512i codes16<5>(const uint8_t* p) { return codes16_chunked
 template <> inline __m512i codes16<6>(const uint8_t* p) { return codes16_chunked<6>(p); }
 
 #if defined(MC_BF16)
-// 32 codes of 5 or 6 bits as bf16 pairs (lane i: codes 2i, 2i + 1): two runs of 16 through float32
-template <int B> static inline __m512i dec32_via_float(const uint8_t* p) {
-  const __m512 lo = _mm512_cvtepi32_ps(codes16<B>(p)), hi = _mm512_cvtepi32_ps(codes16<B>(p + 2 * B));
-  return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+// 32 codes of 5 or 6 bits (4B bytes) as bf16 pairs, lane i = codes 2i, 2i + 1: each 64-bit lane q gathers the 8 bytes
+// from the one holding code 4q (vpermb), vpmultishiftqb cuts codes 4q .. 4q + 3 out of them into its 16-bit
+// elements, and the value table turns codes into bf16 (6 bits: two 32-entry tables, vpermt2w)
+template <int B> struct Wide {
+  const __m512i gather, shift, high;
+  Wide() : gather(make(true)), shift(make(false)), high(table(32)) {}
+  static __m512i make(bool gather) {
+    alignas(64) uint8_t t[64];
+    for (int q = 0; q < 8; ++q) {
+      const int first = 4 * q * B / 8;  // byte of code 4q
+      for (int b = 0; b < 8; ++b)
+        t[8 * q + b] = gather ? (uint8_t)(first + b) : (uint8_t)(b % 2 ? 0 : 4 * q * B - 8 * first + (b / 2) * B);
+    }
+    return _mm512_load_si512(t);
+  }
+  static __m512i table(int from) {
+    alignas(64) uint16_t t[32];
+    for (int c = 0; c < 32; ++c) t[c] = f2bf((float)(from + c));
+    return _mm512_load_si512(t);
+  }
+};
+static const Wide<5> WIDE5;
+static const Wide<6> WIDE6;
+
+template <int B> static inline __m512i dec32_wide(const uint8_t* p, const Wide<B>& w) {
+  const __m512i data = _mm512_maskz_loadu_epi8((1ull << (4 * B)) - 1, p);
+  const __m512i codes = _mm512_and_si512(_mm512_multishift_epi64_epi8(w.shift, _mm512_permutexvar_epi8(w.gather, data)),
+                                         _mm512_set1_epi16((1 << B) - 1));
+  return B == 5 ? _mm512_permutexvar_epi16(codes, BF16_SMALL) : _mm512_permutex2var_epi16(BF16_SMALL, codes, w.high);
 }
-template <> inline __m512i dec32<5>(const uint8_t* p) { return dec32_via_float<5>(p); }
-template <> inline __m512i dec32<6>(const uint8_t* p) { return dec32_via_float<6>(p); }
+template <> inline __m512i dec32<5>(const uint8_t* p) { return dec32_wide<5>(p, WIDE5); }
+template <> inline __m512i dec32<6>(const uint8_t* p) { return dec32_wide<6>(p, WIDE6); }
 #endif
 #endif
 
