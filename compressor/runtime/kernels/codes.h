@@ -216,8 +216,7 @@ static void decode_row(const Mat& A, int64_t n, float* w) {  // ternary: the tri
     for (int64_t j = 0, k = 0; k < A.K; ++j)
       for (int i = 0; i < 5 && k < A.K; ++i, ++k) w[k] = TRIT_F32[row[j]][i];
   } else if (A.kind == KIND_GGML) {
-    const int nb = GGML_BLOCK_BYTES[A.bits];
-    for (int64_t k = 0, at = 0; k < A.K; at += nb) k += ggml_block(A.bits, row + at, w + k);
+    ggml_row(A.bits, row, A.K, w);
   } else {
     switch (A.bits) {
       case 2: return int_codes<2>(row, A.K, A.rowbytes, w);

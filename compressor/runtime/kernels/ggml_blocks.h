@@ -24,25 +24,57 @@ static void scale_min_k4(const uint8_t* b, uint8_t* sc, uint8_t* m) {
 static const int GGML_BLOCK_BYTES[36] = {0, 0, 18, 20, 0, 0, 22, 24, 34, 0, 84, 110, 144, 176, 210, 0, 0, 0,
                                          0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 54, 66};
 
+// q4_0, q4_1, q5_0, q5_1: d (, m) (, qh 4 bytes), 16 bytes of nibbles last. The variant is a template argument so
+// that each loop is branch-free (and vectorized)
+template <bool HAS_MIN, bool FIVE>
+static inline void legacy_block(const uint8_t* b, float* w) {
+  constexpr int nbytes = 16 + 2 + 2 * HAS_MIN + 4 * FIVE, off = HAS_MIN ? 0 : (FIVE ? 16 : 8);
+  const float d = h2f(b[0] | b[1] << 8);
+  const uint8_t* qs = b + nbytes - 16;
+#if defined(__AVX512F__)
+  const __m512i nib = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)qs)), m15 = _mm512_set1_epi32(15);
+  __m512i u0 = _mm512_and_si512(nib, m15), u1 = _mm512_srli_epi32(nib, 4);  // weights 0-15, 16-31
+  if constexpr (FIVE) {
+    uint32_t qh;
+    std::memcpy(&qh, b + (HAS_MIN ? 4 : 2), 4);
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), one = _mm512_set1_epi32(1);
+    u0 = _mm512_or_si512(u0, _mm512_slli_epi32(_mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32((int)qh), iota), one), 4));
+    u1 = _mm512_or_si512(u1, _mm512_slli_epi32(_mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32((int)(qh >> 16)), iota), one), 4));
+  }
+  const __m512 vd = _mm512_set1_ps(d), voff = _mm512_set1_ps((float)off);
+  __m512 w0 = _mm512_mul_ps(vd, _mm512_sub_ps(_mm512_cvtepi32_ps(u0), voff));  // exact: small integers
+  __m512 w1 = _mm512_mul_ps(vd, _mm512_sub_ps(_mm512_cvtepi32_ps(u1), voff));
+  if constexpr (HAS_MIN) {
+    const __m512 vm = _mm512_set1_ps(h2f(b[2] | b[3] << 8));
+    w0 = _mm512_add_ps(w0, vm);
+    w1 = _mm512_add_ps(w1, vm);
+  }
+  _mm512_storeu_ps(w, w0);
+  _mm512_storeu_ps(w + 16, w1);
+  return;
+#endif
+  int u[32];
+  for (int j = 0; j < 16; ++j) {
+    u[j] = qs[j] & 15;
+    u[16 + j] = qs[j] >> 4;
+  }
+  if constexpr (FIVE) {
+    uint32_t qh;
+    std::memcpy(&qh, b + (HAS_MIN ? 4 : 2), 4);
+    for (int i = 0; i < 32; ++i) u[i] |= (int)((qh >> i) & 1) << 4;
+  }
+  if constexpr (HAS_MIN) {
+    const float mm = h2f(b[2] | b[3] << 8);
+    for (int i = 0; i < 32; ++i) w[i] = d * (float)(u[i] - off) + mm;
+  } else {
+    for (int i = 0; i < 32; ++i) w[i] = d * (float)(u[i] - off);
+  }
+}
+
 // One block of a GGUF type -> its weights, by the float operations of quantize/ggml.py (affine, dequantize_codes).
 static int ggml_block(int type, const uint8_t* b, float* w) {
   uint8_t u[256], hb[256], sc[16], mn[16];
   switch (type) {
-    case 2: case 3: case 6: case 7: {  // q4_0, q4_1, q5_0, q5_1: d (, m) (, qh 4 bytes), 16 bytes of nibbles last
-      const bool has_min = type == 3 || type == 7, five = type == 6 || type == 7;
-      const int nbytes = GGML_BLOCK_BYTES[type], off = has_min ? 0 : (five ? 16 : 8);
-      const float d = h2f(b[0] | b[1] << 8), mm = has_min ? h2f(b[2] | b[3] << 8) : 0.0f;
-      planes<4, 16, 32>(b + nbytes - 16, u);
-      if (five) {
-        planes<1, 1, 32>(b + (has_min ? 4 : 2), hb);
-        for (int i = 0; i < 32; ++i) u[i] |= hb[i] << 4;
-      }
-      for (int i = 0; i < 32; ++i) {
-        const float a = d * (float)((int)u[i] - off);
-        w[i] = has_min ? a + mm : a;
-      }
-      return 32;
-    }
     case 8: {  // q8_0
       const float d = h2f(b[0] | b[1] << 8);
       for (int i = 0; i < 32; ++i) w[i] = d * (float)(int8_t)b[2 + i];
@@ -115,3 +147,15 @@ static int ggml_block(int type, const uint8_t* b, float* w) {
   return 0;
 }
 
+// A row of K weights of a GGUF type: the 32-weight legacy types block by block through their inlined decoder, the
+// others through ggml_block
+static void ggml_row(int type, const uint8_t* row, int64_t K, float* w) {
+  const int nb = GGML_BLOCK_BYTES[type];
+  switch (type) {
+    case 2: for (int64_t k = 0; k < K; k += 32, row += nb) legacy_block<false, false>(row, w + k); return;
+    case 3: for (int64_t k = 0; k < K; k += 32, row += nb) legacy_block<true, false>(row, w + k); return;
+    case 6: for (int64_t k = 0; k < K; k += 32, row += nb) legacy_block<false, true>(row, w + k); return;
+    case 7: for (int64_t k = 0; k < K; k += 32, row += nb) legacy_block<true, true>(row, w + k); return;
+  }
+  for (int64_t k = 0; k < K; row += nb) k += ggml_block(type, row, w + k);
+}
