@@ -65,6 +65,35 @@ def test_native_kernel_equals_dequantized_product(fmt, n_out, n_in, gs):
             assert torch.equal(k.dequantize_into(torch.empty(n_out, n_in, dtype=dtype)), W.to(dtype))
 
 
+# the compiled kernels' lower tiers, built for an older -march: a CPU with AVX512-BF16 runs them too
+TIERS = {"scalar": ("x86-64-v2", 0), "avx512f": ("skylake-avx512", 1)}
+
+
+@pytest.fixture(scope="module", params=list(TIERS))
+def tier_lib(request, tmp_path_factory):
+    if LIB is None or LIB.mc_tier() < 2:
+        pytest.skip("the lower tiers are run where the CPU has the top tier's instructions (AVX512-BF16)")
+    march, tier = TIERS[request.param]
+    lib = native.build_for(march, tmp_path_factory.mktemp(request.param) / "packed.so")
+    assert lib.mc_tier() == tier
+    return lib
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_lower_tiers_equal_the_dequantized_product(tier_lib, fmt):
+    """The AVX512F and scalar code of every format (this machine's own build runs the AVX512-BF16 code): the
+    dequantization bit-exact, the product within the float32 bound."""
+    for n_out, n_in, gs in SHAPES:
+        if not packable(QuantSpec(fmt), n_in):
+            continue
+        spec, tensors, W = packed(fmt, n_out, n_in, gs)
+        mat = kernels._mat(tensors, spec, n_out, n_in)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            assert torch.equal(native.dequant_into(tier_lib, mat, torch.empty(n_out, n_in, dtype=dtype)), W.to(dtype))
+        for rows in (1, 2, 5):
+            check_product(lambda x: native.gemv(tier_lib, mat, x.contiguous()), W, torch.float32, rows)
+
+
 @pytest.mark.parametrize("fmt,n_out,n_in,gs", list(cases()))
 def test_torch_dequantization_is_exact(fmt, n_out, n_in, gs):
     spec, tensors, W = packed(fmt, n_out, n_in, gs)

@@ -51,13 +51,40 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
-def _build(cxx: str, target: Path) -> None:
+def _build(cxx: str, target: Path, flags: list[str] = FLAGS) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(out)], check=True, capture_output=True, text=True,
+        subprocess.run([cxx, *flags, str(SOURCE), "-o", str(out)], check=True, capture_output=True, text=True,
                        timeout=300)
         os.replace(out, target)  # atomic: a concurrent build writes the same bytes
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """The entry points' signatures, on a loaded build."""
+    lib.mc_gemv.argtypes = [ctypes.POINTER(Mat), ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                            ctypes.c_int64, ctypes.c_int]
+    lib.mc_gemv.restype = None
+    lib.mc_dequant.argtypes = [ctypes.POINTER(Mat), ctypes.c_void_p, ctypes.c_int32, ctypes.c_int]
+    lib.mc_dequant.restype = None
+    lib.mc_experts.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                               ctypes.c_int64, ctypes.POINTER(Mat), ctypes.POINTER(Mat), ctypes.c_int32, ctypes.c_void_p,
+                               ctypes.c_int]
+    lib.mc_experts.restype = None
+    lib.mc_linear.argtypes = [ctypes.POINTER(Mat), ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p,
+                              ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int]
+    lib.mc_linear.restype = None
+    return lib
+
+
+def build_for(march: str, target: Path) -> ctypes.CDLL:
+    """The kernels compiled for `-march=march` instead of this CPU (tests: the AVX512F and scalar tiers, which a CPU
+    with AVX512-BF16 runs too), loaded from `target`."""
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (g++) on PATH")
+    _build(cxx, target, [f"-march={march}" if f == "-march=native" else f for f in FLAGS])
+    return _declare(ctypes.CDLL(str(target)))
 
 
 @lru_cache(maxsize=1)
@@ -85,19 +112,7 @@ def library() -> ctypes.CDLL | None:
         detail = getattr(err, "stderr", None) or str(err)
         _reason = f"building {SOURCE.name} failed: {detail.strip()[:500]}"
         return None
-    lib.mc_gemv.argtypes = [ctypes.POINTER(Mat), ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-                            ctypes.c_int64, ctypes.c_int]
-    lib.mc_gemv.restype = None
-    lib.mc_dequant.argtypes = [ctypes.POINTER(Mat), ctypes.c_void_p, ctypes.c_int32, ctypes.c_int]
-    lib.mc_dequant.restype = None
-    lib.mc_experts.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                               ctypes.c_int64, ctypes.POINTER(Mat), ctypes.POINTER(Mat), ctypes.c_int32, ctypes.c_void_p,
-                               ctypes.c_int]
-    lib.mc_experts.restype = None
-    lib.mc_linear.argtypes = [ctypes.POINTER(Mat), ctypes.c_int64, ctypes.c_void_p, ctypes.c_int32, ctypes.c_void_p,
-                              ctypes.c_int32, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int]
-    lib.mc_linear.restype = None
-    return lib
+    return _declare(lib)
 
 
 def unavailable_reason() -> str | None:

@@ -94,9 +94,11 @@ extern "C" {
 
 int mc_abi_version() { return 1; }
 
-int mc_tier() {  // 2: AVX512-BF16, 0: scalar
+int mc_tier() {  // 2: AVX512-BF16 + VBMI, 1: AVX512F, 0: scalar
 #if defined(MC_BF16)
   return 2;
+#elif defined(__AVX512F__)
+  return 1;
 #else
   return 0;
 #endif
