@@ -21,6 +21,19 @@ static void scale_min_k4(const uint8_t* b, uint8_t* sc, uint8_t* m) {
   }
 }
 
+#if defined(__AVX512F__)
+// 16 weights' unsigned codes, (byte >> shift) & mask of 16 consecutive bytes, as int32 lanes
+static inline __m512i lanes16(const uint8_t* p, int shift, int mask) {
+  return _mm512_and_si512(_mm512_srlv_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)),
+                                            _mm512_set1_epi32(shift)), _mm512_set1_epi32(mask));
+}
+// a * q + o for 16 codes q (o = 0: a * q), the float operations of ggml.py's dequantize_codes
+static inline void affine16(float* w, __m512i q, float a, float o, bool has_o) {
+  const __m512 v = _mm512_mul_ps(_mm512_set1_ps(a), _mm512_cvtepi32_ps(q));
+  _mm512_storeu_ps(w, has_o ? _mm512_add_ps(v, _mm512_set1_ps(o)) : v);
+}
+#endif
+
 static const int GGML_BLOCK_BYTES[36] = {0, 0, 18, 20, 0, 0, 22, 24, 34, 0, 84, 110, 144, 176, 210, 0, 0, 0,
                                          0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 54, 66};
 
@@ -77,11 +90,22 @@ static int ggml_block(int type, const uint8_t* b, float* w) {
   switch (type) {
     case 8: {  // q8_0
       const float d = h2f(b[0] | b[1] << 8);
+#if defined(__AVX512F__)
+      for (int h = 0; h < 2; ++h)
+        affine16(w + 16 * h, _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(b + 2 + 16 * h))), d, 0.0f, false);
+      return 32;
+#endif
       for (int i = 0; i < 32; ++i) w[i] = d * (float)(int8_t)b[2 + i];
       return 32;
     }
     case 10: {  // q2_k: scales (sc | m << 4) x16, qs 64, d, dmin
       const float d = h2f(b[80] | b[81] << 8), dmin = h2f(b[82] | b[83] << 8);
+#if defined(__AVX512F__)
+      for (int i = 0; i < 16; ++i)  // weights 16i ..: byte 16 + 32 (i / 8) + 16 (i % 2), bits 2 ((i % 8) / 2)
+        affine16(w + 16 * i, lanes16(b + 16 + 32 * (i / 8) + 16 * (i % 2), 2 * ((i % 8) / 2), 3),
+                 d * (float)(b[i] & 15), -(dmin * (float)(b[i] >> 4)), true);
+      return 256;
+#endif
       planes<2, 32, 256>(b + 16, u);
       for (int i = 0; i < 16; ++i) {
         const float a = d * (float)(b[i] & 15), o = -(dmin * (float)(b[i] >> 4));
@@ -91,11 +115,20 @@ static int ggml_block(int type, const uint8_t* b, float* w) {
     }
     case 11: {  // q3_k: hmask 32, qs 64, scales 12, d
       const float d = h2f(b[108] | b[109] << 8);
-      planes<1, 32, 256>(b, hb);
-      planes<2, 32, 256>(b + 32, u);
       uint8_t lo[16], hi[16];
       planes<4, 8, 16>(b + 96, lo);
       planes<2, 4, 16>(b + 104, hi);
+#if defined(__AVX512F__)
+      for (int i = 0; i < 16; ++i) {  // low bits: byte 32 + 32 (i / 8) + 16 (i % 2), bits 2 ((i % 8) / 2); high bit: i / 2
+        const __m512i q = _mm512_sub_epi32(
+            _mm512_or_si512(lanes16(b + 32 + 32 * (i / 8) + 16 * (i % 2), 2 * ((i % 8) / 2), 3),
+                            _mm512_slli_epi32(lanes16(b + 16 * (i % 2), i / 2, 1), 2)), _mm512_set1_epi32(4));
+        affine16(w + 16 * i, q, d * (float)((int)(lo[i] | hi[i] << 4) - 32), 0.0f, false);
+      }
+      return 256;
+#endif
+      planes<1, 32, 256>(b, hb);
+      planes<2, 32, 256>(b + 32, u);
       for (int i = 0; i < 16; ++i) {
         const float a = d * (float)((int)(lo[i] | hi[i] << 4) - 32);
         for (int j = 0; j < 16; ++j) w[16 * i + j] = a * (float)((int)(u[16 * i + j] | hb[16 * i + j] << 2) - 4);
@@ -105,6 +138,14 @@ static int ggml_block(int type, const uint8_t* b, float* w) {
     case 12: case 13: {  // q4_k, q5_k: d, dmin, scales 12, (qh 32,) qs 128
       const float d = h2f(b[0] | b[1] << 8), dmin = h2f(b[2] | b[3] << 8);
       scale_min_k4(b + 4, sc, mn);
+#if defined(__AVX512F__)
+      for (int t = 0; t < 16; ++t) {  // weights 16t ..: byte 32 (t / 4) + 16 (t % 2) of qs, bits 4 ((t % 4) / 2)
+        __m512i q = lanes16(b + (type == 12 ? 16 : 48) + 32 * (t / 4) + 16 * (t % 2), 4 * ((t % 4) / 2), 15);
+        if (type == 13) q = _mm512_or_si512(q, _mm512_slli_epi32(lanes16(b + 16 + 16 * (t % 2), t / 2, 1), 4));
+        affine16(w + 16 * t, q, d * (float)sc[t / 2], -(dmin * (float)mn[t / 2]), true);
+      }
+      return 256;
+#endif
       planes<4, 32, 256>(b + (type == 12 ? 16 : 48), u);
       if (type == 13) {
         planes<1, 32, 256>(b + 16, hb);
@@ -118,6 +159,17 @@ static int ggml_block(int type, const uint8_t* b, float* w) {
     }
     case 14: {  // q6_k: ql 128, qh 64, scales int8 16, d
       const float d = h2f(b[208] | b[209] << 8);
+#if defined(__AVX512F__)
+      for (int i = 0; i < 16; ++i) {  // low 4 bits: byte 64 (i / 8) + 16 (i % 4), bits 4 ((i % 8) / 4);
+                                      // high 2: byte 128 + 32 (i / 8) + 16 (i % 2), bits 2 ((i % 8) / 2)
+        const __m512i q = _mm512_sub_epi32(
+            _mm512_or_si512(lanes16(b + 64 * (i / 8) + 16 * (i % 4), 4 * ((i % 8) / 4), 15),
+                            _mm512_slli_epi32(lanes16(b + 128 + 32 * (i / 8) + 16 * (i % 2), 2 * ((i % 8) / 2), 3), 4)),
+            _mm512_set1_epi32(32));
+        affine16(w + 16 * i, q, d * (float)(int8_t)b[192 + i], 0.0f, false);
+      }
+      return 256;
+#endif
       planes<4, 64, 256>(b, u);
       planes<2, 32, 256>(b + 128, hb);
       for (int i = 0; i < 16; ++i) {
