@@ -63,8 +63,11 @@ def markdown(results: dict) -> str:
             cells.append(f"{b[k]:.1f} ± {b[k + '_sd']:.1f}" if k in b else "")
         lines.append("| " + " | ".join(cells) + " |")
     lim = {r["tasks"]["limit"] for r in rows.values() if "tasks" in r}
+    # what the rows were measured on, not the flags of the run that last wrote the settings
+    toks = {r[k]["max_tokens"] for r in rows.values() for k in ("ppl_llama_cpp", "ppl_ours")
+            if "max_tokens" in r.get(k, {})} or {s["max_tokens"]}
     lines.append(
-        f"\nPerplexity: the first {s['max_tokens']} tokens of each held-out text in our tokenizer's ids, windows of "
+        f"\nPerplexity: the first {' or '.join(map(str, sorted(toks)))} tokens of each held-out text in our tokenizer's ids, windows of "
         f"{s['seq_len']}, in llama.cpp (GGUF rows) and in our runtime (\"mean (ours)\"); in brackets the change "
         f"against llama.cpp's own file at the same point. bits/w: expert bytes x 8 / {EXPERT_PARAMS:,} expert "
         f"weights. Tasks: acc ± standard error on the first {', '.join(map(str, sorted(lim))) or '-'} examples. "

@@ -91,6 +91,9 @@ def test_table_gives_ours_against_llama_cpp_at_the_same_point():
     assert "18.00 (-10.0%)" in table[3] and "18.20 (-9.0%)" in table[3] and "2xq4_0+28xq8_0" in table[3]
     assert "22.00 (+10.0%)" in table[4]
     assert "0.600 ± 0.030" in table[2]
+    assert "the first 8192 tokens" in table[-1]  # the settings', when no row records its own
+    results["rows"]["ours-Q4_K_M"]["ppl_ours"]["max_tokens"] = 2048
+    assert "the first 2048 tokens" in llamacpp_report.markdown(results).splitlines()[-1]
 
 
 def test_an_earlier_compress_is_adopted_only_for_its_own_target_budget_method_and_formats(tmp_path):
