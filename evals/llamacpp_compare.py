@@ -23,7 +23,8 @@ Rows (files under --runs, default /work/runs/llcmp; results in evals/results/lla
   ours+tq-Q    the LP with tq1_0 / tq2_0 among the candidates (step ternary, at --ternary-points: below the default
                candidates' smallest size); ours+tq+imatrix-Q with --ternary-method imatrix.
   ours+layout-Q   `--method imatrix` on llama-Q's own per-tensor types as a fixed plan (`--plan`; step layout_rows,
-               at --rtn-points): our rounding against llama.cpp's at the same layout and bytes, no allocation.
+               at --rtn-points): our rounding against llama.cpp's at the same layout and bytes, no allocation;
+               ours+layout+gptq-Q the same with GPTQ (--layout-method gptq).
   native-Q, vllm-Q   the same budget under --target native (per expert; keep/int8/int6/int5/int4/int3/int2/ternary at
                group 128) and --target vllm (symmetric int4/int8 g128 per layer): the price of each target's
                granularity, in our runtime only (no export); native+imatrix-Q, vllm+imatrix-Q with
@@ -361,10 +362,13 @@ class Run:
                     self.ppl_ours(name)
 
     def layout_rows(self):
-        """Ours in llama.cpp's own layout (llama-Q's per-tensor types as a fixed plan) with `--method imatrix`:
-        our rounding against llama.cpp's at the same types and bytes, no allocation (at --rtn-points)."""
+        """Ours in llama.cpp's own layout (llama-Q's per-tensor types as a fixed plan) with `--layout-method`
+        (imatrix: row ours+layout-Q; gptq: ours+layout+gptq-Q): our rounding against llama.cpp's at the same types
+        and bytes, no allocation and no pass 1 (at --rtn-points)."""
         template = next((Path(r["dir"]) / "plan.json" for r in self.rows.values()
-                         if r.get("kind") == "gguf" and "dir" in r), None)
+                         if r.get("kind") == "gguf" and (Path(r.get("dir", "/nonexistent")) / "plan.json").is_file()),
+                        None)
+        method = self.a.layout_method
         for q in self.a.rtn_points:
             src = self.rows.get(f"llama-{q}", {})
             if "expert_tensor_types" not in src or "same_as" in src:
@@ -375,8 +379,8 @@ class Run:
             plan = self.runs / f"layout-{q}.json"
             plan.write_text(json.dumps(layout_plan(json.loads(template.read_text()), src["expert_tensor_types"],
                                                    src["expert_bytes"], src["gguf"]), indent=1))
-            name = f"ours+layout-{q}"
-            if self.compress_row(name, "gguf", src["expert_bytes"], ["--plan", str(plan), "--method", "imatrix"],
+            name = f"ours+layout{'' if method == 'imatrix' else '+' + method}-{q}"
+            if self.compress_row(name, "gguf", src["expert_bytes"], ["--plan", str(plan), "--method", method],
                                  export_gguf=True):
                 if self.rows[name]["expert_tensor_types"] != src["expert_tensor_types"]:
                     raise RuntimeError(f"{name}: the exported GGUF's expert types differ from llama-{q}'s")
@@ -562,6 +566,8 @@ def main() -> None:
     p.add_argument("--rtn-points", type=lambda s: tuple(s.split(",")), default=("Q2_K",),
                    help="points where ours is also compressed with RTN or imatrix in pass 2 (steps rtn, "
                         "imatrix_rows, layout_rows)")
+    p.add_argument("--layout-method", choices=("imatrix", "gptq"), default="imatrix",
+                   help="pass 2 of the rows of step layout_rows (llama.cpp's own tensor types as the plan)")
     p.add_argument("--ternary-points", type=lambda s: tuple(s.split(",")), default=("IQ2_XS",),
                    help="points where ours is also planned with TQ2_0 / TQ1_0 among the candidates")
     p.add_argument("--ternary-method", choices=("gptq", "imatrix"), default="gptq",

@@ -23,8 +23,8 @@ def type_summary(row: dict) -> str:
     return ", ".join(f"{n} {f}" for f, n in list(row.get("formats", {}).items())[:4])
 
 
-KINDS = ("f16", "llama", "ours", "ours+rtn", "ours+imatrix", "ours+layout", "ours+tq", "ours+tq+imatrix", "native",
-         "native+imatrix", "vllm", "vllm+imatrix")  # row name prefixes, in the table's order within a point
+KINDS = ("f16", "llama", "ours", "ours+rtn", "ours+imatrix", "ours+layout", "ours+layout+gptq", "ours+tq",
+         "ours+tq+imatrix", "native", "native+imatrix", "vllm", "vllm+imatrix")  # row name prefixes, in the table's order within a point
 
 
 def row_order(name: str, qtypes) -> tuple:
@@ -87,6 +87,7 @@ def plot(results: dict, path: Path) -> None:
               "ours+rtn": ("ours, --target gguf, RTN in pass 2", "D", "C4"),
               "ours+imatrix": ("ours, --target gguf, --method imatrix", "X", "C6"),
               "ours+layout": ("ours, llama.cpp's layout, --method imatrix", "*", "C7"),
+              "ours+layout+gptq": ("ours, llama.cpp's layout, GPTQ", "*", "k"),
               "ours+tq": ("ours, --target gguf with tq1_0/tq2_0", "P", "C5"),
               "ours+tq+imatrix": ("ours, --target gguf with tq1_0/tq2_0, --method imatrix", "P", "C6"),
               "native": ("ours, --target native (our runtime)", "^", "C2"),

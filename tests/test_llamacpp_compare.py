@@ -127,3 +127,9 @@ def test_layout_plan_gives_every_expert_its_layers_gguf_types_and_refuses_gate_u
     assert plan["target"] == "gguf" and template["experts"]["model.layers.0.mlp.experts"] == ["int4"] * 3
     with pytest.raises(ValueError, match="blk.1 gives gate q5_0 and up q8_0"):
         lc.layout_plan(template, {**types, "blk.1.ffn_up_exps.weight": "Q8_0"}, 1234, "llama.gguf")
+
+
+def test_rows_of_a_point_are_ordered_by_kind_gptq_layout_after_imatrix_layout():
+    names = ["ours+layout+gptq-Q2_K", "llama-Q3_K_M", "ours+layout-Q2_K", "llama-Q2_K", "f16"]
+    order = sorted(names, key=lambda n: llamacpp_report.row_order(n, ["Q2_K", "Q3_K_M"]))
+    assert order == ["f16", "llama-Q2_K", "ours+layout-Q2_K", "ours+layout+gptq-Q2_K", "llama-Q3_K_M"]
