@@ -366,8 +366,7 @@ class Run:
         (imatrix: row ours+layout-Q; gptq: ours+layout+gptq-Q): our rounding against llama.cpp's at the same types
         and bytes, no allocation and no pass 1 (at --rtn-points)."""
         template = next((Path(r["dir"]) / "plan.json" for r in self.rows.values()
-                         if r.get("kind") == "gguf" and (Path(r.get("dir", "/nonexistent")) / "plan.json").is_file()),
-                        None)
+                         if r.get("kind") == "gguf" and "dir" in r and (Path(r["dir"]) / "plan.json").is_file()), None)
         method = self.a.layout_method
         for q in self.a.rtn_points:
             src = self.rows.get(f"llama-{q}", {})

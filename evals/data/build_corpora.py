@@ -299,10 +299,11 @@ def build(out: Path, train_path: Path, check: bool = False, write_shipped: bool 
             "shipped ones). Install those versions, or pass --write-shipped to replace the shipped corpora on "
             "purpose. Nothing was written.")
     elif manifest["train"] != old["train"]:
-        print(f"warning: the training text differs from the one the shipped corpora were built with ({manifest['train']['bytes']:,} "
-              f"bytes, sha256 {manifest['train']['sha256'][:12]}, against {old['train']['bytes']:,} / "
-              f"{old['train']['sha256'][:12]}): {installed_versions()}; SOURCES.md gives the versions that reproduce "
-              "it. A model trained or routed on it may differ from the documented one.", file=sys.stderr)
+        new_t, old_t = manifest["train"], old["train"]
+        print(f"warning: the training text differs from the one the shipped corpora were built with "
+              f"({new_t['bytes']:,} bytes, sha256 {new_t['sha256'][:12]}, against {old_t['bytes']:,} / "
+              f"{old_t['sha256'][:12]}): {installed_versions()}; SOURCES.md gives the versions that reproduce it. "
+              "A model trained or routed on it may differ from the documented one.", file=sys.stderr)
     train_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = train_path.with_name(train_path.name + ".tmp")
     tmp.write_text(train_text, encoding="utf-8")
