@@ -23,8 +23,9 @@ def type_summary(row: dict) -> str:
     return ", ".join(f"{n} {f}" for f, n in list(row.get("formats", {}).items())[:4])
 
 
+# row name prefixes, in the table's order within a point
 KINDS = ("f16", "llama", "ours", "ours+rtn", "ours+imatrix", "ours+layout", "ours+layout+gptq", "ours+tq",
-         "ours+tq+imatrix", "native", "native+imatrix", "vllm", "vllm+imatrix")  # row name prefixes, in the table's order within a point
+         "ours+tq+imatrix", "native", "native+imatrix", "vllm", "vllm+imatrix")
 
 
 def row_order(name: str, qtypes) -> tuple:
@@ -67,8 +68,8 @@ def markdown(results: dict) -> str:
     toks = {r[k]["max_tokens"] for r in rows.values() for k in ("ppl_llama_cpp", "ppl_ours")
             if "max_tokens" in r.get(k, {})} or {s["max_tokens"]}
     lines.append(
-        f"\nPerplexity: the first {' or '.join(map(str, sorted(toks)))} tokens of each held-out text in our tokenizer's ids, windows of "
-        f"{s['seq_len']}, in llama.cpp (GGUF rows) and in our runtime (\"mean (ours)\"); in brackets the change "
+        f"\nPerplexity: the first {' or '.join(map(str, sorted(toks)))} tokens of each held-out text in our "
+        f"tokenizer's ids, windows of {s['seq_len']}, in llama.cpp (GGUF rows) and in our runtime (\"mean (ours)\"); in brackets the change "
         f"against llama.cpp's own file at the same point. bits/w: expert bytes x 8 / {EXPERT_PARAMS:,} expert "
         f"weights. Tasks: acc ± standard error on the first {', '.join(map(str, sorted(lim))) or '-'} examples. "
         f"llama-bench pp128 / tg32, {s['threads']} threads, on shared cores.")
