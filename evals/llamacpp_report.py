@@ -69,10 +69,11 @@ def markdown(results: dict) -> str:
             if "max_tokens" in r.get(k, {})} or {s["max_tokens"]}
     lines.append(
         f"\nPerplexity: the first {' or '.join(map(str, sorted(toks)))} tokens of each held-out text in our "
-        f"tokenizer's ids, windows of {s['seq_len']}, in llama.cpp (GGUF rows) and in our runtime (\"mean (ours)\"); "
-        f"in brackets the change against llama.cpp's own file at the same point. bits/w: expert bytes x 8 / {EXPERT_PARAMS:,} expert "
-        f"weights. Tasks: acc ± standard error on the first {', '.join(map(str, sorted(lim))) or '-'} examples. "
-        f"llama-bench pp128 / tg32, {s['threads']} threads, on shared cores.")
+        f"tokenizer's ids, windows of {s['seq_len']}, in llama.cpp (GGUF rows) and in our runtime "
+        "(\"mean (ours)\"); in brackets the change against llama.cpp's own file at the same point. bits/w: expert "
+        f"bytes x 8 / {EXPERT_PARAMS:,} expert weights. Tasks: acc ± standard error on the first "
+        f"{', '.join(map(str, sorted(lim))) or '-'} examples. llama-bench pp128 / tg32, {s['threads']} threads, on "
+        "shared cores.")
     return "\n".join(lines) + "\n"
 
 
