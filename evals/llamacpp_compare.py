@@ -43,6 +43,7 @@ import argparse
 import gc
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -517,13 +518,25 @@ class Run:
         load0 = load_average()
         b = llamacpp.bench(Path(self.rows[name]["gguf"]), prompt=128, gen=32, threads=self.a.threads, reps=3)
         self.rows[name]["bench"] = {**b, "load_before": load0, "load_after": load_average(),
-                                    "time": time.strftime("%H:%M")}
+                                    "time": time.strftime("%H:%M"), "cpu": cpu_model()}
         self.save()
         self.log(f"{name}: {self.rows[name]['bench']}")
 
     def bench(self):
         for name in self.selected():
             self.bench_row(name)
+
+
+def cpu_model() -> str:
+    """The CPU's model name and its widest vector extension (speeds are comparable on the same one only)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown"
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "unknown")
+    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
+    widest = next((f for f in ("avx512_bf16", "avx512f", "avx2", "avx") if f in flags), "no AVX")
+    return f"{name} ({widest})"
 
 
 def finished(out: Path, target: str, budget: int, method: str = "gptq", formats: list[str] | None = None) -> bool:

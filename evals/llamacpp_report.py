@@ -74,6 +74,14 @@ def markdown(results: dict) -> str:
         f"bytes x 8 / {EXPERT_PARAMS:,} expert weights. Tasks: acc ± standard error on the first "
         f"{', '.join(map(str, sorted(lim))) or '-'} examples. llama-bench pp128 / tg32, {s['threads']} threads, on "
         "shared cores.")
+    cpus = {}
+    for name, r in rows.items():
+        if "cpu" in r.get("bench", {}):
+            cpus.setdefault(r["bench"]["cpu"], []).append(name)
+    if cpus:
+        lines.append("Speeds compare on the same CPU only: " + "; ".join(
+            f"{', '.join(names)} on {cpu}" for cpu, names in cpus.items()) + "; the other rows' bench was run before "
+            "the CPU was recorded.")
     return "\n".join(lines) + "\n"
 
 

@@ -94,6 +94,9 @@ def test_table_gives_ours_against_llama_cpp_at_the_same_point():
     assert "the first 8192 tokens" in table[-1]  # the settings', when no row records its own
     results["rows"]["ours-Q4_K_M"]["ppl_ours"]["max_tokens"] = 2048
     assert "the first 2048 tokens" in llamacpp_report.markdown(results).splitlines()[-1]
+    results["rows"]["ours-Q4_K_M"]["bench"] = {"prefill_tok_s": 1.0, "prefill_tok_s_sd": 0.0, "cpu": "X (avx2)"}
+    assert llamacpp_report.markdown(results).splitlines()[-1].startswith(
+        "Speeds compare on the same CPU only: ours-Q4_K_M on X (avx2);")
 
 
 def test_an_earlier_compress_is_adopted_only_for_its_own_target_budget_method_and_formats(tmp_path):
