@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from compressor.quantize import QuantSpec, pack, quantize_rtn
 from compressor.quantize.formats import bits_per_weight, packable
 from compressor.runtime import kernels
+from evals.machine import load_average
 
 RESULTS = Path(__file__).parent / "results" / "bench_kernels"
 SHAPES = {"gate_up": (3072, 576), "down": (576, 1536)}  # the reference MoE's expert matrices [out, in]
@@ -87,13 +87,13 @@ def main() -> None:
     p.add_argument("--formats", type=lambda s: tuple(s.split(",")), default=FORMATS)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    res = {"threads": a.threads, "repeats": a.repeats, "load_before": round(os.getloadavg()[0], 2),
+    res = {"threads": a.threads, "repeats": a.repeats, "load_before": load_average(),
            "kernels": kernels.native.unavailable_reason() or "compiled", "runs": {}}
     for name, (o, i) in SHAPES.items():
         for rows in a.rows:
             res["runs"][f"{name}|{rows}"] = bench_shape(o, i, rows, a.repeats, a.formats)
             print(name, rows, {f: v["vs_bf16"] for f, v in res["runs"][f"{name}|{rows}"].items()}, flush=True)
-    res["load_after"] = round(os.getloadavg()[0], 2)
+    res["load_after"] = load_average()
     RESULTS.with_suffix(".json").write_text(json.dumps(res, indent=1))
     RESULTS.with_suffix(".md").write_text(markdown(res))
     print(markdown(res))

@@ -16,7 +16,8 @@ Build (about 20-40 minutes on two busy cores; see ../shared/serving.md), once, o
     export LLAMA_CPP_DIR=$PWD/vendor/llama.cpp
 
 On a CPU without AVX-512 (seen here too: an AMD EPYC with AVX2 only) the AVX512 flags must be OFF, or every run
-dies of an illegal instruction; GGML_NATIVE=ON is then fine (no AMX to avoid). AMX is off on purpose: with GGML_NATIVE=ON this machine's CPU (AMX-INT8) gets ggml's AMX matmul, which crashed
+dies of an illegal instruction; GGML_NATIVE=ON is then fine (no AMX to avoid). AMX is off on purpose: with
+GGML_NATIVE=ON this machine's CPU (AMX-INT8) gets ggml's AMX matmul, which crashed
 (SIGSEGV in ggml_backend_amx_mul_mat) on every 2-D quantized tensor, llama-quantize's own Q8_0 and Q4_K_M files
 included; on a tiny Mixtral whose 2-D tensors are all F16 its largest logit difference from ours was 0.28 standard
 deviations, against 0.04 for the AVX-512 build.

@@ -43,7 +43,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -56,6 +55,7 @@ from compressor.assets import CALIB_TEXT, HELDOUT_TEXTS, REFERENCE_MODEL_DIR
 from compressor.calibration.data import calibration_windows, eval_windows, read_text, tokenize
 from compressor.targets import TARGET_TABLE
 from evals.llamacpp_report import TASKS, report
+from evals.machine import cpu_model, load_average
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "evals" / "results" / "llamacpp_compare.json"
@@ -77,10 +77,6 @@ def save_results(results: dict, path: Path = RESULTS) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=1))
     os.replace(tmp, path)
-
-
-def load_average() -> float:
-    return round(os.getloadavg()[0], 2)
 
 
 # ---------------------------------------------------------------------------------------------------- pure helpers
@@ -525,18 +521,6 @@ class Run:
     def bench(self):
         for name in self.selected():
             self.bench_row(name)
-
-
-def cpu_model() -> str:
-    """The CPU's model name and its widest vector extension (speeds are comparable on the same one only)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown"
-    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "unknown")
-    flags = set(next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []))
-    widest = next((f for f in ("avx512_bf16", "avx512f", "avx2", "avx") if f in flags), "no AVX")
-    return f"{name} ({widest})"
 
 
 def finished(out: Path, target: str, budget: int, method: str = "gptq", formats: list[str] | None = None) -> bool:
